@@ -1,0 +1,3 @@
+from llm_cxr.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,230 @@
+"""The ``llm-cxr`` command line: one console script with subcommands.
+
+Each subcommand parses its options here and calls one library function; the library
+itself never parses arguments. Errors that are the user's to fix (``llm_cxr.errors``)
+are printed as one line naming the problem, with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from llm_cxr import __version__
+from llm_cxr.errors import LLMCXRError, NothingUsableError
+
+log = logging.getLogger("llm_cxr")
+
+
+def _add_common_import_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, type=Path, help="output dataset folder (Arrow, overwritten)")
+    p.add_argument("--size", type=int, default=512,
+                   help="images are resized so the shorter side is SIZE and centre-cropped square "
+                        "(default 512; 0 keeps the original size)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the per-patient train/val/test split")
+    p.add_argument("--limit", type=int, default=None, help="import at most this many images")
+    p.add_argument("--no-label", action="store_true",
+                   help="do not run the report labeler to fill the labels/findings columns")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llm-cxr",
+        description="Teach a language model to read and draw chest X-rays, and explain what it did.",
+    )
+    parser.add_argument("--version", action="version", version=f"llm-cxr {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    # ---- data ---------------------------------------------------------------------------
+    data = sub.add_parser("data", help="make, import and inspect datasets")
+    dsub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
+    dsub.required = True
+
+    p = dsub.add_parser("synth", help="generate synthetic chest X-rays with findings, masks and reports",
+                        description="Generate a synthetic chest X-ray dataset with ground truth: "
+                                    "findings (with laterality, location, severity), a pixel mask per "
+                                    "finding, and a radiology-style report.")
+    p.add_argument("--n", type=int, default=1000, help="number of images (default 1000)")
+    p.add_argument("--size", type=int, default=128, help="image side in pixels, 64-512 (default 128)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same dataset")
+    p.add_argument("--out", required=True, type=Path, help="output dataset folder (Arrow, overwritten)")
+    p.add_argument("--correlate", action="append", default=[], metavar="FINDING:DEVICE:RATE",
+                   help="plant a shortcut: DEVICE appears with FINDING at RATE (0-1), e.g. "
+                        "pneumothorax:chest_tube:0.95; may be repeated")
+    p.add_argument("--images-per-patient", type=float, default=1.5,
+                   help="mean number of studies per patient (default 1.5); splits are by patient")
+    p.add_argument("--workers", type=int, default=1, help="generator processes (default 1)")
+    p.set_defaults(func=_cmd_synth)
+
+    imp = dsub.add_parser("import", help="convert a real dataset to the llm-cxr schema")
+    isub = imp.add_subparsers(dest="import_kind", metavar="KIND")
+    isub.required = True
+    p = isub.add_parser("mimic", help="MIMIC-CXR-JPG (files/pXX/pID/sSTUDY/*.jpg + metadata CSVs + reports)")
+    p.add_argument("root", type=Path, help="MIMIC-CXR-JPG root (holds files/ and the CSVs)")
+    p.add_argument("--reports", type=Path, default=None,
+                   help="root of the MIMIC-CXR reports (files/pXX/pID/sSTUDY.txt); default: ROOT")
+    p.add_argument("--views", default="PA,AP", help="view positions to keep (default PA,AP: frontal)")
+    _add_common_import_args(p)
+    p.set_defaults(func=_cmd_import)
+    p = isub.add_parser("iu", help="IU X-ray as on Kaggle (indiana_reports.csv, indiana_projections.csv, images/)")
+    p.add_argument("root", type=Path, help="folder with indiana_reports.csv and indiana_projections.csv")
+    p.add_argument("--images", type=Path, default=None, help="image folder (default: ROOT/images/images_normalized or ROOT/images)")
+    p.add_argument("--all-views", action="store_true", help="keep lateral views too (default: frontal only)")
+    _add_common_import_args(p)
+    p.set_defaults(func=_cmd_import)
+    p = isub.add_parser("table", help="a CSV or JSONL with an image path and report text per row")
+    p.add_argument("path", type=Path, help="the .csv or .jsonl file")
+    p.add_argument("--image-column", default="image", help="column with the image path (default image)")
+    p.add_argument("--report-column", default="report", help="column with the report text (default report)")
+    p.add_argument("--patient-column", default=None, help="column with the patient id (default: one patient per row)")
+    p.add_argument("--root", type=Path, default=None, help="image paths are relative to this (default: the table's folder)")
+    _add_common_import_args(p)
+    p.set_defaults(func=_cmd_import)
+    p = isub.add_parser("folder", help="a folder of images (PNG, JPEG, DICOM) without text")
+    p.add_argument("path", type=Path, help="the folder (searched recursively)")
+    _add_common_import_args(p)
+    p.set_defaults(func=_cmd_import)
+
+    p = dsub.add_parser("label", help="extract CheXpert-style labels from report text")
+    p.add_argument("text", nargs="*", help="report text (or use --file)")
+    p.add_argument("--file", type=Path, default=None, help="a text file with one report, or a CSV with a 'report' column")
+    p.set_defaults(func=_cmd_label)
+
+    p = dsub.add_parser("sheet", help="write a contact sheet (PNG + HTML) of a dataset's images and reports")
+    p.add_argument("--data", required=True, type=Path, help="dataset folder")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--n", type=int, default=16, help="number of images (default 16)")
+    p.set_defaults(func=_cmd_sheet)
+
+    # ---- demo ---------------------------------------------------------------------------
+    p = sub.add_parser("demo", help="run everything end to end on synthetic data and write OUT/index.html",
+                       description="End-to-end demo on the embedded synthetic data. Writes "
+                                   "OUT/summary.json and OUT/index.html. A second run reuses cached work.")
+    p.add_argument("--out", type=Path, default=Path("OUT"), help="output folder (default OUT)")
+    p.add_argument("--n", type=int, default=600, help="synthetic images (default 600)")
+    p.add_argument("--size", type=int, default=128, help="image size (default 128)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--fresh", action="store_true", help="ignore cached results and redo everything")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+# ---- command implementations ---------------------------------------------------------------
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from llm_cxr.data.synth import SynthConfig, generate_dataset, parse_correlate
+
+    cfg = SynthConfig(
+        size=args.size,
+        correlations=[parse_correlate(s) for s in args.correlate],
+        images_per_patient=args.images_per_patient,
+    )
+    summary = generate_dataset(args.n, args.out, cfg, seed=args.seed, workers=args.workers,
+                               progress=not args.quiet)
+    _print_json(summary.to_dict())
+    return 0
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from llm_cxr.data import importers
+
+    common = dict(out=args.out, size=args.size, seed=args.seed, limit=args.limit,
+                  label=not args.no_label, progress=not args.quiet)
+    if args.import_kind == "mimic":
+        views = tuple(v.strip().upper() for v in args.views.split(",") if v.strip())
+        summary = importers.import_mimic(args.root, reports_root=args.reports, views=views, **common)
+    elif args.import_kind == "iu":
+        summary = importers.import_iu(args.root, images_dir=args.images, frontal_only=not args.all_views, **common)
+    elif args.import_kind == "table":
+        summary = importers.import_table(args.path, image_column=args.image_column,
+                                         report_column=args.report_column,
+                                         patient_column=args.patient_column, root=args.root, **common)
+    else:
+        summary = importers.import_folder(args.path, **common)
+    _print_json(summary.to_dict())
+    if summary.n_bad:
+        print(f"{summary.n_bad} bad item(s) skipped; see {Path(summary.out_dir) / 'bad_items.jsonl'}",
+              file=sys.stderr)
+    return 0
+
+
+def _cmd_label(args: argparse.Namespace) -> int:
+    from llm_cxr.evaluation.labeler import label_report
+
+    if args.file is not None:
+        if not args.file.exists():
+            raise LLMCXRError(f"{args.file} does not exist")
+        texts = [args.file.read_text()]
+    elif args.text:
+        texts = [" ".join(args.text)]
+    else:
+        texts = [sys.stdin.read()]
+    for text in texts:
+        _print_json(label_report(text).to_dict())
+    return 0
+
+
+def _cmd_sheet(args: argparse.Namespace) -> int:
+    from llm_cxr.data.dataset import load_dataset
+    from llm_cxr.report_html import write_contact_sheet
+
+    ds = load_dataset(args.data)
+    path = write_contact_sheet(ds, args.out, n=args.n)
+    print(path)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from llm_cxr.demo import DemoConfig, run_demo
+
+    summary = run_demo(DemoConfig(out=args.out, n=args.n, size=args.size, seed=args.seed,
+                                  fresh=args.fresh, progress=not args.quiet))
+    print(f"demo finished in {summary['seconds_total']:.1f} s: open {args.out / 'index.html'}")
+    return 0
+
+
+def _configure_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.INFO if verbose <= 1 else logging.DEBUG)
+    if not quiet and verbose == 0:
+        level = logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("datasets", "urllib3", "filelock", "PIL", "fsspec", "httpx"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose, args.quiet)
+    if args.quiet:
+        try:
+            import datasets
+
+            datasets.disable_progress_bars()
+        except ImportError:
+            pass
+    try:
+        return int(args.func(args) or 0)
+    except NothingUsableError as e:
+        print(f"llm-cxr: error: {e}", file=sys.stderr)
+        return 3
+    except LLMCXRError as e:
+        print(f"llm-cxr: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("llm-cxr: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
