@@ -101,12 +101,11 @@ def write_dataset(
                 gen, features=dataset_features(), cache_dir=str(Path(tmp) / "cache")
             )
             n = len(ds)
-        except datasets.exceptions.DatasetGenerationError as e:
-            # An empty generator or one whose every item failed.
-            if not counts:
-                n = 0
-            else:
+        except (datasets.exceptions.DatasetGenerationError, ValueError) as e:
+            # datasets refuses an empty generator (every item was bad): that is ours to report.
+            if counts:
                 raise DatasetError(f"could not write dataset {out_dir}: {e.__cause__ or e}") from e
+            n = 0
         summary = WriteSummary(str(out_dir), n, len(bad), dict(sorted(counts.items())), bad.items, info or {})
         if n == 0:
             _write_reports(Path(tmp) / "report", summary)

@@ -1,0 +1,91 @@
+"""Cached pipeline stages: run a step once, reuse its output while its inputs are unchanged.
+
+A stage's output lives in ``cache/NAME/`` with a ``stage.json`` recording the fingerprint
+(its config, the llm-cxr version and a hash of the source code it depends on). A stage is
+built in a temporary folder and renamed into place when complete, so an interrupted run
+never leaves a half-made stage that a later run would trust.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable
+
+from llm_cxr import __version__
+
+log = logging.getLogger(__name__)
+
+STAGE_FILE = "stage.json"
+
+
+def code_hash(*modules: ModuleType) -> str:
+    """A short hash of the source of ``modules``: a stage reruns when its code changes."""
+    h = hashlib.sha256()
+    for m in modules:
+        try:
+            h.update(inspect.getsource(m).encode())
+        except (OSError, TypeError):
+            h.update(m.__name__.encode())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class StageResult:
+    name: str
+    path: Path
+    cached: bool
+    seconds: float
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Stages:
+    """Runs named stages under ``root``; ``fresh=True`` ignores what is cached."""
+
+    def __init__(self, root: Path, fresh: bool = False) -> None:
+        self.root = Path(root)
+        self.fresh = fresh
+        self.results: dict[str, StageResult] = {}
+
+    def run(self, name: str, fingerprint: dict[str, Any], build: Callable[[Path], dict[str, Any] | None]) -> StageResult:
+        """Return stage ``name``, building it with ``build(tmp_dir) -> info`` unless cached."""
+        folder = self.root / name
+        fp = {"llm_cxr": __version__, **fingerprint}
+        marker = folder / STAGE_FILE
+        if not self.fresh and marker.exists():
+            try:
+                saved = json.loads(marker.read_text())
+            except json.JSONDecodeError:
+                saved = {}
+            if saved.get("fingerprint") == fp:
+                log.info("stage %s: cached (%s)", name, folder)
+                res = StageResult(name, folder, True, 0.0, saved.get("info", {}))
+                self.results[name] = res
+                return res
+        log.info("stage %s: running", name)
+        tmp = self.root / f".{name}.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        t0 = time.perf_counter()
+        info = build(tmp) or {}
+        seconds = time.perf_counter() - t0
+        (tmp / STAGE_FILE).write_text(json.dumps({"fingerprint": fp, "info": info, "seconds": seconds},
+                                                 indent=2, default=str))
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+        res = StageResult(name, folder, False, seconds, info)
+        self.results[name] = res
+        log.info("stage %s: done in %.1f s", name, seconds)
+        return res
+
+    def timings(self) -> dict[str, dict[str, Any]]:
+        return {n: {"cached": r.cached, "seconds": round(r.seconds, 2)} for n, r in self.results.items()}

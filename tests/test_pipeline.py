@@ -1,0 +1,38 @@
+import json
+
+from llm_cxr.pipeline import Stages
+
+
+def test_stage_is_cached_until_its_fingerprint_changes(tmp_path):
+    calls = []
+
+    def build(tmp):
+        calls.append(1)
+        (tmp / "out.txt").write_text(str(len(calls)))
+        return {"n": len(calls)}
+
+    s = Stages(tmp_path)
+    r1 = s.run("a", {"x": 1}, build)
+    assert not r1.cached and (r1.path / "out.txt").read_text() == "1"
+    r2 = Stages(tmp_path).run("a", {"x": 1}, build)
+    assert r2.cached and r2.info == {"n": 1} and len(calls) == 1
+    r3 = Stages(tmp_path).run("a", {"x": 2}, build)
+    assert not r3.cached and (r3.path / "out.txt").read_text() == "2"
+    Stages(tmp_path, fresh=True).run("a", {"x": 2}, build)
+    assert len(calls) == 3
+    assert json.loads((tmp_path / "a" / "stage.json").read_text())["fingerprint"]["x"] == 2
+
+
+def test_interrupted_stage_leaves_no_trusted_output(tmp_path):
+    def boom(tmp):
+        (tmp / "half.txt").write_text("half")
+        raise RuntimeError("killed")
+
+    s = Stages(tmp_path)
+    try:
+        s.run("a", {}, boom)
+    except RuntimeError:
+        pass
+    assert not (tmp_path / "a").exists()
+    r = s.run("a", {}, lambda tmp: {"ok": True})
+    assert not r.cached and r.info == {"ok": True}
