@@ -8,7 +8,7 @@
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
-EXTRAS=${EXTRAS:-test,web}
+EXTRAS=${EXTRAS:-test}
 TORCH_LOCAL_VERSION=${TORCH_LOCAL_VERSION:-2.13.0}
 
 if [ ! -x "$VENV/bin/python" ]; then
