@@ -33,5 +33,11 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
 fi
 echo ">> installing llm-cxr[$EXTRAS]"
 pip_ install -q -e ".[${EXTRAS}]"
+case ",$EXTRAS," in
+  *,test,*)
+    # The taming-transformers reference modules, for the VQ-GAN parity test only. --no-deps:
+    # its declared dependencies (torchvision, lightning) would break a CPU environment.
+    pip_ install -q --no-deps "taming-transformers-rom1504==0.0.6" ;;
+esac
 "$PY" -c "import torch, transformers, peft, datasets, llm_cxr; print('>> ready: torch', torch.__version__, '| cuda', torch.cuda.is_available(), '| transformers', transformers.__version__)"
 touch "$VENV/.setup-done"
