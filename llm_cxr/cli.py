@@ -102,6 +102,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=16, help="number of images (default 16)")
     p.set_defaults(func=_cmd_sheet)
 
+    # ---- vqgan --------------------------------------------------------------------------
+    vq = sub.add_parser("vqgan", help="the image tokenizer: train, encode, decode, import taming checkpoints")
+    vsub = vq.add_subparsers(dest="vqgan_command", metavar="VQGAN_COMMAND")
+    vsub.required = True
+    p = vsub.add_parser("train", help="train (or resume) a VQ-GAN on a dataset",
+                        description="Train a VQ-GAN with accelerate. Run again with the same --out to resume "
+                                    "after an interruption. Launch with `accelerate launch -m llm_cxr vqgan train ...` "
+                                    "for several processes.")
+    p.add_argument("--data", required=True, type=Path, help="dataset folder (from `llm-cxr data synth` or an importer)")
+    p.add_argument("--config", default="small",
+                   help="preset (tiny, small, llm-cxr-256) or a YAML with `model:` (preset, dict or taming YAML path) "
+                        "and training keys (default small)")
+    p.add_argument("--out", required=True, type=Path, help="run folder")
+    p.add_argument("--steps", type=int, help="training steps")
+    p.add_argument("--batch-size", type=int, help="images per step and process")
+    p.add_argument("--lr", type=float, help="learning rate")
+    p.add_argument("--disc-start", type=int, help="step at which the discriminator switches on")
+    p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], help="mixed precision (default from config: no)")
+    p.add_argument("--feature-net", help="TorchScript network for the feature loss (e.g. the finding classifier)")
+    p.add_argument("--max-minutes", type=float, help="stop and save after this many minutes (resume later)")
+    p.add_argument("--seed", type=int, help="random seed")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any training key")
+    p.set_defaults(func=_cmd_vqgan_train)
+    p = vsub.add_parser("encode", help="add a `codes` column (int16, h*w) to a dataset")
+    p.add_argument("--model", required=True, type=Path, help="VQ-GAN run or model folder")
+    p.add_argument("--data", required=True, type=Path, help="input dataset")
+    p.add_argument("--out", required=True, type=Path, help="output dataset (a copy with codes)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (faster on recent CPUs and GPUs)")
+    p.add_argument("--resize", choices=["warn", "error", "silent"], default="warn",
+                   help="images of another size than the model's: resize with a warning (default), refuse, or resize quietly")
+    p.set_defaults(func=_cmd_vqgan_encode)
+    p = vsub.add_parser("decode", help="codes -> PNG images")
+    p.add_argument("--model", required=True, type=Path, help="VQ-GAN run or model folder")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--codes", type=Path, help=".npy or .json file with codes, shape (N, h*w) or (N, h, w)")
+    g.add_argument("--data", type=Path, help="an encoded dataset (with a codes column)")
+    p.add_argument("--n", type=int, default=16, help="with --data: how many rows (default 16)")
+    p.add_argument("--out", required=True, type=Path, help="output folder for PNGs")
+    p.set_defaults(func=_cmd_vqgan_decode)
+    p = vsub.add_parser("reconstruct", help="encode and decode image files (PNG, JPEG, DICOM)")
+    p.add_argument("images", nargs="+", type=Path, help="image files")
+    p.add_argument("--model", required=True, type=Path, help="VQ-GAN run or model folder")
+    p.add_argument("--out", required=True, type=Path, help="output folder: NAME_recon.png per input, and psnr.json")
+    p.set_defaults(func=_cmd_vqgan_reconstruct)
+    p = vsub.add_parser("import-taming", help="convert a taming-transformers checkpoint (yaml + ckpt)")
+    p.add_argument("config", type=Path, help="taming config .yaml")
+    p.add_argument("ckpt", type=Path, help="taming checkpoint .ckpt")
+    p.add_argument("--out", required=True, type=Path, help="output model folder (safetensors + config.json)")
+    p.add_argument("--grayscale", action="store_true", help="convert an RGB model to one grayscale channel")
+    p.set_defaults(func=_cmd_vqgan_import)
+
     # ---- demo ---------------------------------------------------------------------------
     p = sub.add_parser("demo", help="run everything end to end on synthetic data and write OUT/index.html",
                        description="End-to-end demo on the embedded synthetic data. Writes "
@@ -181,6 +233,88 @@ def _cmd_sheet(args: argparse.Namespace) -> int:
     ds = load_dataset(args.data)
     path = write_contact_sheet(ds, args.out, n=args.n)
     print(path)
+    return 0
+
+
+def _cmd_vqgan_train(args: argparse.Namespace) -> int:
+    from llm_cxr.vqgan.train import load_train_config, train_vqgan
+
+    overrides = {k: v for k, v in {
+        "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "disc_start": args.disc_start,
+        "mixed_precision": args.mixed_precision, "feature_net": args.feature_net, "max_minutes": args.max_minutes,
+        "seed": args.seed}.items() if v is not None}
+    for kv in args.set:
+        key, sep, value = kv.partition("=")
+        if not sep:
+            raise LLMCXRError(f"--set expects KEY=VALUE, got {kv!r}")
+        overrides[key.strip().replace("-", "_")] = _parse_value(value)
+    cfg = load_train_config(args.config, data=str(args.data), out=str(args.out), progress=not args.quiet, **overrides)
+    run = train_vqgan(cfg)
+    print(run)
+    return 0
+
+
+def _parse_value(text: str):
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def _cmd_vqgan_encode(args: argparse.Namespace) -> int:
+    from llm_cxr.vqgan.encode import encode_dataset
+
+    _print_json(encode_dataset(args.model, args.data, args.out, batch_size=args.batch_size, autocast=args.bf16,
+                               resize=args.resize, progress=not args.quiet))
+    return 0
+
+
+def _cmd_vqgan_decode(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from llm_cxr.errors import InputError
+    from llm_cxr.vqgan import VQGAN
+
+    model = VQGAN.from_pretrained(args.model)
+    if args.codes is not None:
+        if not args.codes.exists():
+            raise InputError(f"{args.codes} does not exist")
+        try:
+            codes = np.load(args.codes) if args.codes.suffix == ".npy" else np.array(json.loads(args.codes.read_text()))
+        except (ValueError, OSError) as e:
+            raise InputError(f"cannot read codes from {args.codes}: {e}") from e
+        names = [f"codes_{i:04d}" for i in range(len(codes))]
+    else:
+        from llm_cxr.data.dataset import load_dataset
+
+        ds = load_dataset(args.data)
+        if "codes" not in ds.column_names:
+            raise InputError(f"{args.data} has no codes column; run `llm-cxr vqgan encode` first")
+        ds = ds.select(range(min(args.n, len(ds)))).select_columns(["id", "codes"])
+        codes, names = np.array(ds["codes"]), ds["id"]
+    if codes.ndim == 1:
+        codes = codes[None]
+    args.out.mkdir(parents=True, exist_ok=True)
+    images = VQGAN.to_pil(model.decode(torch.as_tensor(codes.astype(np.int64))))
+    for name, im in zip(names, images):
+        im.save(args.out / f"{name}.png")
+    print(f"wrote {len(images)} images to {args.out}")
+    return 0
+
+
+def _cmd_vqgan_reconstruct(args: argparse.Namespace) -> int:
+    from llm_cxr.vqgan.reconstruct import reconstruct_files
+
+    result = reconstruct_files(args.model, args.images, args.out, progress=not args.quiet)
+    _print_json({"n_ok": result["n_ok"], "n_bad": result["n_bad"], "mean_psnr": result["mean_psnr"],
+                 "out": str(args.out)})
+    return 0 if result["n_ok"] else 3
+
+
+def _cmd_vqgan_import(args: argparse.Namespace) -> int:
+    from llm_cxr.vqgan import import_taming
+
+    print(import_taming(args.config, args.ckpt, args.out, grayscale=args.grayscale))
     return 0
 
 

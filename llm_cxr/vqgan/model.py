@@ -102,6 +102,8 @@ class VQGAN(nn.Module):
         ``resize``: "warn" resizes images of another size with a warning, "error" refuses them,
         "silent" resizes quietly.
         """
+        from llm_cxr.vqgan.data import image_to_array, to_unit_range
+
         r, c = self.config.resolution, self.config.in_channels
         arrays = []
         for i, im in enumerate(images):
@@ -109,19 +111,10 @@ class VQGAN(nn.Module):
                 im = Image.fromarray(im)
             if not isinstance(im, Image.Image):
                 raise InputError(f"image {i}: expected a PIL image or uint8 array, got {type(im).__name__}")
-            if im.size != (r, r):
-                if resize == "error":
-                    raise InputError(f"image {i} is {im.size[0]}x{im.size[1]}; this model takes {r}x{r}")
-                if resize == "warn":
-                    log.warning("image %d is %dx%d; resizing to %dx%d", i, im.size[0], im.size[1], r, r)
-                from llm_cxr.data.images import to_model_size
-
-                im = to_model_size(im.convert("L") if c == 1 else im.convert("RGB"), r)
-            a = np.asarray(im.convert("L" if c == 1 else "RGB"), dtype=np.float32)
-            arrays.append(a[None] if c == 1 else a.transpose(2, 0, 1))
+            arrays.append(image_to_array(im, r, c, resize, name=f"image {i}"))
         if not arrays:
             raise InputError("no images given")
-        return torch.from_numpy(np.stack(arrays) / 127.5 - 1.0)
+        return to_unit_range(torch.from_numpy(np.stack(arrays)))
 
     @staticmethod
     def to_pil(x: torch.Tensor) -> list[Image.Image]:

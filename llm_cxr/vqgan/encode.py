@@ -1,0 +1,116 @@
+"""Encode a dataset's images into VQ-GAN codes: adds a ``codes`` column (int16, (h*w,)).
+
+``datasets.map`` writes batch by batch to Arrow files, so memory stays flat however large
+the dataset; its cache is keyed on the input dataset and a hash of the model's weights, so
+encoding the same data with the same model again is free. Under accelerate with several
+processes each process encodes a contiguous shard and the main process joins them.
+The output folder records which model made the codes (``vqgan.json``), so a language-model
+run can refuse codes from another tokenizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llm_cxr.errors import DatasetError
+from llm_cxr.vqgan.data import image_to_array, to_unit_range
+from llm_cxr.vqgan.model import VQGAN, WEIGHTS_FILE
+
+log = logging.getLogger(__name__)
+
+CODES_INFO = "vqgan.json"
+
+
+def weights_hash(model: VQGAN) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def codes_info(model: VQGAN, model_path: str | Path | None = None) -> dict:
+    c = model.config
+    return {"model_path": str(model_path) if model_path else None, "fingerprint": c.fingerprint(),
+            "weights": weights_hash(model), "n_embed": c.n_embed, "grid_size": c.grid_size,
+            "resolution": c.resolution, "channels": c.in_channels}
+
+
+def _encode_fn(model: VQGAN, resize: str, autocast: bool):
+    r, ch = model.config.resolution, model.config.in_channels
+
+    def fn(batch):
+        arr = np.stack([image_to_array(im, r, ch, resize, name=i) for im, i in zip(batch["image"], batch["id"])])
+        x = to_unit_range(torch.from_numpy(arr))
+        with torch.autocast(device_type=model.device.type, dtype=torch.bfloat16, enabled=autocast):
+            codes = model.encode(x)
+        return {"codes": codes.flatten(1).to(torch.int16).cpu().numpy()}
+
+    return fn
+
+
+def encode_dataset(model_path: str | Path, data: str | Path, out: str | Path, batch_size: int = 64,
+                   autocast: bool = False, resize: str = "warn", progress: bool = True, accelerator=None) -> dict:
+    """Encode every image of dataset ``data`` with the VQ-GAN at ``model_path`` into ``out``."""
+    import datasets
+
+    from llm_cxr.data.dataset import load_dataset
+
+    out = Path(out)
+    if out.resolve() == Path(data).resolve():
+        raise DatasetError(f"--out {out} must differ from --data (the input is read while the output is written)")
+    if accelerator is None:
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    model = VQGAN.from_pretrained(model_path, device=accelerator.device)
+    info = codes_info(model, model_path)
+    ds = load_dataset(data)
+    if "codes" in ds.column_names:
+        ds = ds.remove_columns("codes")
+    n_proc, rank = accelerator.num_processes, accelerator.process_index
+    shard = ds.shard(n_proc, rank, contiguous=True) if n_proc > 1 else ds
+    features = shard.features.copy()
+    features["codes"] = datasets.List(datasets.Value("int16"), length=model.config.num_codes_per_image)
+    fp = hashlib.sha256(f"{shard._fingerprint}:{info['weights']}:{resize}:{autocast}".encode()).hexdigest()[:16]
+    encoded = shard.map(_encode_fn(model, resize, autocast), batched=True, batch_size=batch_size,
+                        features=features, new_fingerprint=fp, desc=f"encoding (rank {rank})",
+                        disable_nullable=True)
+    tmp = out.parent / f".{out.name}.tmp"
+    if n_proc > 1:
+        encoded.save_to_disk(str(tmp / f"rank{rank}"))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if n_proc > 1:
+            parts = [datasets.load_from_disk(str(tmp / f"rank{r}")) for r in range(n_proc)]
+            encoded = datasets.concatenate_datasets(parts)
+        staged = tmp / "dataset"
+        encoded.save_to_disk(str(staged))
+        (staged / CODES_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        for f in ("summary.json", "bad_items.jsonl"):
+            if (Path(data) / f).exists():
+                shutil.copy(Path(data) / f, staged / f)
+        if out.exists():
+            shutil.rmtree(out)
+        staged.rename(out)
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.info("encoded %d images into %s", len(encoded), out)
+    accelerator.wait_for_everyone()
+    return {**info, "n": len(ds), "out": str(out)}
+
+
+def read_codes_info(data: str | Path) -> dict:
+    path = Path(data) / CODES_INFO
+    if not path.exists():
+        raise DatasetError(f"{data} has no {CODES_INFO}: encode it with `llm-cxr vqgan encode` first")
+    return json.loads(path.read_text())
+
+
+__all__ = ["CODES_INFO", "WEIGHTS_FILE", "codes_info", "encode_dataset", "read_codes_info", "weights_hash"]
