@@ -47,7 +47,7 @@ class ImportOptions:
     def __post_init__(self) -> None:
         if self.out is None or str(self.out) == "":
             raise ConfigError("an output dataset folder is required (--out)")
-        self.out = Path(self.out)
+        self.out = Path(self.out).expanduser()
         if not isinstance(self.size, int) or self.size < 0:
             raise ConfigError(f"image size must be an integer >= 0 (0 keeps the original size), got {self.size!r}")
         if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
@@ -59,7 +59,7 @@ class ImportOptions:
 # ---- files and tables --------------------------------------------------------------------
 
 def require_dir(path: str | Path, what: str) -> Path:
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.exists():
         raise DatasetError(f"{what} {path} does not exist; check the path")
     if not path.is_dir():

@@ -53,7 +53,7 @@ def import_table(path: str | Path, *, image_column: str = "image", report_column
                  progress: bool = True) -> WriteSummary:
     """Convert a CSV/JSONL table of (image path, report) rows to an llm-cxr dataset at ``out``."""
     opts = ImportOptions(out, size, seed, limit, label, progress)
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise DatasetError(f"table {path} does not exist" if not path.exists() else f"{path} is not a file")
     root = require_dir(root, "image root") if root is not None else path.parent
