@@ -154,6 +154,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grayscale", action="store_true", help="convert an RGB model to one grayscale channel")
     p.set_defaults(func=_cmd_vqgan_import)
 
+    # ---- classifier ---------------------------------------------------------------------
+    cl = sub.add_parser("classifier", help="the finding classifier (checks images for findings)")
+    csub = cl.add_subparsers(dest="classifier_command", metavar="CLASSIFIER_COMMAND")
+    csub.required = True
+    p = csub.add_parser("train", help="train the finding classifier on a dataset with ground-truth findings")
+    p.add_argument("--data", required=True, type=Path, help="dataset with train/val/test splits")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--resolution", type=int, default=128, help="input size (default 128)")
+    p.add_argument("--epochs", type=int, default=8, help="epochs (default 8)")
+    p.add_argument("--export-feature-net", action="store_true",
+                   help="also write feature_net.pt (TorchScript) for `vqgan train --feature-net`")
+    p.set_defaults(func=_cmd_classifier_train)
+
     # ---- demo ---------------------------------------------------------------------------
     p = sub.add_parser("demo", help="run everything end to end on synthetic data and write OUT/index.html",
                        description="End-to-end demo on the embedded synthetic data. Writes "
@@ -315,6 +328,18 @@ def _cmd_vqgan_import(args: argparse.Namespace) -> int:
     from llm_cxr.vqgan import import_taming
 
     print(import_taming(args.config, args.ckpt, args.out, grayscale=args.grayscale))
+    return 0
+
+
+def _cmd_classifier_train(args: argparse.Namespace) -> int:
+    from llm_cxr.classifier import ClassifierTrainConfig, FindingClassifier, train_classifier
+
+    metrics = train_classifier(ClassifierTrainConfig(data=str(args.data), out=str(args.out),
+                                                     resolution=args.resolution, epochs=args.epochs,
+                                                     progress=not args.quiet))
+    if args.export_feature_net:
+        FindingClassifier.from_pretrained(args.out).export_feature_net(args.out / "feature_net.pt")
+    _print_json(metrics)
     return 0
 
 
