@@ -90,10 +90,12 @@ class FindingClassifier(nn.Module):
         return model.eval()
 
     def export_feature_net(self, path: str | Path) -> Path:
-        """TorchScript of ``features`` for the VQ-GAN's feature loss (``--feature-net``)."""
+        """``features`` as a ``torch.export`` program (.pt2) for the VQ-GAN's feature loss."""
         wrapper = _FeatureNet(self).eval()
-        scripted = torch.jit.trace(wrapper, torch.zeros(1, 1, self.config.resolution, self.config.resolution))
-        scripted.save(str(path))
+        r = self.config.resolution
+        example = (torch.zeros(2, 1, r, r),)
+        program = torch.export.export(wrapper, example, dynamic_shapes=({0: torch.export.Dim("batch")},))
+        torch.export.save(program, str(path))
         return Path(path)
 
 
@@ -102,12 +104,12 @@ class _FeatureNet(nn.Module):
         super().__init__()
         self.stages = clf.stages
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = []
         for s in self.stages:
             x = s(x)
             out.append(x)
-        return out
+        return tuple(out)
 
 
 def targets_from_findings(findings_json: Sequence[str], labels: Sequence[str]) -> np.ndarray:

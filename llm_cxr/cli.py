@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help="learning rate")
     p.add_argument("--disc-start", type=int, help="step at which the discriminator switches on")
     p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], help="mixed precision (default from config: no)")
-    p.add_argument("--feature-net", help="TorchScript network for the feature loss (e.g. the finding classifier)")
+    p.add_argument("--feature-net", help="frozen network (torch.export .pt2 or TorchScript) for the feature loss, e.g. the classifier's feature_net.pt2")
     p.add_argument("--max-minutes", type=float, help="stop and save after this many minutes (resume later)")
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any training key")
@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=128, help="input size (default 128)")
     p.add_argument("--epochs", type=int, default=8, help="epochs (default 8)")
     p.add_argument("--export-feature-net", action="store_true",
-                   help="also write feature_net.pt (TorchScript) for `vqgan train --feature-net`")
+                   help="also write feature_net.pt2 (torch.export) for `vqgan train --feature-net`")
     p.set_defaults(func=_cmd_classifier_train)
 
     # ---- demo ---------------------------------------------------------------------------
@@ -338,7 +338,7 @@ def _cmd_classifier_train(args: argparse.Namespace) -> int:
                                                      resolution=args.resolution, epochs=args.epochs,
                                                      progress=not args.quiet))
     if args.export_feature_net:
-        FindingClassifier.from_pretrained(args.out).export_feature_net(args.out / "feature_net.pt")
+        FindingClassifier.from_pretrained(args.out).export_feature_net(args.out / "feature_net.pt2")
     _print_json(metrics)
     return 0
 

@@ -18,7 +18,7 @@ def test_targets_and_save_load_roundtrip(tmp_path):
     again = FindingClassifier.from_pretrained(tmp_path / "clf")
     assert torch.equal(again(x), m(x))
     # exported feature net: a frozen feature loss that is zero on identical images only
-    net = load_feature_net(m.export_feature_net(tmp_path / "f.pt"))
+    net = load_feature_net(m.export_feature_net(tmp_path / "f.pt2"))
     loss = FeatureLoss(net)
     assert loss(x, x).item() < 1e-6 and loss(x, -x).item() > 1e-3
 
@@ -34,4 +34,4 @@ def test_classifier_cli_produces_a_loadable_model(tmp_path):
     assert set(metrics) == {"n", "label_accuracy", "exact_match", "micro_f1"} and metrics["n"] > 0
     clf = FindingClassifier.from_pretrained(out)
     assert clf.predict(torch.zeros(2, 1, 64, 64)).shape == (2, len(FINDING_NAMES))
-    assert (out / "feature_net.pt").exists()
+    assert (out / "feature_net.pt2").exists()

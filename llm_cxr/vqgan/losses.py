@@ -7,7 +7,8 @@
   decoder's last layer, and switched on after ``disc_start`` steps;
 - feature ("perceptual"/clinical) loss: distance between the features a frozen network
   computes on the input and on the reconstruction. LLM-CXR used a CXR classifier; any
-  TorchScript network that returns a tensor or a list of feature maps can serve, e.g. the
+  network saved with ``torch.export`` (or TorchScript) that returns a tensor or a tuple of
+  feature maps can serve, e.g. the
   finding classifier this project trains.
 
 Discriminator parameter names follow taming's ``NLayerDiscriminator`` (``main.N.*``).
@@ -55,6 +56,13 @@ def _weights_init(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
+def _set_eval(net: nn.Module) -> None:
+    try:
+        net.eval()
+    except NotImplementedError:
+        pass  # an exported program was captured in eval mode already and cannot switch
+
+
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
 
@@ -76,13 +84,14 @@ class FeatureLoss(nn.Module):
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
-        self.net = net.eval()
+        self.net = net
+        _set_eval(net)
         for p in self.net.parameters():
             p.requires_grad_(False)
 
     def train(self, mode: bool = True) -> "FeatureLoss":  # the network stays frozen in eval mode
         super().train(mode)
-        self.net.eval()
+        _set_eval(self.net)
         return self
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -98,13 +107,19 @@ class FeatureLoss(nn.Module):
 
 
 def load_feature_net(path: str | Path) -> nn.Module:
-    """A frozen feature network from a TorchScript file (``torch.jit.save``)."""
+    """A frozen feature network: a ``torch.export`` program (.pt2) or a TorchScript file."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"feature network {path} does not exist")
+    errors = []
     try:
-        net = torch.jit.load(str(path), map_location="cpu")
-    except Exception as e:  # noqa: BLE001 - TorchScript raises several types
-        raise ConfigError(f"{path} is not a TorchScript network (save one with torch.jit.save): {e}") from e
+        net = torch.export.load(str(path)).module()
+    except Exception as e:  # noqa: BLE001 - not an exported program; try TorchScript
+        errors.append(f"torch.export: {e}")
+        try:
+            net = torch.jit.load(str(path), map_location="cpu")
+        except Exception as e2:  # noqa: BLE001
+            errors.append(f"TorchScript: {e2}")
+            raise ConfigError(f"{path} is neither a torch.export program nor TorchScript ({'; '.join(errors)})") from e2
     log.info("feature loss on %s", path)
     return net

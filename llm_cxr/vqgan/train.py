@@ -53,7 +53,7 @@ class VQGANTrainConfig:
     disc_weight: float = 0.2
     disc_ndf: int = 32
     disc_layers: int = 2
-    feature_net: str | None = None  # TorchScript file of a frozen network
+    feature_net: str | None = None  # a frozen network saved with torch.export (.pt2) or TorchScript
     feature_weight: float = 0.1
     dead_code_every: int = 50
     dead_code_threshold: float = 0.03  # EMA uses per step below which a code is dead
