@@ -1,0 +1,1 @@
+"""Evaluation: the report labeler, language metrics and image metrics."""
