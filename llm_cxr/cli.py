@@ -202,9 +202,10 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 def _cmd_import(args: argparse.Namespace) -> int:
     from llm_cxr.data import importers
+    from llm_cxr.evaluation.labeler import dataset_labels
 
     common = dict(out=args.out, size=args.size, seed=args.seed, limit=args.limit,
-                  label=not args.no_label, progress=not args.quiet)
+                  label=None if args.no_label else dataset_labels, progress=not args.quiet)
     if args.import_kind == "mimic":
         views = tuple(v.strip().upper() for v in args.views.split(",") if v.strip())
         summary = importers.import_mimic(args.root, reports_root=args.reports, views=views, **common)

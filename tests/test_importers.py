@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from llm_cxr.evaluation.labeler import dataset_labels
 from PIL import Image
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -382,7 +384,7 @@ def test_real_labeler(tmp_path):
     table = write_csv(tmp_path / "t.csv", ["image", "report"], [
         ["a.png", "FINDINGS: Large right pleural effusion. IMPRESSION: Right pleural effusion."],
         ["b.png", "FINDINGS: The lungs are clear. No pleural effusion or pneumothorax. IMPRESSION: Normal."]])
-    import_table(table, out=tmp_path / "ds", size=SIZE, label=True, progress=False)
+    import_table(table, out=tmp_path / "ds", size=SIZE, label=dataset_labels, progress=False)
     rows = {r["id"]: r for r in load_dataset(tmp_path / "ds")}
     assert rows["a"]["labels"]["pleural_effusion"] == 1
     assert rows["b"]["labels"]["pleural_effusion"] == 0

@@ -41,7 +41,7 @@ class ImportOptions:
     size: int = 512
     seed: int = 0
     limit: int | None = None
-    label: bool | LabelFn = True
+    label: LabelFn | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -52,8 +52,11 @@ class ImportOptions:
             raise ConfigError(f"image size must be an integer >= 0 (0 keeps the original size), got {self.size!r}")
         if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
             raise ConfigError(f"limit must be a positive number of images or None, got {self.limit!r}")
-        if not (isinstance(self.label, bool) or callable(self.label)):
-            raise ConfigError(f"label must be True, False or a labeler function, got {self.label!r}")
+        if self.label is True:
+            raise ConfigError("label=True: pass the labeler function itself, e.g. "
+                              "label=llm_cxr.evaluation.labeler.dataset_labels (the data layer does not import it)")
+        if not (self.label in (None, False) or callable(self.label)):
+            raise ConfigError(f"label must be None or a labeler function, got {self.label!r}")
 
 
 # ---- files and tables --------------------------------------------------------------------
@@ -144,8 +147,8 @@ class Labeler:
     Keeps the last result, since consecutive images of one study share their report.
     """
 
-    def __init__(self, label: bool | LabelFn) -> None:
-        self.fn: LabelFn | None = _default_labeler() if label is True else (label or None)
+    def __init__(self, label: LabelFn | None) -> None:
+        self.fn: LabelFn | None = label if callable(label) else None
         self._last: tuple[str, tuple[dict[str, int], list[Finding]]] | None = None
 
     @property
@@ -160,20 +163,6 @@ class Labeler:
             self._last = (report, (check_labels(labels), list(findings)))
         labels, findings = self._last[1]
         return dict(labels), list(findings)
-
-
-def _default_labeler() -> LabelFn:
-    # The one place the data layer reaches up to evaluation/: importers label real reports
-    # with the project's rule-based labeler. Deferred to call time so that importing the data
-    # layer never imports evaluation/, and so that --no-label works without it.
-    try:
-        from llm_cxr.evaluation.labeler import dataset_labels
-    except ImportError as e:
-        raise ConfigError(
-            f"the report labeler (llm_cxr.evaluation.labeler) is not available ({e}); "
-            "import without labels (--no-label) or install the full package"
-        ) from e
-    return dataset_labels
 
 
 def check_labels(labels: dict[str, int]) -> dict[str, int]:

@@ -49,7 +49,7 @@ _INVALID = "\0invalid"  # key of a JSONL line that could not be parsed (never a 
 
 def import_table(path: str | Path, *, image_column: str = "image", report_column: str = "report",
                  patient_column: str | None = None, root: str | Path | None = None, out: str | Path,
-                 size: int = 512, seed: int = 0, limit: int | None = None, label: bool | LabelFn = True,
+                 size: int = 512, seed: int = 0, limit: int | None = None, label: LabelFn | None = None,
                  progress: bool = True) -> WriteSummary:
     """Convert a CSV/JSONL table of (image path, report) rows to an llm-cxr dataset at ``out``."""
     opts = ImportOptions(out, size, seed, limit, label, progress)
@@ -109,7 +109,7 @@ def import_table(path: str | Path, *, image_column: str = "image", report_column
 
 
 def import_folder(path: str | Path, *, out: str | Path, size: int = 512, seed: int = 0,
-                  limit: int | None = None, label: bool | LabelFn = True, progress: bool = True) -> WriteSummary:
+                  limit: int | None = None, label: LabelFn | None = None, progress: bool = True) -> WriteSummary:
     """Convert a folder of images (searched recursively) to an llm-cxr dataset without text.
 
     ``label`` is accepted for symmetry with the other importers; there is no text to label.

@@ -41,7 +41,7 @@ REPORTS, PROJECTIONS = "indiana_reports.csv", "indiana_projections.csv"
 
 def import_iu(root: str | Path, *, images_dir: str | Path | None = None, frontal_only: bool = True,
               out: str | Path, size: int = 512, seed: int = 0, limit: int | None = None,
-              label: bool | LabelFn = True, progress: bool = True) -> WriteSummary:
+              label: LabelFn | None = None, progress: bool = True) -> WriteSummary:
     """Convert IU X-ray (Kaggle layout) to an llm-cxr dataset at ``out`` (see the module doc)."""
     opts = ImportOptions(out, size, seed, limit, label, progress)
     root = require_dir(root, "IU X-ray root")

@@ -16,7 +16,7 @@ lines would teach a model to write headers, not findings. The official split is 
 
 Labels: the official CheXpert labels (Irvin et al., AAAI 2019), when the CSV is present,
 set the 14 CheXpert classes (1.0 -> 1, 0.0 -> 0, -1.0 -> -1 uncertain, blank -> 0); the
-rule-based labeler (``label=True``) fills ``findings`` and the finer names (nodule, mass,
+rule-based labeler (``label=dataset_labels``) fills ``findings`` and the finer names (nodule, mass,
 devices) that CheXpert does not have.
 """
 
@@ -63,7 +63,7 @@ class MimicImage(NamedTuple):
 
 def import_mimic(root: str | Path, *, reports_root: str | Path | None = None,
                  views: tuple[str, ...] = ("PA", "AP"), out: str | Path, size: int = 512, seed: int = 0,
-                 limit: int | None = None, label: bool | LabelFn = True,
+                 limit: int | None = None, label: LabelFn | None = None,
                  progress: bool = True) -> WriteSummary:
     """Convert MIMIC-CXR-JPG + reports to an llm-cxr dataset at ``out`` (see the module doc)."""
     opts = ImportOptions(out, size, seed, limit, label, progress)
