@@ -268,7 +268,7 @@ def render_anatomy(cv: Canvas, anat: PatientAnatomy, view: StudyView, ctr: float
     # Aerated lung is dark; the bases and the hila carry more soft tissue than the apices.
     v = np.clip((Y - anat.apex_y) / (domes[1] - anat.apex_y), 0.0, 1.0)
     dens -= lungs * (F32(0.4) - F32(0.07) * v)
-    dens += heart * F32(0.03)
+    dens += heart * F32(0.03) * cv.edge(Y - domes[1] - 0.05, 3)  # under the diaphragm it is unseen
 
     markings = _lung_markings(cv, anat, rng) * lungs
     dens += markings
@@ -289,8 +289,9 @@ def _lung_markings(cv: Canvas, anat: PatientAnatomy, rng: np.random.Generator) -
     r = np.sqrt(dx * dx + dy * dy)
     theta = np.arctan2(dy, dx)
     k = rng.uniform(14, 20)
-    streak = np.cos(k * theta + F32(1.8) * cv.noise(rng) + r * F32(4.0))
-    streak = (np.maximum(streak, F32(0.2)) - F32(0.2)) * (F32(1.0) - np.exp(-(r * F32(7.0)) ** 2))
+    wobble = F32(3.0) * cv.noise(rng)
+    streak = np.cos(k * theta + wobble + r * F32(4.0)) + F32(0.6) * np.cos(F32(1.7 * k) * theta - wobble)
+    streak = (np.maximum(streak, F32(0.5)) - F32(0.5)) * F32(0.8) * (F32(1.0) - np.exp(-(r * F32(6.0)) ** 2))
     fade = np.exp(-r * F32(2.4))
     hilum = np.exp(-(r * F32(9.0)) ** 2)  # the hilar vessels themselves
     return (F32(0.13) * fade * (streak + F32(0.25) * cv.noise(rng)) + F32(0.12) * hilum).astype(F32)

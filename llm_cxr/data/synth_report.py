@@ -9,7 +9,9 @@ labels read back from these reports equal the planted ground truth:
 
 * every present finding is stated affirmatively, with its standard name or a common
   synonym, and its laterality word where it has one ("left", "right", "bilateral",
-  "on the left", "right-sided", "left-sided", "bibasilar" is never used);
+  "bilaterally", "on the left", "right-sided", "left-sided"; "bibasilar" is never used);
+  edema is always called bilateral; device sentences may name other sides too ("left-sided
+  pacemaker with leads in the right atrium"), the device's own side comes first;
 * terms used per finding: cardiomegaly ("cardiomegaly", "the heart is enlarged",
   "enlarged cardiac silhouette", "the cardiac silhouette is enlarged", "enlargement of the
   cardiac silhouette"); pleural_effusion
@@ -126,10 +128,10 @@ _POSITIVE: dict[str, tuple[str, ...]] = {
         "A {side} lung mass in the {lobe}, measuring {cm}.",
     ),
     "edema": (
-        "{Sev} pulmonary edema.",
+        "{Sev} bilateral pulmonary edema.",
         "{Sev} pulmonary edema with bilateral perihilar haziness.",
-        "Pulmonary vascular congestion with {sev} interstitial edema.",
-        "{Sev} pulmonary edema with Kerley B lines.",
+        "Pulmonary vascular congestion with {sev} bilateral interstitial edema.",
+        "{Sev} pulmonary edema with Kerley B lines bilaterally.",
     ),
     "atelectasis": (
         "Plate-like atelectasis at the {side} lung base.",
@@ -172,7 +174,7 @@ _IMPRESSION: dict[str, tuple[str, ...]] = {
     "consolidation": ("{Lobe} consolidation.", "{Pattern} airspace opacity in the {lobe}."),
     "nodule": ("{mm} {lobe} nodule.", "{Lobe} pulmonary nodule ({mm})."),
     "mass": ("{Cm} {lobe} mass.", "{Lobe} mass ({cm})."),
-    "edema": ("{Sev} pulmonary edema.", "Pulmonary edema, {sev}."),
+    "edema": ("{Sev} bilateral pulmonary edema.", "Bilateral pulmonary edema, {sev}."),
     "atelectasis": ("{Side} basilar atelectasis.", "Atelectasis at the {side} base."),
     "endotracheal_tube": ("Endotracheal tube in satisfactory position.",),
     "central_line": ("{Side} central venous catheter with tip in the SVC.",),
@@ -226,6 +228,8 @@ def _positive_sentence(f: Finding, rng: np.random.Generator) -> str:
         options = tuple(o for o in options if "{Sev}" not in o) or options
     if f.name == "pleural_effusion" and f.laterality == "bilateral":
         options = _POSITIVE["pleural_effusion_bilateral"]
+    if f.name == "edema" and f.severity == "mild":  # Kerley lines are drawn only when not mild
+        options = tuple(o for o in options if "Kerley" not in o)
     if f.name == "mass" and not f.laterality:
         options = tuple(o for o in options if "{side}" not in o)
     return _render(_pick(rng, options), f)
