@@ -39,7 +39,7 @@ LOBE_ZONES: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {
     "left upper lobe": ((0.35, 0.75), (0.15, 0.45)),
     "left lower lobe": ((0.5, 0.8), (0.6, 0.8)),
 }
-EFFUSION_LEVEL = {"small": (0.86, 0.9), "moderate": (0.66, 0.74), "large": (0.42, 0.52)}
+EFFUSION_LEVEL = {"small": (0.84, 0.88), "moderate": (0.66, 0.74), "large": (0.42, 0.52)}
 PTX_SCALE = {"small": 0.86, "moderate": 0.74, "large": 0.58}
 EDEMA_LEVEL = {"mild": (0.26, 0.13), "moderate": (0.33, 0.19), "severe": (0.42, 0.26)}
 
@@ -83,13 +83,13 @@ def draw_effusion(cv: Canvas, body: Body, f: Finding, rng: np.random.Generator) 
     for lat in sides:
         s = side_sign(lat)
         dome = body.dome_y[0 if lat == "right" else 1]
-        level, rise = rng.uniform(lo, hi), rng.uniform(0.1, 0.16)
+        level, rise = rng.uniform(lo, hi), rng.uniform(0.14, 0.22)
         top = a.apex_y + (level - rise) * (dome - a.apex_y)
         sl = _hemithorax_box(cv, body, s, top - 0.05, dome + 0.3)
         X, Y = cv.X[sl], cv.Y[sl]
         u = np.clip((np.abs(X - a.cx) - a.med_hw) / (a.thorax_hw - a.med_hw), 0.0, 1.0)
         y_fluid = a.apex_y + (level - rise * u * u) * (dome - a.apex_y)  # meniscus, rising laterally
-        depth = np.clip((Y - y_fluid) / 0.1, 0.35, 1.0)
+        depth = np.clip((Y - y_fluid) / 0.06, 0.4, 1.0)
         fluid = cv.edge(body.lung_sdf[sl], 1.5) * cv.edge(y_fluid - Y, 2.5) * _side_mask(cv, body, s, sl)
         body.density[sl] += fluid * depth * (F32(SOFT_TISSUE + 0.02) - body.density[sl])
         mask[sl] |= fluid > 0.5
@@ -119,17 +119,17 @@ def draw_pneumothorax(cv: Canvas, body: Body, f: Finding, rng: np.random.Generat
 def draw_consolidation(cv: Canvas, body: Body, f: Finding, rng: np.random.Generator) -> np.ndarray:
     a = body.anat
     confluent = f.extra.get("pattern") == "confluent"
-    cx, cy = lung_spot(body, f.laterality, f.location, 0.08, rng)
-    sl = cv.bbox([cx], [cy], 0.32)
+    cx, cy = lung_spot(body, f.laterality, f.location, 0.1, rng)
+    sl = cv.bbox([cx], [cy], 0.4)
     X, Y = cv.X[sl], cv.Y[sl]
     blob = np.zeros(X.shape, dtype=F32)
-    for _ in range(int(rng.integers(3, 6))):
-        bx, by = cx + rng.normal(0, 0.06), cy + rng.normal(0, 0.05)
-        sig = rng.uniform(0.07, 0.12) if confluent else rng.uniform(0.05, 0.09)
+    for _ in range(int(rng.integers(4, 8))):
+        bx, by = cx + rng.normal(0, 0.09), cy + rng.normal(0, 0.07)
+        sig = rng.uniform(0.08, 0.13) if confluent else rng.uniform(0.05, 0.08)
         blob += np.exp(-((X - bx) ** 2 + (Y - by) ** 2) / F32(2 * sig * sig))
-    patch = F32(0.45) if confluent else F32(0.8)
+    patch = F32(0.4) if confluent else F32(0.9)
     blob = blob * np.maximum(F32(1.0) + patch * cv.noise(rng, sl), F32(0.6))
-    opacity = np.clip((blob - F32(0.3)) * F32(1.2), 0.0, 1.0) * body.lungs[sl]
+    opacity = (F32(1.0) - np.exp(-np.maximum(blob - F32(0.3), F32(0.0)) * F32(1.6))) * body.lungs[sl]
     dens = body.density[sl]
     dens += opacity * (F32(0.28) if confluent else F32(0.22))
     if f.extra.get("air_bronchograms"):
@@ -139,7 +139,7 @@ def draw_consolidation(cv: Canvas, body: Body, f: Finding, rng: np.random.Genera
             d = segment_distance(X, Y, np.array([[hx, hy], [ex, ey]]))
             dens -= F32(0.14) * cv.edge(d - 0.6 * cv.px, 0.8) * np.clip(opacity * 2 - 1, 0.0, 1.0)
     mask = np.zeros((cv.size, cv.size), dtype=bool)
-    mask[sl] = opacity > 0.35
+    mask[sl] = opacity > 0.3
     return mask
 
 
