@@ -113,8 +113,8 @@ class StudyView:
     def sample(cls, rng: np.random.Generator) -> "StudyView":
         return cls(
             rotation=math.radians(rng.uniform(-3.0, 3.0)),
-            gain=rng.uniform(1.25, 1.5),
-            offset=rng.uniform(0.0, 0.06),
+            gain=rng.uniform(1.1, 1.3),
+            offset=rng.uniform(0.0, 0.05),
             gamma=rng.uniform(0.8, 1.15),
             noise=rng.uniform(0.008, 0.03),
             blur=bool(rng.random() < 0.6),
@@ -353,7 +353,7 @@ def finalize(cv: Canvas, dens: np.ndarray, metal: np.ndarray, view: StudyView,
     """Density -> film brightness (exposure, gamma), metal on top, blur, quantum noise -> uint8."""
     img = np.clip((dens - F32(view.offset)) * F32(view.gain), 0.0, 1.0)
     img **= F32(view.gamma)
-    img += metal * (F32(0.97) - img)
+    img += metal * (F32(1.0) - img)
     if view.blur:
         img[1:-1] = (img[:-2] + 2 * img[1:-1] + img[2:]) * F32(0.25)
         img[:, 1:-1] = (img[:, :-2] + 2 * img[:, 1:-1] + img[:, 2:]) * F32(0.25)
