@@ -117,7 +117,7 @@ def test_nodule_size_follows_the_mm_scale():
         st = generate_study(np.random.default_rng([9, i]), cfg)
         (f,) = st.findings
         diameter_px = 2 * np.sqrt(st.masks["nodule"].sum() / np.pi)
-        assert diameter_px >= 3.0
+        assert diameter_px >= 3.5
         assert abs(diameter_px * st.mm_per_px - f.size_mm) < 0.25 * f.size_mm + 2 * st.mm_per_px
 
 
@@ -233,6 +233,25 @@ def test_written_dataset_schema_splits_and_workers(tmp_path):
         assert split_of.setdefault(r1["patient_id"], r1["split"]) == r1["split"], "a patient in two splits"
         assert json.loads(r1["meta"])["size"] == 64
     assert len(split_of) < 24, "some patients have several studies"
+
+
+def test_a_failing_study_is_recorded_and_the_others_kept(tmp_path, monkeypatch):
+    import llm_cxr.data.synth as synth
+
+    real, calls = synth.generate_study, []
+
+    def flaky(rng, cfg, patient=None):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return real(rng, cfg, patient)
+
+    monkeypatch.setattr(synth, "generate_study", flaky)
+    summary = generate_dataset(4, tmp_path / "ds", SynthConfig(size=64), seed=0, progress=False)
+    assert summary.n_rows == 3 and summary.n_bad == 1
+    assert summary.bad_items[0].item == "synth-0-000001" and "boom" in summary.bad_items[0].problem
+    assert [r["id"] for r in _rows(tmp_path / "ds")] == ["synth-0-000000", "synth-0-000002", "synth-0-000003"]
+    assert "boom" in (tmp_path / "ds" / "bad_items.jsonl").read_text()
 
 
 def test_other_seed_gives_other_dataset(tmp_path):

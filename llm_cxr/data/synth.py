@@ -29,7 +29,6 @@ from llm_cxr.data.dataset import BadItemLog, WriteSummary, write_dataset
 from llm_cxr.data.reports import format_report
 from llm_cxr.data.schema import (
     DEVICES,
-    FINDING_NAMES,
     PATHOLOGIES,
     Finding,
     assign_split,
@@ -215,7 +214,7 @@ def _pathology(name: str, rng: np.random.Generator, avoid_lower: set[str]) -> Fi
         pattern = _choice(rng, ("patchy", "confluent"))
         bronch = bool(rng.random() < (0.5 if pattern == "confluent" else 0.15))
         return Finding(name, lat, lobe, extra={"pattern": pattern, "air_bronchograms": bronch})
-    size = float(round(rng.uniform(10, 29) if name == "nodule" else rng.uniform(30, 65)))
+    size = float(round(rng.uniform(12, 29) if name == "nodule" else rng.uniform(30, 65)))  # >= ~3.5 px at 128
     return Finding(name, lat, lobe, size_mm=size)
 
 

@@ -145,7 +145,7 @@ def draw_consolidation(cv: Canvas, body: Body, f: Finding, rng: np.random.Genera
 
 def _draw_round(cv: Canvas, body: Body, f: Finding, rng: np.random.Generator, lobulated: bool,
                 strength: float) -> np.ndarray:
-    r = max(0.5 * f.size_mm / body.anat.mm_per_unit, 1.6 * cv.px)
+    r = max(0.5 * f.size_mm / body.anat.mm_per_unit, 2.0 * cv.px)  # at least 4 px across
     cx, cy = lung_spot(body, f.laterality, f.location, r, rng)
     sl = cv.bbox([cx], [cy], r * 1.3)
     dx, dy = cv.X[sl] - cx, cv.Y[sl] - cy
