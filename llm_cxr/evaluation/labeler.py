@@ -33,7 +33,6 @@ from typing import Any, Iterable
 
 from llm_cxr.data.reports import parse_sections
 from llm_cxr.data.schema import (
-    CHEXPERT_14,
     DEVICES,
     FINDING_NAMES,
     LABEL_NAMES,
@@ -43,6 +42,7 @@ from llm_cxr.data.schema import (
     Finding,
 )
 from llm_cxr.evaluation import labeler_rules as R
+from llm_cxr.evaluation.labeler_rules import LabelAgreement, compare_labels, iu_reference_labels
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,8 @@ class LabelResult:
         """0/1 labels: not mentioned -> 0, uncertain -> ``uncertain_as``."""
         if uncertain_as not in (0, 1, UNCERTAIN):
             raise ValueError(f"uncertain_as must be 0, 1 or -1, got {uncertain_as!r}")
-        return {k: 0 if v is None else (uncertain_as if v == UNCERTAIN else v) for k, v in self.labels.items()}
+        return {k: 0 if v is None else (uncertain_as if v == UNCERTAIN else v)
+                for k, v in self.labels.items()}
 
     def positive_findings(self) -> set[str]:
         """Names among :data:`FINDING_NAMES` labelled positive."""
@@ -124,28 +125,44 @@ def _compile_states(rule: R.AttributeRule) -> re.Pattern[str]:
 
 _MENTIONS = _compile_mentions()
 _STATES = [_compile_states(r) for r in R.ATTRIBUTE_RULES]
-_HEDGE_PRE = re.compile(R.HEDGE_PRE)
-_HEDGE_POST = re.compile(R.HEDGE_POST)
-_PSEUDO = re.compile(R.PSEUDO_NEGATION)
-_NEG_PRE = re.compile(R.NEGATION_PRE)
-_NEG_POST = re.compile(R.NEGATION_POST)
-_UNC_PRE = re.compile(R.UNCERTAINTY_PRE)
+_STATE_STATUS = {"pos": POSITIVE, "neg": NEGATIVE, "unc": UNCERTAIN}
+# Cues made of words start at a word boundary (see _compile_mentions).
+_HEDGE_PRE = re.compile(rf"\b(?:{R.HEDGE_PRE})")
+_HEDGE_POST = re.compile(rf"\b(?:{R.HEDGE_POST})")
+_PSEUDO = re.compile(rf"\b(?:{R.PSEUDO_NEGATION})")
+_NEG_PRE = re.compile(rf"\b(?:{R.NEGATION_PRE})")
+_NEG_POST = re.compile(rf"\b(?:{R.NEGATION_POST})")
+_UNC_PRE = re.compile(rf"\b(?:{R.UNCERTAINTY_PRE})")
 _UNC_POST = re.compile(R.UNCERTAINTY_POST)
 _SCOPE_END = re.compile(R.SCOPE_END)
 _NEGATION_END = re.compile(R.NEGATION_END)
 _COMMA = re.compile(r",")
+# What may stand between two items of a list: a comma and/or a conjunction, and up to two
+# modifiers ("consolidation, large pleural effusion or pneumothorax").
+_LIST_GAP = re.compile(
+    r"\s*(?:,\s*)?(?:(?P<conj>and|or|nor|as well as)\s+)?"
+    r"(?:(?!(?:is|are|was|were|has|have|had|with|without|no|not|there|the)\b)[a-z-]+\s+){0,2}"
+)
 # Negations that reach across a comma-separated list ("no A, B, or C"); others stop at a comma.
 _LIST_NEGATION = re.compile(r"no|without|negative for|free of|clear of|absence of|nor")
-_LATERALITY = [(re.compile(p), v) for p, v in R.LATERALITY_CUES]
-_LOCATION = [(re.compile(p), v) for p, v in R.LOCATION_CUES]
-_SEVERITY = [(re.compile(p), v) for p, v in R.SEVERITY_CUES]
+
+
+def _compile_cues(cues: tuple[tuple[str, str], ...]) -> tuple[re.Pattern[str], list[str]]:
+    """One regex for a family of attribute words; group ``c<i>`` gives value ``i``."""
+    return re.compile(r"\b(?:" + "|".join(f"(?P<c{i}>{p})" for i, (p, _) in enumerate(cues)) + ")"), [
+        v for _, v in cues]
+
+
+_LATERALITY = _compile_cues(R.LATERALITY_CUES)
+_LOCATION = _compile_cues(R.LOCATION_CUES)
+_SEVERITY = _compile_cues(R.SEVERITY_CUES)
 _SIZE = re.compile(R.SIZE_CUE)
 # Sentence ends: . ? ! before white space or the end, a full stop glued to a capital, newlines.
 _SENTENCE_END = re.compile(r"[.?!]+(?=\s|$)|\.(?=[A-Z][a-z])|\n+")
 _ANONYMISED = re.compile(r"\bX{3,}\b", re.IGNORECASE)
 _HAS_WORD = re.compile(r"[a-z]{2,}")
-_STATE_WINDOW_AFTER = 70
-_STATE_WINDOW_BEFORE = 30
+_STATE_WINDOW_AFTER = 70  # characters after a structure in which its state is looked for
+_STATE_WINDOW_BEFORE = 30  # ... and before it ("normal heart size")
 _ATTACH_MAX = {"laterality": 60, "location": 60, "severity": 30, "size": 40}
 
 
@@ -162,6 +179,7 @@ def _report_body(text: str) -> str:
 
 
 def _sentences(body: str) -> list[tuple[int, int]]:
+    """``(start, end)`` of each sentence; a question mark stays in its sentence (a cue)."""
     spans, start = [], 0
     for m in _SENTENCE_END.finditer(body):
         end = m.end() if m.group().startswith(("?", "!")) else m.start()
@@ -186,32 +204,34 @@ class _Cue:
     lists: bool = False  # a negation that reaches across commas
 
 
+def _spans(pattern: re.Pattern[str], low: str) -> list[tuple[int, int, str]]:
+    return [(m.start(), m.end(), m.group()) for m in pattern.finditer(low)]
+
+
 class _Sentence:
     """Cues and clause breaks of one lower-cased sentence, found once and reused."""
 
     def __init__(self, low: str) -> None:
         self.low = low
-        hedges = [(m.start(), m.end(), m.group()) for m in _HEDGE_PRE.finditer(low)]
-        pseudo = [(m.start(), m.end(), m.group()) for m in _PSEUDO.finditer(low)]
-        neg_post = [(m.start(), m.end(), m.group()) for m in _NEG_POST.finditer(low)]
-        blocked = hedges + pseudo
+        hedges, pseudo = _spans(_HEDGE_PRE, low), _spans(_PSEUDO, low)
+        neg_post = _spans(_NEG_POST, low)
 
-        def free(m: re.Match[str]) -> bool:
+        def free(s: int, e: int) -> bool:
             # A pre cue inside a longer cue ("not" in "cannot exclude", "is not seen") is not
             # one; a post cue starting with the same word ("resolved") leaves it be.
-            return not any(s < m.end() and m.start() < e for s, e, _ in blocked) and not any(
-                s < m.start() < e for s, e, _ in neg_post)
+            return not any(a < e and s < b for a, b, _ in hedges + pseudo) and not any(
+                a < s < b for a, b, _ in neg_post)
 
         pre = [_Cue(s, e, "hedge", t) for s, e, t in hedges]
         pre += [_Cue(s, e, "affirm", t) for s, e, t in pseudo]
-        pre += [_Cue(m.start(), m.end(), "neg", m.group(), bool(_LIST_NEGATION.fullmatch(m.group())))
-                for m in _NEG_PRE.finditer(low) if free(m)]
-        pre += [_Cue(m.start(), m.end(), "unc", m.group()) for m in _UNC_PRE.finditer(low) if free(m)]
+        pre += [_Cue(s, e, "neg", t, bool(_LIST_NEGATION.fullmatch(t)))
+                for s, e, t in _spans(_NEG_PRE, low) if free(s, e)]
+        pre += [_Cue(s, e, "unc", t) for s, e, t in _spans(_UNC_PRE, low) if free(s, e)]
         self.pre = sorted(pre, key=lambda c: c.end)
         self.pre_ends = [c.end for c in self.pre]
-        post = [_Cue(m.start(), m.end(), "hedge", m.group()) for m in _HEDGE_POST.finditer(low)]
+        post = [_Cue(s, e, "hedge", t) for s, e, t in _spans(_HEDGE_POST, low)]
         post += [_Cue(s, e, "neg", t) for s, e, t in neg_post]
-        post += [_Cue(m.start(), m.end(), "unc", m.group()) for m in _UNC_POST.finditer(low)]
+        post += [_Cue(s, e, "unc", t) for s, e, t in _spans(_UNC_POST, low)]
         self.post = sorted(post, key=lambda c: c.start)
         self.post_starts = [c.start for c in self.post]
         self.breaks = [(m.start(), m.end()) for m in _SCOPE_END.finditer(low)]
@@ -240,68 +260,67 @@ class _Sentence:
         i = bisect_left(self.commas, a)
         return i < len(self.commas) and self.commas[i] < b
 
-    def status(self, start: int, end: int) -> tuple[int, str | None]:
-        """Status of a mention at ``[start, end)`` from the cues around it."""
-        lo, hi = self.clause(start, end)
+    def _pre_cue(self, start: int, lo: int) -> _Cue | None:
+        """The nearest cue before ``start`` in the clause whose reach covers ``start``."""
         soft = max((b for b in self.soft_breaks if b <= start), default=lo)
-        pre_cue = None
         for idx in range(bisect_right(self.pre_ends, start) - 1, -1, -1):
             cue = self.pre[idx]
             if cue.start < lo:
-                break
+                return None
             if cue.kind != "unc" and cue.start < soft:
                 continue  # "no X, consistent with Y": only doubt reaches past "consistent with"
             if cue.kind == "neg" and not cue.lists and self._comma_between(cue.end, start):
                 continue  # a bare "not" does not reach past a comma
-            pre_cue = cue
-            break
-        clo, chi = self.clause(start, end, commas=True)
-        post_cue = None
-        for idx in range(bisect_left(self.post_starts, end), len(self.post)):
-            cue = self.post[idx]
-            if cue.start >= chi:
-                break
-            post_cue = cue
-            break
-        if pre_cue is not None and pre_cue.kind == "hedge" or post_cue is not None and post_cue.kind == "hedge":
-            cue = pre_cue if pre_cue is not None and pre_cue.kind == "hedge" else post_cue
-            return UNCERTAIN, cue.text
-        if pre_cue is not None and pre_cue.kind == "neg":
-            return NEGATIVE, pre_cue.text
-        if post_cue is not None and post_cue.kind == "neg":
-            return NEGATIVE, post_cue.text
-        if pre_cue is not None and pre_cue.kind == "unc":
-            if self._negated_doubt(pre_cue, lo):
-                return NEGATIVE, pre_cue.text
-            return UNCERTAIN, pre_cue.text
-        if post_cue is not None and post_cue.kind == "unc":
-            return UNCERTAIN, post_cue.text
+            return cue
+        return None
+
+    def _post_cue(self, end: int, hi: int) -> _Cue | None:
+        idx = bisect_left(self.post_starts, end)
+        if idx < len(self.post) and self.post[idx].start < hi:
+            return self.post[idx]
+        return None
+
+    def status(self, start: int, end: int) -> tuple[int, _Cue | None]:
+        """Status of a mention at ``[start, end)`` from the cues around it, and the cue."""
+        lo, _ = self.clause(start, end)
+        pre = self._pre_cue(start, lo)
+        post = self._post_cue(end, self.clause(start, end, commas=True)[1])
+        cues = [c for c in (pre, post) if c is not None]
+        for kind, status in (("hedge", UNCERTAIN), ("neg", NEGATIVE)):
+            for cue in cues:
+                if cue.kind == kind:
+                    return status, cue
+        for cue in cues:
+            if cue.kind == "unc":
+                if cue is pre and self._negated_doubt(cue, lo):
+                    return NEGATIVE, cue  # "no opacity to suggest pneumonia"
+                return UNCERTAIN, cue
         return POSITIVE, None
 
     def _negated_doubt(self, unc: _Cue, lo: int) -> bool:
-        """``no findings to suggest X``: a doubt cue inside a negation's reach is a negation."""
+        """A doubt cue inside a negation's reach (no comma between) is part of the negation."""
         for cue in self.pre:
             if cue.end > unc.start:
                 break
-            if cue.start >= lo and cue.kind == "neg" and not self._comma_between(cue.end, unc.start):
+            if cue.start < lo or cue.kind != "neg":
+                continue
+            if not self._comma_between(cue.end, unc.start):
                 return True
         return False
 
 
-def _attribute_state(sent: _Sentence, rule_idx: int, start: int, end: int) -> tuple[int, str] | None:
+def _attribute_state(sent: _Sentence, rule_idx: int, start: int, end: int
+                     ) -> tuple[int, str] | None:
     """The state the sentence gives the structure at ``[start, end)``, if it gives one."""
     states = _STATES[rule_idx]
     lo, hi = sent.clause(start, end)
     m = states.search(sent.low, end, min(hi, end + _STATE_WINDOW_AFTER))
-    if m is None:
-        before = None
-        for b in states.finditer(sent.low, max(lo, start - _STATE_WINDOW_BEFORE), start):
-            before = b
-        m = before
+    if m is None:  # "normal heart size": the last state word just before the structure
+        for m in states.finditer(sent.low, max(lo, start - _STATE_WINDOW_BEFORE), start):
+            pass
     if m is None:
         return None
-    kind = m.lastgroup
-    return {"pos": POSITIVE, "neg": NEGATIVE, "unc": UNCERTAIN}[kind], m.group()
+    return _STATE_STATUS[m.lastgroup], m.group()
 
 
 # ---------------------------------------------------------------------------------------
@@ -317,8 +336,16 @@ class _Item:
     labels: tuple[str, ...]
     capped: tuple[str, ...]
     status: int
-    cue: str | None
+    cue: _Cue | str | None  # the cue that decided the status, or the state words
     attached: dict[str, list[Any]] = field(default_factory=dict)
+
+    @property
+    def cue_text(self) -> str | None:
+        return self.cue.text if isinstance(self.cue, _Cue) else self.cue
+
+    def decided_after(self) -> bool:
+        """Whether a cue after the phrase ("... are not seen") decided its status."""
+        return isinstance(self.cue, _Cue) and self.cue.start >= self.end
 
 
 def _classify(ctx: _Sentence, m: re.Match[str]) -> _Item | None:
@@ -331,15 +358,35 @@ def _classify(ctx: _Sentence, m: re.Match[str]) -> _Item | None:
     state = _attribute_state(ctx, idx, m.start(), m.end())
     if state is None:
         return None  # "the heart" with nothing said about it
-    status, cue = state
+    status, words = state
+    item = _Item(m.start(), m.end(), attr.labels, attr.capped, status, words)
     if status != NEGATIVE:
-        context, context_cue = ctx.status(m.start(), m.end())
+        context, cue = ctx.status(m.start(), m.end())
         if context != POSITIVE:  # "no evidence of heart enlargement", "possibly enlarged heart"
-            status, cue = context, context_cue
-    return _Item(m.start(), m.end(), attr.labels, attr.capped, status, cue)
+            item.status, item.cue = context, cue
+    return item
 
 
-def _attach(ctx: _Sentence, items: list[_Item], key: str, cues: Iterable[tuple[int, int, Any]]) -> None:
+def _spread_over_lists(low: str, items: list[_Item]) -> None:
+    """``A, B and C are not seen``: a cue after a coordinated list decides every item in it."""
+    for i in range(len(items) - 1, 0, -1):
+        last = items[i]
+        if last.status == POSITIVE or not last.decided_after():
+            continue
+        chain, conjunction = [], False
+        for j in range(i - 1, -1, -1):
+            gap = _LIST_GAP.fullmatch(low, items[j].end, items[j + 1].start)
+            if gap is None or items[j].cue not in (None, last.cue):
+                break
+            conjunction = conjunction or gap.group("conj") is not None
+            chain.append(items[j])
+        if conjunction:  # "effusion, pneumothorax has resolved" is no list
+            for it in chain:
+                it.status, it.cue = last.status, last.cue
+
+
+def _attach(ctx: _Sentence, items: list[_Item], key: str,
+            cues: Iterable[tuple[int, int, Any]]) -> None:
     """Give each cue word to the nearest mention in its clause (ties go to the one after)."""
     limit = _ATTACH_MAX[key]
     for s, e, value in cues:
@@ -360,6 +407,14 @@ def _attach(ctx: _Sentence, items: list[_Item], key: str, cues: Iterable[tuple[i
             best.attached.setdefault(key, []).append(value)
 
 
+def _cue_words(cues: tuple[re.Pattern[str], list[str]], low: str
+               ) -> Iterable[tuple[int, int, str]]:
+    pattern, values = cues
+    for m in pattern.finditer(low):
+        value = values[int(m.lastgroup[1:])]
+        yield m.start(), m.end(), value.format(**{k: v for k, v in m.groupdict().items() if v})
+
+
 def _sentence_items(low: str) -> list[_Item]:
     matches = list(_MENTIONS.finditer(low))
     if not matches:
@@ -368,10 +423,10 @@ def _sentence_items(low: str) -> list[_Item]:
     items = [it for it in (_classify(ctx, m) for m in matches) if it is not None]
     if not items:
         return items
-    _attach(ctx, items, "laterality", ((m.start(), m.end(), v) for p, v in _LATERALITY for m in p.finditer(low)))
-    _attach(ctx, items, "location",
-            ((m.start(), m.end(), v.format(**m.groupdict())) for p, v in _LOCATION for m in p.finditer(low)))
-    _attach(ctx, items, "severity", ((m.start(), m.end(), v) for p, v in _SEVERITY for m in p.finditer(low)))
+    _spread_over_lists(low, items)
+    _attach(ctx, items, "laterality", _cue_words(_LATERALITY, low))
+    _attach(ctx, items, "location", _cue_words(_LOCATION, low))
+    _attach(ctx, items, "severity", _cue_words(_SEVERITY, low))
     sized = [it for it in items if {"nodule", "mass"} & set(it.labels)]
     if sized:
         _attach(ctx, sized, "size", ((m.start(), m.end(), _to_mm(m)) for m in _SIZE.finditer(low)))
@@ -407,25 +462,19 @@ def _laterality(sides: list[str]) -> str | None:
 
 
 def _finding(name: str, status: int, items: list[_Item]) -> Finding:
-    sides, locations, severities, sizes = [], [], [], []
+    """The structured finding from the mentions that decided its status."""
+    got: dict[str, list[Any]] = {"laterality": [], "location": [], "severity": [], "size": []}
     for it in items:
-        sides += it.attached.get("laterality", [])
-        locations += it.attached.get("location", [])
-        severities += it.attached.get("severity", [])
-        sizes += it.attached.get("size", [])
-    extra = {"uncertain": True} if status == UNCERTAIN else {}
+        for key, values in it.attached.items():
+            got[key] += values
     return Finding(
         name=name,
-        laterality=_laterality(sides),
-        location=locations[0] if locations else None,
-        severity=severities[0] if severities else None,
-        size_mm=sizes[0] if sizes else None,
-        extra=extra,
+        laterality=_laterality(got["laterality"]),
+        location=got["location"][0] if got["location"] else None,
+        severity=got["severity"][0] if got["severity"] else None,
+        size_mm=got["size"][0] if got["size"] else None,
+        extra={"uncertain": True} if status == UNCERTAIN else {},
     )
-
-
-def _empty_result() -> LabelResult:
-    return LabelResult(labels={name: None for name in LABEL_NAMES})
 
 
 # ---------------------------------------------------------------------------------------
@@ -438,7 +487,8 @@ def label_report(text: str) -> LabelResult:
     ``text`` is a report, with or without ``FINDINGS:`` / ``IMPRESSION:`` headers (when it
     has them, only those two sections are read: an indication such as "rule out pneumonia"
     is not a finding). De-identification placeholders (``XXXX``) are treated as unknown
-    words. A text with nothing to read gives every label ``None``.
+    words. A text with nothing to read gives every label ``None``. Findings are those of
+    :data:`FINDING_NAMES` labelled positive or uncertain (``extra["uncertain"]``).
     """
     if not isinstance(text, str):
         raise TypeError(f"label_report expects a str, got {type(text).__name__}")
@@ -447,28 +497,25 @@ def label_report(text: str) -> LabelResult:
     if len(low) != len(body):  # a few Unicode letters change length when lower-cased
         body = low
     if not _HAS_WORD.search(_ANONYMISED.sub(" ", low)):
-        return _empty_result()
+        return LabelResult(labels={name: None for name in LABEL_NAMES})
     by_label: dict[str, list[tuple[int, _Item]]] = {}
     mentions: list[Mention] = []
     for s, e in _sentences(body):
-        lead = len(body[s:e]) - len(body[s:e].lstrip())  # offsets are kept in the stripped sentence
+        lead = len(body[s:e]) - len(body[s:e].lstrip())  # spans refer to the stripped sentence
         sentence = body[s:e].strip()
         for it in _sentence_items(low[s:e]):
             for label in it.labels:
                 status = UNCERTAIN if label in it.capped and it.status == POSITIVE else it.status
                 by_label.setdefault(label, []).append((status, it))
-                span = (it.start - lead, it.end - lead)
-                mentions.append(Mention(label, status, sentence[span[0]:span[1]], sentence, span, it.cue))
-    labels: dict[str, int | None] = {}
-    for name in LABEL_NAMES:
-        labels[name] = _aggregate([st for st, _ in by_label.get(name, [])])
+                a, b = it.start - lead, it.end - lead
+                mentions.append(Mention(label, status, sentence[a:b], sentence, (a, b), it.cue_text))
+    labels = {name: _aggregate([st for st, _ in by_label.get(name, [])]) for name in LABEL_NAMES}
     sick = any(labels[n] in (POSITIVE, UNCERTAIN) for n in PATHOLOGY_LABELS)
     labels["no_finding"] = NEGATIVE if sick else POSITIVE
-    findings = []
-    for name in FINDING_NAMES:
-        status = labels[name]
-        if status in (POSITIVE, UNCERTAIN):
-            findings.append(_finding(name, status, [it for st, it in by_label[name] if st == status]))
+    findings = [
+        _finding(name, labels[name], [it for st, it in by_label[name] if st == labels[name]])
+        for name in FINDING_NAMES if labels[name] in (POSITIVE, UNCERTAIN)
+    ]
     return LabelResult(labels=labels, findings=findings, mentions=mentions)
 
 
@@ -476,7 +523,9 @@ def label_reports(texts: Iterable[str], progress: bool = False) -> list[LabelRes
     """:func:`label_report` for each text, in order."""
     from tqdm.auto import tqdm
 
-    return [label_report(t) for t in tqdm(texts, desc="labelling reports", disable=not progress)]
+    results = [label_report(t) for t in tqdm(texts, desc="labelling", disable=not progress)]
+    log.debug("labelled %d reports", len(results))
+    return results
 
 
 def dataset_labels(text: str) -> tuple[dict[str, int], list[Finding]]:
@@ -490,11 +539,13 @@ def dataset_labels(text: str) -> tuple[dict[str, int], list[Finding]]:
 
 
 __all__ = [
-    "CHEXPERT_14",
+    "LabelAgreement",
     "LabelResult",
     "Mention",
     "PATHOLOGY_LABELS",
+    "compare_labels",
     "dataset_labels",
+    "iu_reference_labels",
     "label_report",
     "label_reports",
 ]

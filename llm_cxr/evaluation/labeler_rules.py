@@ -1,6 +1,9 @@
-"""The vocabulary of the report labeler: mention phrases, negation and uncertainty cues.
+"""The vocabulary of the report labeler, and the tools to check it against references.
 
-Everything here is data; :mod:`llm_cxr.evaluation.labeler` is the engine that applies it.
+The phrase lists are data; :mod:`llm_cxr.evaluation.labeler` is the engine that applies
+them. At the end: reference labels from the IU X-ray MeSH problem lists and per-class
+agreement (precision / recall / F1) of two sets of labels.
+
 The phrase lists follow the CheXpert labeler (Irvin et al., "CheXpert", AAAI 2019) and
 NegBio (Peng et al., AMIA 2018 Informatics Summit): a mention is a phrase naming an
 observation; its status comes from negation and uncertainty cues in the same clause.
@@ -34,8 +37,9 @@ Deliberate choices (documented because a careful reader may disagree):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Iterable
 
-from llm_cxr.data.schema import LABEL_NAMES
+from llm_cxr.data.schema import CHEXPERT_14, LABEL_NAMES, POSITIVE
 
 
 @dataclass(frozen=True)
@@ -75,91 +79,135 @@ class AttributeRule:
             raise ValueError(f"AttributeRule {self.subject!r}: needs at least one state pattern")
 
 
+def _alt(*parts: str) -> str:
+    """One regex that matches any of ``parts``."""
+    return "|".join(parts)
+
+
 _DEV = "support_devices"
 _OPA = "lung_opacity"
+_M = MentionRule
 
 # Order matters only where two phrases start at the same place: earlier rules win there.
 MENTION_RULES: tuple[MentionRule, ...] = (
-    # --- pleura --------------------------------------------------------------------------
-    MentionRule(("pleural_effusion", "pneumothorax"), r"(?:hydro|hemo|haemo)pneumothora(?:x|ces)"),
-    MentionRule(("pneumothorax",), r"pneumothora(?:x|ces)|\bptx\b"),
-    MentionRule(("pleural_effusion",),
-                r"(?:pleural )?(?<!pericardial )(?<!joint )effusions?|pleural fluid|fluid in the (?:pleural|\w+ fissure)"
-                r"|(?:hydro|hemo|haemo)thorax|empyema"),
-    MentionRule(("pleural_other",),
-                r"pleural (?:thickening|plaques?|calcifications?|scarring|fibrosis|reaction)"
-                r"|thickening of the pleura|pleuro-?parenchymal (?:scarring|thickening|irregularit\w+)"
-                r"|fibrothorax|apical (?:pleural )?cap(?:s|ping)?|(?<!cystic )\bfibros[ie]s\b|\bfibrotic\b"),
-    # --- devices (before lungs: "chest tube" must not be read as anything else) ---------------
-    MentionRule(("endotracheal_tube", _DEV),
-                r"endotracheal(?: tube)?|\bet tube|\bett\b|\bet\b(?= tip)"),
-    MentionRule(("chest_tube", _DEV),
-                r"chest tubes?|thoracostomy tubes?|pleural (?:drain(?:age)?|catheter|tube)(?: catheter)?s?"
-                r"|pigtail(?: catheter| drain)?s?|(?:chest|pleural) drains?"),
-    MentionRule(("pacemaker", _DEV),
-                r"pacemakers?|\bpacers?\b|\ba?icds?\b|defibrillators?|pacing (?:wires?|leads?|device)"
-                r"|(?:biventricular|dual[- ]chamber) (?:pacer|device)|cardiac (?:\w+ )?(?:generator|device)|\bgenerators?\b"),
-    MentionRule(("central_line", _DEV),
-                r"central (?:venous )?(?:line|catheter)s?|\bcvc\b|\bpicc\b(?: line)?s?"
-                r"|peripherally inserted central (?:venous )?catheter|port-?a-?cath|\b(?:medi|power)?port\b"
-                r"|(?:internal jugular|\bij\b|subclavian|jugular|femoral|brachiocephalic)\b[\w -]{0,25}?"
-                r"\b(?:line|catheter|port)s?\b"
-                r"|(?:venous|(?:hemo)?dialysis|swan[- ]ganz|pulmonary artery|(?:triple|dual|double)[- ]lumen|"
-                r"tunnel(?:l)?ed|indwelling|vascular) catheters?|\bcatheters?\b"
-                r"|(?:venous|arterial|dialysis|picc|central|swan[- ]ganz) lines?"),
-    MentionRule((_DEV,),
-                r"tracheostomy(?: tube)?|\btrach\b|(?:nasogastric|orogastric|feeding|enteric|gastric|dobb?hoff"
-                r"|\bng|\bog|gastrostomy|nephrostomy|drainage) tubes?|\bngt\b|\bog tube|\bng tube"
-                r"|lines and tubes|tubes and lines|support (?:lines|devices)"
-                r"|(?:prosthetic|artificial|mechanical|bioprosthetic) (?:\w+ )?valves?|valve (?:replacement|prosthes[ie]s)"
-                r"|(?:ekg|ecg|monitor(?:ing)?|telemetry|electrocardiogram) (?:leads?|wires?|electrodes?|devices?)"
-                r"|\bleads?\b(?! to)|\bdevices?\b|stimulators?|occluders?|\btip (?=(?:\w+ )?(?:project|overl|terminat|"
-                r"in |at |is |near |approximat|extend|lies|lying|reach))"),
-    # --- heart and mediastinum ---------------------------------------------------------------
-    MentionRule(("cardiomegaly",), r"cardiomegaly|cardiac enlargement|enlargement of the (?:heart|cardiac \w+)"),
-    MentionRule(("enlarged_cardiomediastinum",),
-                r"widen(?:ed|ing) (?:of the )?(?:superior )?mediastin(?:um|al \w+)|mediastinal (?:widening|enlargement)"
-                r"|widening of the (?:superior )?mediastinum|cardiomediastinal enlargement"),
-    # --- edema (before opacity) -----------------------------------------------------------
-    MentionRule(("edema", _OPA), r"(?<!soft tissue )(?<!laryngeal )(?<!subcutaneous )\bedema(?:tous)?\b"),
-    MentionRule(("edema",),
-                r"(?:vascular|venous|pulmonary) (?:congestion|engorgement|prominence|indistinctness|redistribution)"
-                r"|congestive (?:heart|cardiac) failure|(?:heart|cardiac) failure|\bchf\b|(?:fluid|volume) overload"
-                r"|cephalization|kerley|engorged (?:pulmonary )?vessels"),
-    # --- parenchyma -----------------------------------------------------------------------
+    # --- pleura ------------------------------------------------------------------------------
+    _M(("pleural_effusion", "pneumothorax"), r"(?:hydro|hemo|haemo)pneumothora(?:x|ces)"),
+    _M(("pneumothorax",), r"pneumothora(?:x|ces)|\bptx\b"),
+    _M(("pleural_effusion",), _alt(
+        r"(?:pleural )?(?<!pericardial )(?<!joint )effusions?",
+        r"pleural fluid",
+        r"fluid in the (?:pleural|\w+ fissure)",
+        r"(?:hydro|hemo|haemo)thorax",
+        r"empyema",
+    )),
+    _M(("pleural_other",), _alt(
+        r"pleural (?:thickening|plaques?|calcifications?|scarring|fibrosis|reaction)",
+        r"thickening of the pleura",
+        r"pleuro-?parenchymal (?:scarring|thickening|irregularit\w+)",
+        r"fibrothorax",
+        r"apical (?:pleural )?cap(?:s|ping)?",
+        r"(?<!cystic )\bfibros[ie]s\b|\bfibrotic\b",
+    )),
+    # --- devices (before the lungs: a "chest tube" is nothing else) -----------------------------
+    _M(("endotracheal_tube", _DEV), r"endotracheal(?: tube)?|\bet tube|\bett\b|\bet\b(?= tip)"),
+    _M(("chest_tube", _DEV), _alt(
+        r"chest tubes?",
+        r"thoracostomy tubes?",
+        r"pleural (?:drain(?:age)?|catheter|tube)(?: catheter)?s?",
+        r"pigtail(?: catheter| drain)?s?",
+        r"(?:chest|pleural) drains?",
+    )),
+    _M(("pacemaker", _DEV), _alt(
+        r"pacemakers?|\bpacers?\b|\ba?icds?\b|defibrillators?",
+        r"pacing (?:wires?|leads?|device)",
+        r"(?:biventricular|dual[- ]chamber) (?:pacer|device)",
+        r"cardiac (?:\w+ )?(?:generator|device)|\bgenerators?\b",
+    )),
+    _M(("central_line", _DEV), _alt(
+        r"central (?:venous )?(?:line|catheter)s?|\bcvc\b|\bpicc\b(?: line)?s?",
+        r"peripherally inserted central (?:venous )?catheter",
+        r"port-?a-?cath|\b(?:medi|power)?port\b",
+        r"(?:internal jugular|\bij\b|subclavian|jugular|femoral|brachiocephalic)\b[\w -]{0,25}?"
+        r"\b(?:line|catheter|port)s?\b",
+        r"(?:venous|(?:hemo)?dialysis|swan[- ]ganz|pulmonary artery|(?:triple|dual|double)[- ]lumen"
+        r"|tunnel(?:l)?ed|indwelling|vascular) catheters?",
+        r"\bcatheters?\b",
+        r"(?:venous|arterial|dialysis|picc|central|swan[- ]ganz) lines?",
+    )),
+    _M((_DEV,), _alt(
+        r"tracheostomy(?: tube)?|\btrach\b",
+        r"(?:nasogastric|orogastric|feeding|enteric|gastric|dobb?hoff|\bng|\bog|gastrostomy"
+        r"|nephrostomy|drainage) tubes?|\bngt\b",
+        r"lines and tubes|tubes and lines|support (?:lines|devices)",
+        r"(?:prosthetic|artificial|mechanical|bioprosthetic) (?:\w+ )?valves?",
+        r"valve (?:replacement|prosthes[ie]s)",
+        r"(?:ekg|ecg|monitor(?:ing)?|telemetry|electrocardiogram) "
+        r"(?:leads?|wires?|electrodes?|devices?)",
+        r"\bleads?\b(?! to)|\bdevices?\b|stimulators?|occluders?",
+        # "... tip projects over the SVC": the tip of some tube or line
+        r"\btip (?=(?:\w+ )?(?:project|overl|terminat|in |at |is |near |approximat|extend|lies"
+        r"|lying|reach))",
+    )),
+    # --- heart and mediastinum -----------------------------------------------------------------
+    _M(("cardiomegaly",),
+       r"cardiomegaly|cardiac enlargement|enlargement of the (?:heart|cardiac \w+)"),
+    _M(("enlarged_cardiomediastinum",), _alt(
+        r"widen(?:ed|ing) (?:of the )?(?:superior )?mediastin(?:um|al \w+)",
+        r"mediastinal (?:widening|enlargement)|cardiomediastinal enlargement",
+    )),
+    # --- edema (before opacity) ---------------------------------------------------------------
+    _M(("edema", _OPA), r"(?<!soft tissue )(?<!laryngeal )(?<!subcutaneous )\bedema(?:tous)?\b"),
+    _M(("edema",), _alt(
+        r"(?:vascular|venous|pulmonary) (?:congestion|engorgement|prominence|indistinctness"
+        r"|redistribution)",
+        r"(?:congestive )?(?:heart|cardiac) failure|\bchf\b|(?:fluid|volume) overload",
+        r"cephalization|kerley|engorged (?:pulmonary )?vessels",
+    )),
+    # --- parenchyma ---------------------------------------------------------------------------
     # Airspace (alveolar) disease is consolidation by definition (Fleischner glossary).
-    MentionRule(("consolidation", _OPA),
-                r"consolidat(?:ion|ions|ive|ed|ing)|air[ -]?space (?:disease|process|opacit(?:y|ies)|filling)"
-                r"|alveolar (?:opacit(?:y|ies)|filling|infiltrates?)"),
-    MentionRule(("atelectasis", _OPA),
-                r"atelecta(?:sis|ses|tic)|(?:lobar|lobe|lung|segmental) collapse|collapsed? (?:of the )?(?:\w+ ){0,4}(?:lobes?|lungs?)\b"),
-    MentionRule(("pneumonia",),
-                r"(?:broncho)?pneumonia[s]?|pneumonitis|infectio(?:n|us)(?: process)?|\bbronchiolitis\b"),
-    MentionRule(("nodule", "lung_lesion", _OPA), r"nodular (?:opacit(?:y|ies)|infiltrates?)"),
-    MentionRule(("nodule", "lung_lesion"), r"nodul(?:e|es|ar|arity)\b|micronodul\w+"),
-    MentionRule(("mass", "lung_lesion"), r"(?<!thyroid )(?<!breast )(?<!neck )\bmass(?:es)?\b(?! effect)"),
-    MentionRule(("lung_lesion",),
-                r"\btumou?rs?\b|neoplasms?|carcinoma|malignan(?:cy|cies|t)|metasta(?:sis|ses|tic)"
-                r"|(?<!lytic )(?<!sclerotic )(?<!blastic )(?<!bone )(?<!osseous )(?<!bony )(?<!skin )lesions?\b"),
-    MentionRule((_OPA,),
-                r"(?<!paratracheal )(?<!mediastinal )(?<!soft tissue )(?<!breast )(?<!nipple )"
-                r"opaci(?:ty|ties|fication|fications|fied)|infiltrat(?:e|es|ion|ive)"
-                r"|ground[- ]glass|(?:airspace|parenchymal|alveolar) densit(?:y|ies)"
-                r"|haziness"),
-    # --- bones ----------------------------------------------------------------------------
-    MentionRule(("fracture",), r"fractur(?:e|es|ed)|\bfx\b"),
+    _M(("consolidation", _OPA), _alt(
+        r"consolidat(?:ion|ions|ive|ed|ing)",
+        r"air[ -]?space (?:disease|process|opacit(?:y|ies)|filling)",
+        r"alveolar (?:opacit(?:y|ies)|filling|infiltrates?)",
+    )),
+    _M(("atelectasis", _OPA), _alt(
+        r"atelecta(?:sis|ses|tic)",
+        r"(?:lobar|lobe|lung|segmental) collapse",
+        r"collapsed? (?:of the )?(?:\w+ ){0,4}(?:lobes?|lungs?)\b",
+    )),
+    _M(("pneumonia",),
+       r"(?:broncho)?pneumonias?|pneumonitis|infectio(?:n|us)(?: process)?|\bbronchiolitis\b"),
+    _M(("nodule", "lung_lesion", _OPA), r"nodular (?:opacit(?:y|ies)|infiltrates?)"),
+    _M(("nodule", "lung_lesion"), r"nodul(?:e|es|ar|arity)\b|micronodul\w+"),
+    _M(("mass", "lung_lesion"), r"(?<!thyroid )(?<!breast )(?<!neck )\bmass(?:es)?\b(?! effect)"),
+    _M(("lung_lesion",), _alt(
+        r"\btumou?rs?\b|neoplasms?|carcinoma|malignan(?:cy|cies|t)|metasta(?:sis|ses|tic)",
+        r"(?<!lytic )(?<!sclerotic )(?<!blastic )(?<!bone )(?<!osseous )(?<!bony )(?<!skin )"
+        r"lesions?\b",
+    )),
+    _M((_OPA,), _alt(
+        r"(?<!paratracheal )(?<!mediastinal )(?<!soft tissue )(?<!breast )(?<!nipple )"
+        r"opaci(?:ty|ties|fication|fications|fied)",
+        r"infiltrat(?:e|es|ion|ive)",
+        r"ground[- ]glass|(?:airspace|parenchymal|alveolar) densit(?:y|ies)|haziness",
+    )),
+    # --- bones --------------------------------------------------------------------------------
+    _M(("fracture",), r"fractur(?:e|es|ed)|\bfx\b"),
 )
 
-_SIZE_NORMAL = (
-    r"not (?:\w+ )?(?:enlarged|widened|increased|large|wide)|normal|within (?:the )?(?:\w+ )?limits"
-    r"|unremarkable|no (?:enlargement|widening)|negative|upper limits? of normal|top normal"
+_SIZE_NORMAL = _alt(
+    r"not (?:\w+ )?(?:enlarged|widened|increased|large|wide)",
+    r"normal|within (?:the )?(?:\w+ )?limits|unremarkable|negative",
+    r"no (?:enlargement|widening)",
+    r"upper limits? of normal|top normal",
 )
 
 ATTRIBUTE_RULES: tuple[AttributeRule, ...] = (
     AttributeRule(
         ("enlarged_cardiomediastinum", "cardiomegaly"),
-        r"cardio ?mediastinal (?:silhouettes?|contours?|size|shadow|structures)|cardiomediastinum"
-        r"|cardiopericardial silhouette|cardiac (?:and|,) mediastinal (?:contours?|silhouettes?)",
+        _alt(r"cardio ?mediastinal (?:silhouettes?|contours?|size|shadow|structures)",
+             r"cardiomediastinum|cardiopericardial silhouette",
+             r"cardiac (?:and|,) mediastinal (?:contours?|silhouettes?)"),
         abnormal=r"(?:\w+ly )?enlarge(?:d|ment)|widen(?:ed|ing)|large|increased",
         normal=_SIZE_NORMAL,
         borderline=r"borderline|prominen(?:t|ce)",
@@ -167,15 +215,17 @@ ATTRIBUTE_RULES: tuple[AttributeRule, ...] = (
     ),
     AttributeRule(
         ("cardiomegaly",),
-        r"heart(?! failure| border)(?: size| silhouette| shadow| contours?)?"
-        r"|cardiac (?:size|silhouettes?|shadow|contours?|diameter|dimensions?)",
+        _alt(r"heart(?! failure| border)(?: size| silhouette| shadow| contours?)?",
+             r"cardiac (?:size|silhouettes?|shadow|contours?|diameter|dimensions?)"),
         abnormal=r"(?:\w+ly )?enlarge(?:d|ment)|\blarge\b|increased|cardiomegaly",
         normal=_SIZE_NORMAL,
         borderline=r"borderline|prominen(?:t|ce)",
     ),
     AttributeRule(
         ("enlarged_cardiomediastinum",),
-        r"mediastinum|(?:superior )?mediastinal (?:contours?|silhouettes?|width|shadow|structures|configuration)",
+        _alt(r"mediastinum",
+             r"(?:superior )?mediastinal (?:contours?|silhouettes?|width|shadow|structures"
+             r"|configuration)"),
         abnormal=r"(?:\w+ly )?widen(?:ed|ing)|enlarge(?:d|ment)|\bwide\b",
         normal=_SIZE_NORMAL,
         borderline=r"prominen(?:t|ce)|fullness",
@@ -183,17 +233,21 @@ ATTRIBUTE_RULES: tuple[AttributeRule, ...] = (
     AttributeRule(
         ("edema",),
         r"(?:pulmonary |central )?vascula(?:rity|ture)|pulmonary vessels|vascular markings",
-        abnormal=r"engorged|congest(?:ed|ion)|prominen(?:t|ce)|increased|accentuat(?:ed|ion)|indistinct|cephaliz\w+",
-        normal=r"not (?:\w+ )?(?:engorged|congested|prominent|increased)|normal|within (?:the )?(?:\w+ )?limits"
-        r"|unremarkable",
+        abnormal=_alt(r"engorged|congest(?:ed|ion)|prominen(?:t|ce)|increased",
+                      r"accentuat(?:ed|ion)|indistinct|cephaliz\w+"),
+        normal=_alt(r"not (?:\w+ )?(?:engorged|congested|prominent|increased)",
+                    r"normal|within (?:the )?(?:\w+ )?limits|unremarkable"),
     ),
     AttributeRule(
         ("pleural_effusion",),
         r"(?:costophrenic|cp) (?:angles?|sulc(?:us|i)|recess(?:es)?)|costophrenic",
         normal=r"clear|sharp|normal|preserved|free",
     ),
-    AttributeRule((_OPA,), r"\blungs?\b(?! (?:volumes?|bases?|apex|apices|zones?|fields?|nodules?|mass))",
-                  normal=r"\bclear\b"),
+    AttributeRule(
+        (_OPA,),
+        r"\blungs?\b(?! (?:volumes?|bases?|apex|apices|zones?|fields?|nodules?|mass))",
+        normal=r"\bclear\b",
+    ),
 )
 
 # ---------------------------------------------------------------------------------------
@@ -201,70 +255,85 @@ ATTRIBUTE_RULES: tuple[AttributeRule, ...] = (
 # mentions before them (back to the previous comma or clause break).
 
 # Hedged negations: negation words that in fact express doubt. Checked before negation.
-HEDGE_PRE = (
-    r"(?:cannot|can ?not|can't|could not|couldn't|does not|not) (?:be )?(?:entirely |completely |totally )?"
-    r"(?:exclude|excluded|rule out|ruled out)|difficult to (?:entirely )?exclude"
-    r"|not (?:entirely |completely )?excluded|question of|rule out|\br/o\b|evaluate for|eval for|assess(?:ment)? for"
+HEDGE_PRE = _alt(
+    r"(?:cannot|can ?not|can't|could not|couldn't|does not|not) (?:be )?"
+    r"(?:entirely |completely |totally )?(?:exclude|excluded|rule out|ruled out)",
+    r"difficult to (?:entirely )?exclude|not (?:entirely |completely )?excluded",
+    r"question of|rule out|\br/o\b|evaluate for|eval for|assess(?:ment)? for",
 )
-HEDGE_POST = (
-    r"(?:cannot|can ?not|can't|could not|not) (?:be )?(?:entirely |completely |totally |definitely )?"
-    r"(?:excluded|ruled out|exclude)|difficult to (?:entirely )?exclude|is not excluded"
+HEDGE_POST = _alt(
+    r"(?:cannot|can ?not|can't|could not|not) (?:be )?(?:entirely |completely |totally "
+    r"|definitely )?(?:excluded|ruled out|exclude)",
+    r"difficult to (?:entirely )?exclude|is not excluded",
 )
 
 # Phrases with a negation word that do not negate what follows.
-PSEUDO_NEGATION = (
-    r"no (?:significant |appreciable |substantial |definite |major |marked |gross )?(?:interval )?"
-    r"(?:change|increase|decrease|worsening|improvement|progression|difference)"
-    r"|not (?:only|significantly (?:changed|different))|no longer (?:present|seen|visible|visualized|evident|identified)"
-    r"|without (?:significant |appreciable )?(?:interval )?(?:change|increase|decrease)"
+PSEUDO_NEGATION = _alt(
+    r"no (?:significant |appreciable |substantial |definite |major |marked |gross )?"
+    r"(?:interval )?(?:change|increase|decrease|worsening|improvement|progression|difference)",
+    r"not (?:only|significantly (?:changed|different))",
+    r"without (?:significant |appreciable )?(?:interval )?(?:change|increase|decrease)",
 )
 
-NEGATION_PRE = (
-    r"\bno\b|\bnot\b|\bnor\b|\bwithout\b|\bnegative for\b|\bfree of\b|\bclear of\b|\babsence of\b|\babsent\b"
-    r"|\bresolution of\b|\bresolved\b|\bremoval of\b|\bremoved\b|\bno longer\b|\bnever\b|\bdenies\b"
-    r"|\bfails? to (?:show|demonstrate|reveal)\b|\bdoes not (?:show|demonstrate|reveal)\b"
+NEGATION_PRE = _alt(
+    r"\bno\b|\bnot\b|\bnor\b|\bwithout\b|\bnegative for\b|\bfree of\b|\bclear of\b",
+    r"\babsence of\b|\babsent\b|\bresolution of\b|\bresolved\b|\bremoval of\b|\bremoved\b",
+    r"\bno longer\b|\bnever\b|\bdenies\b",
+    r"\bfails? to (?:show|demonstrate|reveal)\b|\bdoes not (?:show|demonstrate|reveal)\b",
 )
-NEGATION_POST = (
-    r"(?:is|are|was|were|has been|have been)? ?not (?:\w+ )?(?:seen|identified|visualized|visible|present|demonstrated"
-    r"|appreciated|evident|noted|detected|observed|apparent|shown)"
-    r"|(?<!not )(?:(?:has|have|had) )?(?:since |now |interval(?:ly)? )?(?:resolved|cleared|disappeared)"
-    r"|(?:has|have) been removed|(?:was|were|is|are) removed|(?:is|are|was|were) absent"
-    r"|no longer (?:seen|present|visible|visualized|evident|identified)"
-    r"|(?:is|are|appears?|remains?) (?:\w+ )?(?:normal|within (?:the )?(?:\w+ )?limits)|within (?:the )?limits of normal"
+NEGATION_POST = _alt(
+    r"(?:is|are|was|were|has been|have been)? ?not (?:\w+ )?(?:seen|identified|visualized|visible"
+    r"|present|demonstrated|appreciated|evident|noted|detected|observed|apparent|shown)",
+    r"(?<!not )(?:(?:has|have|had) )?(?:since |now |interval(?:ly)? )?"
+    r"(?:resolved|cleared|disappeared)",
+    r"(?:has|have) been removed|(?:was|were|is|are) removed|(?:is|are|was|were) absent",
+    r"no longer (?:seen|present|visible|visualized|evident|identified)",
+    r"(?:is|are|appears?|remains?) (?:\w+ )?(?:normal|within (?:the )?(?:\w+ )?limits)",
+    r"within (?:the )?limits of normal",
 )
 
-UNCERTAINTY_PRE = (
-    r"\bpossibl[ey]\b|\bprobabl[ey]\b|\blikely\b|\bunlikely\b|\bmay\b|\bmight\b|\bcould\b|\bsuspicio(?:us|n) (?:for|of)\b"
-    r"|\bsuspect(?:ed)?\b|\bconcern(?:ing)? (?:for|of)\b|\bquestionabl[ey]\b|\bquestioned\b|\bequivocal\b"
-    r"|\bindeterminate\b|\bborderline\b|\bsuggest(?:s|ed|ing|ive|ion)?(?: of)?\b|\bfavou?r(?:s|ed|ing)?\b|\bversus\b|\bvs\.?(?=\s)|\bdifferential\b"
-    r"|\bpresum(?:ed|ably|ptive)\b|\bperhaps\b|\beither\b|\bconsider(?:ed)?\b"
-    r"|\bnot (?:entirely |completely )?(?:certain|clear)\b|\buncertain\b|\bquestion\b"
+UNCERTAINTY_PRE = _alt(
+    r"\bpossibl[ey]\b|\bprobabl[ey]\b|\blikely\b|\bunlikely\b|\bmay\b|\bmight\b|\bcould\b",
+    r"\bsuspicio(?:us|n) (?:for|of)\b|\bsuspect(?:ed)?\b|\bconcern(?:ing)? (?:for|of)\b",
+    r"\bquestionabl[ey]\b|\bquestioned\b|\bquestion\b|\bequivocal\b|\bindeterminate\b",
+    r"\bborderline\b|\bsuggest(?:s|ed|ing|ive|ion)?(?: of)?\b|\bfavou?r(?:s|ed|ing)?\b",
+    r"\bversus\b|\bvs\.?(?=\s)|\bdifferential\b|\bpresum(?:ed|ably|ptive)\b|\bperhaps\b",
+    r"\beither\b|\bconsider(?:ed)?\b|\bnot (?:entirely |completely )?(?:certain|clear)\b",
+    r"\buncertain\b",
 )
-UNCERTAINTY_POST = (
-    r"(?:is|are|may be|might be|could be) (?:also )?(?:possible|suspected|questioned|likely|probable)"
-    r"|(?:may|might|could) (?:be )?(?:present|exist)|\bversus\b|\bvs\.?(?=\s)|\?"
+UNCERTAINTY_POST = _alt(
+    r"(?:is|are|may be|might be|could be) (?:also )?(?:possible|suspected|questioned|likely"
+    r"|probable)",
+    r"(?:may|might|could) (?:be )?(?:present|exist)",
+    r"\bversus\b|\bvs\.?(?=\s)|\?",
 )
 
 # Where a cue's reach ends inside a sentence.
-SCOPE_END = (
-    r";|:|\bbut\b|\bhowever\b|\balthough\b|\bthough\b|\bexcept\b|\bapart from\b|\baside from\b|\bother than\b"
-    r"|\bwhich\b|\bwhereas\b|\bwhile\b|\byet\b|\bwith the exception\b|,\s*(?=(?:there|the|this|these|it|with)\b)"
-    r"|\band (?=(?:there|the|it)\b)"
+SCOPE_END = _alt(
+    r";|:|\bbut\b|\bhowever\b|\balthough\b|\bthough\b|\bexcept\b|\bwhereas\b|\bwhile\b|\byet\b",
+    r"\bapart from\b|\baside from\b|\bother than\b|\bwhich\b|\bwith the exception\b",
+    r",\s*(?=(?:there|the|this|these|it|with)\b)",
+    r"\band (?=(?:there|the|it)\b)",
 )
 # Where a negation's reach ends but doubt carries on: "no effusion, consistent with ..." vs
 # "may be due to infection or heart failure".
-NEGATION_END = r"\bconsistent with\b|\bcompatible with\b|\bsecondary to\b|\bdue to\b|\bin keeping with\b"
+NEGATION_END = _alt(
+    r"\bconsistent with\b|\bcompatible with\b|\bin keeping with\b",
+    r"\bsecondary to\b|\bdue to\b",
+)
 
 # ---------------------------------------------------------------------------------------
 # Laterality, location and severity.
 
+# "right atrium", "left ventricle", "right heart border" name anatomy, not a side.
+_NOT_A_SIDE = r"(?! (?:atri|ventric|heart|hemidiaphragm))"
 LATERALITY_CUES: tuple[tuple[str, str], ...] = (
-    (r"(?:right|left) (?:greater|larger|more|worse) than (?:right|left)|\bbilateral(?:ly)?\b|\bbibasi?l?ar\b"
-     r"|\bbibasal\b|\bbiapical\b|\bboth (?:lungs?|sides|bases|hemithora(?:x|ces)|lower lobes|upper lobes|apices)\b"
-     r"|\bbilaterally\b|\bbilateral(?:ly)?\b", "bilateral"),
-    # "right atrium", "left ventricle", "right heart border" name anatomy, not a side.
-    (r"\bright(?:-sided| sided)?\b(?! (?:atri|ventric|heart|hemidiaphragm))", "right"),
-    (r"\bleft(?:-sided| sided)?\b(?! (?:atri|ventric|heart|hemidiaphragm))|\blingula\w*", "left"),
+    (_alt(r"(?:right|left) (?:greater|larger|more|worse) than (?:right|left)",
+          r"\bbilateral(?:ly)?\b|\bbibasi?l?ar\b|\bbibasal\b|\bbiapical\b",
+          r"\bboth (?:lungs?|sides|bases|hemithora(?:x|ces)|lower lobes|upper lobes|apices)\b"),
+     "bilateral"),
+    (r"\bright(?:-sided| sided)?\b" + _NOT_A_SIDE, "right"),
+    (r"\bleft(?:-sided| sided)?\b" + _NOT_A_SIDE + r"|\blingula\w*", "left"),
 )
 
 LOCATION_CUES: tuple[tuple[str, str], ...] = (
@@ -305,12 +374,13 @@ IU_REFERENCE_TERMS: dict[str, tuple[str, ...]] = {
                      "Pulmonary Atelectasis", "Pulmonary Edema"),
     "lung_lesion": ("Nodule", "Mass"),
     # Clips, sutures, stents and foreign bodies are not support devices.
-    "support_devices": ("Catheters, Indwelling", "Tube, Inserted", "Implanted Medical Device", "Medical Device"),
+    "support_devices": ("Catheters, Indwelling", "Tube, Inserted", "Implanted Medical Device",
+                        "Medical Device"),
 }
 # An "Opacity" entry with one of these qualifiers is not in the lung.
 IU_NON_LUNG_QUALIFIERS = frozenset(
-    {"ribs", "clavicle", "mediastinum", "heart", "pleura", "supracardiac", "paratracheal", "thorax", "spine",
-     "breast", "abdomen", "shoulder", "thoracic vertebrae"}
+    {"ribs", "clavicle", "mediastinum", "heart", "pleura", "supracardiac", "paratracheal", "thorax",
+     "spine", "breast", "abdomen", "shoulder", "thoracic vertebrae"}
 )
 
 
@@ -329,3 +399,46 @@ def iu_reference_labels(mesh: str) -> dict[str, int]:
                 continue
             out[name] = 1
     return out
+
+
+@dataclass
+class LabelAgreement:
+    """Per-class precision / recall / F1 of predicted against reference 0/1 labels."""
+
+    per_class: dict[str, dict[str, float]]  # name -> precision, recall, f1, support, predicted
+    macro_f1: float  # mean F1 over classes with reference or predicted positives
+    micro_f1: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"per_class": self.per_class, "macro_f1": self.macro_f1, "micro_f1": self.micro_f1}
+
+
+def compare_labels(pred: Iterable[dict[str, int]], ref: Iterable[dict[str, int]],
+                   classes: Iterable[str] = CHEXPERT_14) -> LabelAgreement:
+    """Agreement of binary labels (1 = positive, anything else = not), class by class.
+
+    This is the CheXpert-label F1 of report-generation papers when ``pred`` comes from
+    generated reports and ``ref`` from the reference reports.
+    """
+    pred, ref, classes = list(pred), list(ref), list(classes)
+    if len(pred) != len(ref):
+        raise ValueError(f"{len(pred)} predicted label sets for {len(ref)} references")
+    counts = {c: [0, 0, 0] for c in classes}  # tp, fp, fn
+    for p, r in zip(pred, ref):
+        for c in classes:
+            yp, yr = p.get(c) == POSITIVE, r.get(c) == POSITIVE
+            counts[c][0] += yp and yr
+            counts[c][1] += yp and not yr
+            counts[c][2] += yr and not yp
+    per_class = {c: _prf(*counts[c]) for c in classes}
+    scored = [v["f1"] for c, v in per_class.items() if sum(counts[c]) > 0]
+    micro = _prf(*(sum(counts[c][i] for c in classes) for i in range(3)))
+    return LabelAgreement(per_class, sum(scored) / len(scored) if scored else 0.0, micro["f1"])
+
+
+def _prf(tp: int, fp: int, fn: int) -> dict[str, float]:
+    p = tp / (tp + fp) if tp + fp else 0.0
+    r = tp / (tp + fn) if tp + fn else 0.0
+    f = 2 * p * r / (p + r) if p + r else 0.0
+    return {"precision": p, "recall": r, "f1": f, "support": tp + fn, "predicted": tp + fp}
+
