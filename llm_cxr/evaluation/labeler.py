@@ -12,7 +12,9 @@ radiology reports", AMIA 2018 Informatics Summit), without a parser:
    ("cannot be excluded") makes it uncertain; otherwise the nearest cue before it inside its
    clause decides (``no``, ``without`` reach across a comma-separated list; a clause ends at
    "but", "however", ";", ", there is", ...); then a cue after it ("is not seen",
-   "has resolved", "may be present") up to the next comma.
+   "has resolved", "may be present") up to the next comma, or over a whole coordinated list
+   ("consolidation, effusion and pneumothorax are not seen"). A doubt word inside a
+   negation's reach ("no opacity to suggest pneumonia") negates.
 3. *Aggregation* per label: positive if any mention is positive, else uncertain if any is
    uncertain, else negative if any is negative, else not mentioned. ``no_finding`` is
    positive when no pathology (every class except support devices) is positive or
