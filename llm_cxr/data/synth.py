@@ -105,9 +105,11 @@ class SynthConfig:
     Each study is normal (no pathology; devices may still be present) with probability
     ``normal_fraction``; otherwise it has 1, 2 or 3 distinct pathologies with probabilities
     ``n_pathologies_probs``, picked in proportion to ``pathology_weights``. The prevalence
-    of a pathology is thus about ``(1 - normal_fraction) * E[k] * w / sum(w)`` (~8-14%
-    with the defaults). Devices appear at ``device_rates`` (about 20% of studies have one),
-    modified by ``correlations``.
+    of a pathology is thus about ``(1 - normal_fraction) * E[k] * w / sum(w)`` (6-17% with
+    the defaults; measured in ``benchmarks/results/synth.md``). Devices appear at
+    ``device_rates`` (about 20% of studies have one), modified by ``correlations``. Names
+    left out of ``pathology_weights`` / ``device_rates`` get 0: ``{"nodule": 1.0}`` means
+    nodules only.
     """
 
     size: int = 128
@@ -133,7 +135,8 @@ class SynthConfig:
         self.correlations = [c if isinstance(c, Correlation) else
                              Correlation(**c) if isinstance(c, dict) else Correlation(*c) for c in self.correlations]
         if not float(self.images_per_patient) >= 1.0:
-            raise ConfigError(f"images_per_patient must be >= 1, got {self.images_per_patient!r}")
+            raise ConfigError(f"images_per_patient (--images-per-patient) must be >= 1, "
+                              f"got {self.images_per_patient!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
