@@ -337,6 +337,15 @@ def test_recovers_synthetic_ground_truth():
     assert lat_n > 100 and lat_ok / lat_n >= 0.99
 
 
+def test_reads_generated_studies():
+    synth = pytest.importorskip("llm_cxr.data.synth")
+    cfg = synth.SynthConfig(size=64, normal_fraction=0.2)
+    for i in range(30):
+        study = synth.generate_study(np.random.default_rng([99, i]), cfg)
+        assert label_report(study.report).positive_findings() == {f.name for f in study.findings}, \
+            study.report
+
+
 # --- real reports (IU X-ray) ----------------------------------------------------------------
 
 
