@@ -87,8 +87,9 @@ def test_taming_checkpoint_loads_strictly_and_drops_loss(tmp_path):
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     assert torch.equal(loaded.encode(x), src.encode(x))
     out = loaded.save_pretrained(tmp_path / "ours")
-    again = VQGAN.from_pretrained(out)
-    assert torch.equal(again.decode(again.encode(x)), src.decode(src.encode(x)))
+    again = VQGAN.from_pretrained(out)  # channels-last layout: same codes, same images up to rounding
+    assert torch.equal(again.encode(x), src.encode(x))
+    assert torch.allclose(again.decode(again.encode(x)), src.decode(src.encode(x)), atol=1e-5)
 
 
 def test_rgb_checkpoint_into_grayscale_model(tmp_path):

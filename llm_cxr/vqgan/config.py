@@ -108,14 +108,15 @@ class VQGANConfig:
         return cls.from_dict(d, source=str(path))
 
 
-# Presets (issue: tiny and small train on a 2-core CPU; llm-cxr-256 is the published model).
+# Presets: tiny and small train on a 2-core CPU; llm-cxr-256 is the published model. All use
+# taming's 32 GroupNorm groups, so taming's own code can load every preset's checkpoints.
 PRESETS: dict[str, VQGANConfig] = {
     # 64 px, f=8 -> 8x8 = 64 codes
     "tiny": VQGANConfig(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(), z_channels=64,
-                        resolution=64, n_embed=256, embed_dim=32, norm_groups=16),
+                        resolution=64, n_embed=256, embed_dim=32, norm_groups=32),
     # 128 px, f=8 -> 16x16 = 256 codes, like LLM-CXR's 256 image tokens
     "small": VQGANConfig(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(), z_channels=64,
-                         resolution=128, n_embed=512, embed_dim=32, norm_groups=16),
+                         resolution=128, n_embed=512, embed_dim=32, norm_groups=32),
     # LLM-CXR's published architecture: taming's ImageNet f16-1024 config, 256 px, 16x16 codes, RGB
     "llm-cxr-256": VQGANConfig(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,),
                                z_channels=256, resolution=256, in_channels=3, out_ch=3, n_embed=1024,

@@ -67,7 +67,8 @@ class VQGAN(nn.Module):
         x = self.to_tensor(images) if not isinstance(images, torch.Tensor) else images
         self._check_input(x)
         with torch.inference_mode():
-            h = self.quant_conv(self.encoder(x.to(self.device, self.quant_conv.weight.dtype)))
+            x = x.to(self.device, self.quant_conv.weight.dtype).contiguous(memory_format=self._memory_format)
+            h = self.quant_conv(self.encoder(x))
             b, d, gh, gw = h.shape
             with torch.autocast(device_type=h.device.type, enabled=False):
                 return self.quantize.nearest(h.permute(0, 2, 3, 1).reshape(-1, d).float()).view(b, gh, gw)
@@ -84,7 +85,20 @@ class VQGAN(nn.Module):
             raise InputError(f"codes must have shape (B, {g}, {g}) or (B, {g * g}); got {tuple(codes.shape)}")
         with torch.inference_mode():
             z = self.quantize.lookup(codes.to(self.device)).to(self.quant_conv.weight.dtype)
-            return self.decoder(self.post_quant_conv(z)).clamp(-1, 1)
+            z = z.contiguous(memory_format=self._memory_format)
+            return self.decoder(self.post_quant_conv(z)).clamp(-1, 1).contiguous()
+
+    _channels_last = False
+
+    @property
+    def _memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self._channels_last else torch.contiguous_format
+
+    def channels_last(self) -> "VQGAN":
+        """Use the channels-last layout for inference: faster convolutions on CPUs (oneDNN) and GPUs;
+        results agree with the default layout up to float rounding (about 1e-6)."""
+        self._channels_last = True
+        return self.to(memory_format=torch.channels_last)
 
     def _check_input(self, x: torch.Tensor) -> None:
         c, r = self.config.in_channels, self.config.resolution
@@ -148,7 +162,7 @@ class VQGAN(nn.Module):
                                   f"(train one with `llm-cxr vqgan train` or convert one with `llm-cxr vqgan import-taming`)")
         model = cls(VQGANConfig.load(path / CONFIG_FILE))
         load_state_dict_checked(model, load_file(str(path / WEIGHTS_FILE)), source=str(path / WEIGHTS_FILE))
-        return model.to(device).eval()
+        return model.to(device).channels_last().eval()
 
 
 def load_state_dict_checked(model: nn.Module, state: StateDict, source: str,
