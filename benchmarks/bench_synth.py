@@ -110,6 +110,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="fewer images (a smoke run)")
     args = ap.parse_args()
     q = 0.2 if args.quick else 1.0
+    load_before = os.getloadavg()[0]  # the machine may be shared: say how busy it was
     per_size = {64: 600, 128: 400, 256: 120, 512: 30}
     speed = [study_speed(s, max(5, int(k * q))) for s, k in per_size.items()]
     e2e = [dataset_speed(max(20, int(300 * q)), w) for w in (1, 2)]
@@ -118,11 +119,14 @@ def main() -> int:
     target = next(r for r in speed if r["size_px"] == 128)["images_per_s_best"]
     notes = (f"generate_study at 128 px: {target:.0f} images/s on one core (target >= 200). "
              f"End-to-end includes PNG encoding of image and masks and the Arrow write; workers=2 "
-             f"uses a spawn pool, so on a small dataset its start-up cost shows.")
+             f"uses a spawn pool, so on a small dataset its start-up cost shows. Load average "
+             f"{load_before:.1f} before / {os.getloadavg()[0]:.1f} after the run (other jobs "
+             f"on the machine slow the numbers down).")
     write_results(
         "synth", "Synthetic chest X-ray generator",
         {"generate_study": speed, "generate_dataset": e2e, "finding_mix": mix, "prevalence": prevalence,
-         "mask_checks": checks, "target_images_per_s_128": 200, "meets_target": target >= 200},
+         "mask_checks": checks, "target_images_per_s_128": 200, "meets_target": target >= 200,
+         "load_average_before": load_before, "load_average_after": os.getloadavg()[0]},
         [("generate_study, one core", speed), ("generate_dataset end to end (128 px)", e2e),
          ("Default finding mix", [mix]), ("Prevalence per finding (default config)", prevalence),
          ("Ground-truth checks on rendered masks", [checks])],
