@@ -175,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=600, help="synthetic images (default 600)")
     p.add_argument("--size", type=int, default=128, help="image size (default 128)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--vqgan-steps", type=int, default=600, help="training steps of the tiny VQ-GAN (default 600)")
     p.add_argument("--fresh", action="store_true", help="ignore cached results and redo everything")
     p.set_defaults(func=_cmd_demo)
     return parser
@@ -348,7 +349,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from llm_cxr.demo import DemoConfig, run_demo
 
     summary = run_demo(DemoConfig(out=args.out, n=args.n, size=args.size, seed=args.seed,
-                                  fresh=args.fresh, progress=not args.quiet))
+                                  fresh=args.fresh, progress=not args.quiet, vqgan_steps=args.vqgan_steps))
     print(f"demo finished in {summary['seconds_total']:.1f} s: open {args.out / 'index.html'}")
     return 0
 

@@ -5,8 +5,9 @@ run reuses them and only rewrites the page. Results go to ``OUT/summary.json`` (
 machines) and ``OUT/index.html`` (for people).
 
 Steps so far: synthesise a dataset with ground truth; read every report back with the
-rule-based labeler and score it against the planted findings; write the page. Later
-capabilities (VQ-GAN, language model, generation, explanations) join as further stages.
+rule-based labeler and score it against the planted findings; train the ``tiny`` VQ-GAN and
+measure its reconstructions of the test split; write the page. Later capabilities (language
+model, generation, explanations) join as further stages.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class DemoConfig:
     seed: int = 0
     fresh: bool = False
     progress: bool = True
+    vqgan_steps: int = 600
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -77,6 +79,40 @@ def _stage_labeler(stages: Stages, cfg: DemoConfig, data_dir: Path):
     return stages.run("labeler", fp, build)
 
 
+def _stage_vqgan(stages: Stages, cfg: DemoConfig, data_dir: Path):
+    """Train the tiny VQ-GAN on the demo data and measure its test-split reconstructions."""
+    import torch
+
+    from llm_cxr import vqgan
+    from llm_cxr.data.dataset import load_dataset
+    from llm_cxr.vqgan import VQGAN
+    from llm_cxr.vqgan.data import ImageTensorDataset, to_unit_range
+    from llm_cxr.vqgan.metrics import psnr, ssim
+    from llm_cxr.vqgan.train import load_train_config, train_vqgan
+
+    fp = {"synth": stages.results["synth"].info, "steps": cfg.vqgan_steps, "seed": cfg.seed,
+          "code": code_hash(vqgan.model, vqgan.modules, vqgan.quantize, vqgan.train, vqgan.losses)}
+
+    def build(tmp: Path) -> dict[str, Any]:
+        run = train_vqgan(load_train_config("tiny", data=str(data_dir), out=str(tmp / "run"), steps=cfg.vqgan_steps,
+                                            seed=cfg.seed, progress=cfg.progress, sample_every=10**9,
+                                            disc_start=int(cfg.vqgan_steps * 0.75)))
+        model = VQGAN.from_pretrained(run)
+        test = load_dataset(data_dir, split="test")
+        x = to_unit_range(ImageTensorDataset(test, model.config.resolution, 1, progress=False, preload=True).cache)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            codes = model.encode(x)
+        rec = model.decode(codes)
+        for i, (a, b) in enumerate(zip(VQGAN.to_pil(x[:8]), VQGAN.to_pil(rec[:8]))):
+            a.save(tmp / f"orig_{i}.png")
+            b.save(tmp / f"recon_{i}.png")
+        return {"psnr": psnr(x, rec).mean().item(), "ssim": ssim(x, rec).mean().item(),
+                "codebook_usage": codes.unique().numel() / model.config.n_embed, "n_test": len(x),
+                "resolution": model.config.resolution, "grid": model.config.grid_size}
+
+    return stages.run("vqgan", fp, build)
+
+
 def _prevalence(ds) -> list[dict[str, Any]]:
     from llm_cxr.data.schema import findings_from_json
 
@@ -105,6 +141,18 @@ def _write_page(cfg: DemoConfig, stages: Stages, summary: dict[str, Any]) -> Pat
     page.table(_prevalence(ds.select_columns(["split", "findings"])))
     page.heading("Report labeler on the synthetic reports (planted findings as reference)")
     page.table(stages.results["labeler"].info["per_class"])
+    vq = stages.results["vqgan"]
+    page.heading(f"VQ-GAN (tiny: {vq.info['resolution']} px -> {vq.info['grid']}x{vq.info['grid']} codes): "
+                 "test images (top) and their reconstructions (bottom)")
+    import shutil
+
+    (cfg.out / "assets").mkdir(parents=True, exist_ok=True)
+    row = {"orig": [], "recon": []}
+    for kind in row:
+        for f in sorted(vq.path.glob(f"{kind}_*.png")):
+            shutil.copy(f, cfg.out / "assets" / f"vq_{f.name}")
+            row[kind].append(f'<img src="assets/vq_{f.name}" width="96" style="image-rendering:pixelated">')
+    page.raw("<div>" + "".join(row["orig"]) + "</div><div>" + "".join(row["recon"]) + "</div>")
     page.heading("Test images with their ground truth (masks tinted by finding)")
     test = ds.filter(lambda s: s == "test", input_columns="split")
     page.cards(dataset_cards(test, cfg.out / "assets", "assets", n=16))
@@ -120,11 +168,15 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     stages = Stages(cfg.out / "cache", fresh=cfg.fresh)
     synth_stage = _stage_synth(stages, cfg)
     lab = _stage_labeler(stages, cfg, synth_stage.path / "dataset")
+    vq = _stage_vqgan(stages, cfg, synth_stage.path / "dataset")
     metrics = {
         "n_images": synth_stage.info["n_rows"],
         "labeler_synthetic_exact_match": lab.info["exact_match"],
         "labeler_synthetic_micro_f1": lab.info["micro_f1"],
         "labeler_synthetic_laterality_accuracy": lab.info["laterality_accuracy"],
+        "vqgan_psnr": vq.info["psnr"],
+        "vqgan_ssim": vq.info["ssim"],
+        "vqgan_codebook_usage": vq.info["codebook_usage"],
     }
     summary: dict[str, Any] = {
         "version": __version__,
