@@ -45,10 +45,11 @@ class DemoConfig:
 
 
 def _stage_synth(stages: Stages, cfg: DemoConfig):
-    from llm_cxr.data import synth, synth_report
+    from llm_cxr.data import synth, synth_findings, synth_render, synth_report
     from llm_cxr.data.synth import SynthConfig, generate_dataset
 
-    fp = {"n": cfg.n, "size": cfg.size, "seed": cfg.seed, "code": code_hash(synth, synth_report)}
+    fp = {"n": cfg.n, "size": cfg.size, "seed": cfg.seed,
+          "code": code_hash(synth, synth_report, synth_render, synth_findings)}
 
     def build(tmp: Path) -> dict[str, Any]:
         summary = generate_dataset(cfg.n, tmp / "dataset", SynthConfig(size=cfg.size), seed=cfg.seed,
