@@ -363,8 +363,14 @@ def _configure_logging(verbose: int, quiet: bool) -> None:
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
+_GLOBAL_FLAGS = ("-q", "--quiet", "-v", "-vv", "-vvv", "--verbose")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # -q / -v are global, but users type them after the subcommand too: accept both places
+    argv = [a for a in argv if a in _GLOBAL_FLAGS] + [a for a in argv if a not in _GLOBAL_FLAGS]
     args = parser.parse_args(argv)
     _configure_logging(args.verbose, args.quiet)
     if args.quiet:
