@@ -105,7 +105,7 @@ class StudyView:
     gain: float
     offset: float
     gamma: float
-    noise: float
+    noise: float  # per-pixel quantum-noise std at 512 px (smaller renderings average it down)
     blur: bool
     inspiration: float  # shifts the domes (normalised units, + = deeper breath)
 
@@ -357,5 +357,6 @@ def finalize(cv: Canvas, dens: np.ndarray, metal: np.ndarray, view: StudyView,
     if view.blur:
         img[1:-1] = (img[:-2] + 2 * img[1:-1] + img[2:]) * F32(0.25)
         img[:, 1:-1] = (img[:, :-2] + 2 * img[:, 1:-1] + img[:, 2:]) * F32(0.25)
-    img += rng.standard_normal(img.shape, dtype=F32) * F32(view.noise)
+    # A film rendered at S < 512 px is a 512-px film averaged over (512/S)^2 pixels: noise std / (512/S).
+    img += rng.standard_normal(img.shape, dtype=F32) * F32(view.noise * min(1.0, cv.size / 512))
     return (np.clip(img, 0.0, 1.0) * F32(255.0) + F32(0.5)).astype(np.uint8)

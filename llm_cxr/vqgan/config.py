@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from llm_cxr.configs import from_dict_strict
 from llm_cxr.errors import ConfigError
 
 
@@ -82,11 +83,7 @@ class VQGANConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> "VQGANConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"{source}: unknown VQ-GAN config keys {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        return from_dict_strict(cls, d, "VQ-GAN config", source)
 
     def fingerprint(self) -> str:
         """A short hash of everything that decides what a code means (checked by the LM run)."""

@@ -67,9 +67,9 @@ def encode_dataset(model_path: str | Path, data: str | Path, out: str | Path, ba
     if out.resolve() == Path(data).resolve():
         raise DatasetError(f"--out {out} must differ from --data (the input is read while the output is written)")
     if accelerator is None:
-        from accelerate import Accelerator
+        from llm_cxr.accel import make_accelerator
 
-        accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        accelerator = make_accelerator("no")
     model = VQGAN.from_pretrained(model_path, device=accelerator.device)
     info = codes_info(model, model_path)
     ds = load_dataset(data)

@@ -19,13 +19,14 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 from torch.utils.data import DataLoader
 
+from llm_cxr.configs import from_dict_strict
 from llm_cxr.errors import ConfigError
 from llm_cxr.vqgan.config import VQGANConfig, preset
 from llm_cxr.vqgan.data import ImageTensorDataset
@@ -82,11 +83,7 @@ class VQGANTrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> "VQGANTrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"{source}: unknown training keys {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        return from_dict_strict(cls, d, "training", source)
 
 
 # Training defaults per model preset, tuned to train on a 2-core CPU (tiny, small) or GPUs.
@@ -268,12 +265,12 @@ def _init_run(cfg: VQGANTrainConfig, model_cfg: VQGANConfig, accelerator) -> Pat
 
 def train_vqgan(cfg: VQGANTrainConfig, accelerator=None) -> Path:
     """Train (or resume) a VQ-GAN run; returns the run folder."""
-    from accelerate import Accelerator
     from tqdm.auto import tqdm
 
+    from llm_cxr.accel import make_accelerator
     from llm_cxr.data.dataset import load_dataset
 
-    accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
+    accelerator = accelerator or make_accelerator(cfg.mixed_precision)
     torch.manual_seed(cfg.seed)
     model_cfg = resolve_model_config(cfg.model)
     run = _init_run(cfg, model_cfg, accelerator)
