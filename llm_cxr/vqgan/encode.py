@@ -21,7 +21,7 @@ import torch
 
 from llm_cxr.errors import DatasetError
 from llm_cxr.vqgan.data import image_to_array, to_unit_range
-from llm_cxr.vqgan.model import VQGAN, WEIGHTS_FILE
+from llm_cxr.vqgan.model import VQGAN
 
 log = logging.getLogger(__name__)
 
@@ -113,4 +113,4 @@ def read_codes_info(data: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-__all__ = ["CODES_INFO", "WEIGHTS_FILE", "codes_info", "encode_dataset", "read_codes_info", "weights_hash"]
+__all__ = ["CODES_INFO", "codes_info", "encode_dataset", "read_codes_info", "weights_hash"]

@@ -9,7 +9,6 @@ then loads strictly, with an error naming expected and found shapes on any misma
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Callable, Iterable, NamedTuple, Sequence
@@ -203,6 +202,3 @@ def model_summary(model: VQGAN) -> dict:
             "codes_per_image": c.num_codes_per_image, "codebook": c.n_embed,
             "channels": c.in_channels, "fingerprint": c.fingerprint()}
 
-
-def describe(model: VQGAN) -> str:
-    return json.dumps(model_summary(model))
