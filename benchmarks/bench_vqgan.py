@@ -64,6 +64,15 @@ def quality(model: VQGAN, data: str, classifier: str | None) -> dict:
         out["classifier_originals"] = orig
         out["classifier_reconstructions"] = recm
         out["classifier_accuracy_drop_points"] = 100 * (orig["label_accuracy"] - recm["label_accuracy"])
+        from llm_cxr.classifier import predict_proba
+
+        po, pr = predict_proba(clf, x) >= th, predict_proba(clf, rec) >= th
+        out["per_finding"] = [
+            {"finding": name, "positives": int(y[:, j].sum()),
+             "recall_orig": float((po[:, j] & (y[:, j] == 1)).sum() / max(1, y[:, j].sum())),
+             "recall_recon": float((pr[:, j] & (y[:, j] == 1)).sum() / max(1, y[:, j].sum())),
+             "agree_orig_recon": float((po[:, j] == pr[:, j]).float().mean())}
+            for j, name in enumerate(clf.config.labels)]
         out["classifier_micro_f1_drop_points"] = 100 * (orig["micro_f1"] - recm["micro_f1"])
     return out
 
@@ -188,6 +197,8 @@ def main() -> int:
             row["clf micro-F1 recon"] = q["classifier_reconstructions"]["micro_f1"]
         tables.append(("Reconstruction quality, synthetic test split (targets: PSNR >= 30, SSIM >= 0.90, "
                        "usage >= 0.80, classifier within 2 points)", [row]))
+        if "per_finding" in q:
+            tables.append(("Finding classifier per finding: recall on originals and on reconstructions", q["per_finding"]))
     if "speed" in parts:
         s = speed(model)
         data["speed"] = s
