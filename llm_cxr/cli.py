@@ -163,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--resolution", type=int, default=128, help="input size (default 128)")
     p.add_argument("--epochs", type=int, default=8, help="epochs (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--export-feature-net", action="store_true",
                    help="also write feature_net.pt2 (torch.export) for `vqgan train --feature-net`")
     p.set_defaults(func=_cmd_classifier_train)
@@ -338,7 +339,7 @@ def _cmd_classifier_train(args: argparse.Namespace) -> int:
 
     metrics = train_classifier(ClassifierTrainConfig(data=str(args.data), out=str(args.out),
                                                      resolution=args.resolution, epochs=args.epochs,
-                                                     progress=not args.quiet))
+                                                     seed=args.seed, progress=not args.quiet))
     if args.export_feature_net:
         FindingClassifier.from_pretrained(args.out).export_feature_net(args.out / "feature_net.pt2")
     _print_json(metrics)
