@@ -56,6 +56,9 @@ class VQGANTrainConfig:
     disc_layers: int = 2
     feature_net: str | None = None  # a frozen network saved with torch.export (.pt2) or TorchScript
     feature_weight: float = 0.1
+    lpips_vgg: str | None = None  # torchvision vgg16 state dict (user-supplied; enables LPIPS)
+    lpips_lin: str | None = None  # lpips' weights/v0.1/vgg.pth (user-supplied)
+    lpips_weight: float = 1.0
     dead_code_every: int = 50
     dead_code_threshold: float = 0.03  # EMA uses per step below which a code is dead
     mixed_precision: str = "no"  # "no" | "bf16" | "fp16"
@@ -78,6 +81,8 @@ class VQGANTrainConfig:
             problems.append(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
         if self.resize not in ("silent", "warn", "error"):
             problems.append(f"resize must be silent, warn or error, got {self.resize!r}")
+        if (self.lpips_vgg is None) != (self.lpips_lin is None):
+            problems.append("LPIPS needs both lpips_vgg and lpips_lin weight files")
         if problems:
             raise ConfigError("invalid VQ-GAN training config: " + "; ".join(problems))
 
@@ -282,6 +287,11 @@ def train_vqgan(cfg: VQGANTrainConfig, accelerator=None) -> Path:
     opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
     model, disc, opt_g, opt_d = accelerator.prepare(model, disc, opt_g, opt_d)
     feat = FeatureLoss(load_feature_net(cfg.feature_net)).to(accelerator.device) if cfg.feature_net else None
+    lp = None
+    if cfg.lpips_vgg:
+        from llm_cxr.vqgan.lpips import LPIPS
+
+        lp = LPIPS.from_files(cfg.lpips_vgg, cfg.lpips_lin).to(accelerator.device)
     state = _load_checkpoint(run, model, disc, opt_g, opt_d, accelerator) or _State(
         0, torch.ones(model_cfg.n_embed, device=accelerator.device))
     raw = accelerator.unwrap_model(model)
@@ -297,7 +307,7 @@ def train_vqgan(cfg: VQGANTrainConfig, accelerator=None) -> Path:
                              "usage", "reinit", "lr", "seconds"])
         while state.step < cfg.steps:
             x = next(batches)
-            row = _train_step(x, model, raw, disc, opt_g, opt_d, feat, state, cfg, accelerator)
+            row = _train_step(x, model, raw, disc, opt_g, opt_d, feat, lp, state, cfg, accelerator)
             state.step += 1
             bar.update(1)
             bar.set_postfix(l1=f"{row['rec_l1']:.4f}", usage=f"{row['usage']:.0%}", ppl=f"{row['perplexity']:.0f}")
@@ -322,7 +332,7 @@ def train_vqgan(cfg: VQGANTrainConfig, accelerator=None) -> Path:
     return run
 
 
-def _train_step(x, model, raw: VQGAN, disc, opt_g, opt_d, feat, state: _State, cfg: VQGANTrainConfig,
+def _train_step(x, model, raw: VQGAN, disc, opt_g, opt_d, feat, lp, state: _State, cfg: VQGANTrainConfig,
                 accelerator) -> dict[str, Any]:
     lr = _lr_at(state.step, cfg)
     for opt in (opt_g, opt_d):
@@ -332,6 +342,10 @@ def _train_step(x, model, raw: VQGAN, disc, opt_g, opt_d, feat, state: _State, c
     out = model(x)
     rec = (x - out.recon.float()).abs().mean()
     nll = rec + (cfg.feature_weight * feat(x, out.recon.float()) if feat is not None else 0.0)
+    if lp is not None:
+        from llm_cxr.vqgan.lpips import lpips_loss
+
+        nll = nll + cfg.lpips_weight * lpips_loss(lp, x, out.recon)
     loss = nll + cfg.codebook_weight * out.qloss
     use_gan = state.step >= cfg.disc_start
     g_loss = d_weight = torch.zeros((), device=x.device)
