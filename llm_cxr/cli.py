@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = dsub.add_parser("label", help="extract CheXpert-style labels from report text")
     p.add_argument("text", nargs="*", help="report text (or use --file)")
-    p.add_argument("--file", type=Path, default=None, help="a text file with one report, or a CSV with a 'report' column")
+    p.add_argument("--file", type=Path, default=None, help="a text file holding one report")
     p.set_defaults(func=_cmd_label)
 
     p = dsub.add_parser("sheet", help="write a contact sheet (PNG + HTML) of a dataset's images and reports")

@@ -13,6 +13,7 @@ model, generation, explanations) join as further stages.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -145,8 +146,6 @@ def _write_page(cfg: DemoConfig, stages: Stages, summary: dict[str, Any]) -> Pat
     vq = stages.results["vqgan"]
     page.heading(f"VQ-GAN (tiny: {vq.info['resolution']} px -> {vq.info['grid']}x{vq.info['grid']} codes): "
                  "test images (top) and their reconstructions (bottom)")
-    import shutil
-
     (cfg.out / "assets").mkdir(parents=True, exist_ok=True)
     row = {"orig": [], "recon": []}
     for kind in row:

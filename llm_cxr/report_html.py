@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import json
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -40,7 +41,7 @@ def colour_for(name: str, names: Sequence[str]) -> tuple[int, int, int]:
     try:
         i = list(names).index(name)
     except ValueError:
-        i = abs(hash(name))
+        i = zlib.crc32(name.encode())  # hash() is randomised per process
     return _PALETTE[i % len(_PALETTE)]
 
 

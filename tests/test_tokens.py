@@ -56,6 +56,7 @@ def test_add_image_tokens_extends_any_vocab_and_starts_rows_at_the_mean(tokenize
         # the reserved range is an identity: code -> id -> code
         codes = torch.arange(64).view(8, 8)
         assert torch.equal(m.ids_to_codes(m.codes_to_ids(codes)), codes)
+        assert m.is_image_id(torch.tensor([m.first_id - 1, m.first_id, m.first_id + 63, m.begin_id])).tolist() == [False, True, True, False]
         # the tokenizer keeps an image token whole and round-trips it
         text = f"{BEGIN_IMAGE}{image_token(3)}{image_token(63)}{END_IMAGE}"
         ids = tok(text, add_special_tokens=False)["input_ids"]

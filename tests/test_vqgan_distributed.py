@@ -34,7 +34,7 @@ def test_two_ranks_train_resume_and_encode(tmp_path):
     cfg.write_text(yaml.safe_dump({"model": MICRO, "steps": 4, "batch_size": 4, "disc_start": 2, "disc_ndf": 8,
                                    "log_every": 1, "save_every": 2, "dead_code_every": 2}))
     run = tmp_path / "run"
-    proc = _launch(["vqgan", "train", "--data", str(data), "--config", str(cfg), "--out", str(run)], tmp_path)
+    _launch(["vqgan", "train", "--data", str(data), "--config", str(cfg), "--out", str(run)], tmp_path)
     assert (run / "DONE").exists()
     rows = (run / "metrics.csv").read_text().splitlines()
     assert len(rows) == 5  # one header and one row per step, written by the main process only

@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 from llm_cxr.data.schema import REQUIRED_COLUMNS, dataset_features
 from llm_cxr.errors import DatasetError, NothingUsableError
@@ -153,13 +153,3 @@ def load_dataset(path: str | Path, split: str | None = None):
         if len(ds) == 0:
             raise DatasetError(f"dataset {path} has no rows in split {split!r}")
     return ds
-
-
-def iter_rows(ds, columns: Iterable[str] | None = None, batch_size: int = 64) -> Iterator[dict[str, Any]]:
-    """Iterate rows without materialising the dataset (decodes only the columns asked for)."""
-    if columns is not None:
-        ds = ds.select_columns(list(columns))
-    for batch in ds.iter(batch_size=batch_size):
-        keys = list(batch)
-        for i in range(len(batch[keys[0]])):
-            yield {k: batch[k][i] for k in keys}

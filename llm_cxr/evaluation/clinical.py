@@ -102,7 +102,10 @@ def score_findings(preds: Sequence[Sequence[Finding]], refs: Sequence[Sequence[F
 
 def score_reports(texts: Sequence[str], refs: Sequence[Sequence[Finding]],
                   names: Sequence[str] = FINDING_NAMES) -> ClinicalScores:
-    """Label each text with the rule-based labeler and score it against ``refs``."""
+    """Label each text with the rule-based labeler and score it against ``refs``.
+
+    Findings the labeler reads as uncertain ("possible effusion") count as predicted.
+    """
     from llm_cxr.evaluation.labeler import label_report
 
     preds = [label_report(t).findings for t in texts]

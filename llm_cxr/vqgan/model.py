@@ -193,12 +193,3 @@ def load_state_dict_checked(model: nn.Module, state: StateDict, source: str,
         raise ConfigError(f"{source}: weights do not match the config: " + "; ".join(parts))
     model.load_state_dict(state, strict=True)
     return dropped
-
-
-def model_summary(model: VQGAN) -> dict:
-    n = sum(p.numel() for p in model.parameters())
-    c = model.config
-    return {"parameters": n, "resolution": c.resolution, "grid": f"{c.grid_size}x{c.grid_size}",
-            "codes_per_image": c.num_codes_per_image, "codebook": c.n_embed,
-            "channels": c.in_channels, "fingerprint": c.fingerprint()}
-
