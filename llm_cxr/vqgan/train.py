@@ -296,13 +296,15 @@ def train_vqgan(cfg: VQGANTrainConfig, accelerator=None) -> Path:
         0, torch.ones(model_cfg.n_embed, device=accelerator.device))
     raw = accelerator.unwrap_model(model)
     metrics_path = run / "metrics.csv"
-    new_file = not metrics_path.exists()
+    # Only the main process touches metrics.csv: a second rank opening it in append mode would create it
+    # before the main one checks for it, and the header would be lost (seen in CI).
+    new_file = accelerator.is_main_process and not metrics_path.exists()
     t_start = time.monotonic()
     bar = tqdm(total=cfg.steps, initial=state.step, desc="vqgan", disable=not (cfg.progress and accelerator.is_main_process))
     batches = _batches(ds, cfg, state.step, accelerator)
-    with open(metrics_path, "a", newline="") as mf:
+    with (open(metrics_path, "a", newline="") if accelerator.is_main_process else open(os.devnull, "w")) as mf:
         writer = csv.writer(mf)
-        if new_file and accelerator.is_main_process:
+        if new_file:
             writer.writerow(["step", "loss", "rec_l1", "qloss", "g_loss", "d_loss", "d_weight", "perplexity",
                              "usage", "reinit", "lr", "seconds"])
         while state.step < cfg.steps:
