@@ -102,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=16, help="number of images (default 16)")
     p.set_defaults(func=_cmd_sheet)
 
+    from llm_cxr.cli_gen import add_generation_commands
+    from llm_cxr.cli_lm import add_lm_commands
+
+    add_lm_commands(sub)
+    add_generation_commands(sub)
+
     # ---- vqgan --------------------------------------------------------------------------
     vq = sub.add_parser("vqgan", help="the image tokenizer: train, encode, decode, import taming checkpoints")
     vsub = vq.add_subparsers(dest="vqgan_command", metavar="VQGAN_COMMAND")

@@ -19,3 +19,25 @@ def from_dict_strict(cls: type[T], d: dict[str, Any], what: str, source: str = "
     if unknown:
         raise ConfigError(f"{source}: unknown {what} keys {unknown}; known: {sorted(known)}")
     return cls(**d)
+
+
+def run_versions(*packages: str) -> dict[str, str]:
+    """Library versions and the git commit, recorded in every run folder."""
+    import importlib.metadata
+    import subprocess
+    from pathlib import Path
+
+    from llm_cxr import __version__
+
+    v = {"llm_cxr": __version__}
+    for name in ("torch", "accelerate", "datasets", *packages):
+        try:
+            v[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    try:
+        v["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                         cwd=Path(__file__).parent, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return v

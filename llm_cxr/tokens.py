@@ -120,21 +120,28 @@ def add_image_tokens(tokenizer, model, n_codes: int, grid_size: int, vqgan_finge
     if ids[:n_codes] != list(range(first, first + n_codes)):
         raise ConfigError("image tokens did not receive consecutive ids; the tokenizer reorders added tokens")
     if model is not None:
-        _resize_with_mean(model, len(tokenizer))
+        _resize_with_mean(model, len(tokenizer), first)
     return ImageTokenMap(first_id=first, n_codes=n_codes, begin_id=ids[-2], end_id=ids[-1], grid_size=grid_size,
                          vqgan_fingerprint=vqgan_fingerprint, vocab_size=len(tokenizer))
 
 
-def _resize_with_mean(model, new_size: int) -> None:
+def _resize_with_mean(model, new_size: int, first_new: int) -> None:
+    """Grow the embeddings to ``new_size`` rows; rows from ``first_new`` on start at the mean of the rows before.
+
+    A model whose matrix is already big enough (a trained run being reloaded) is left alone.
+    Rows between the tokenizer's old length and the matrix's (Pythia pads 50277 to 50304)
+    were never trained, so they are re-initialised too.
+    """
     old = model.get_input_embeddings().weight.shape[0]
     if old >= new_size:
         return
+    start = min(first_new, old)
     model.resize_token_embeddings(new_size, mean_resizing=False)
     with torch.no_grad():
         emb = model.get_input_embeddings().weight
-        emb[old:] = emb[:old].mean(0, keepdim=True)
+        emb[start:] = emb[:start].mean(0, keepdim=True)
         out = model.get_output_embeddings()
         if out is not None and out.weight.data_ptr() != emb.data_ptr():
-            out.weight[old:] = out.weight[:old].mean(0, keepdim=True)
+            out.weight[start:] = out.weight[:start].mean(0, keepdim=True)
             if getattr(out, "bias", None) is not None:
-                out.bias[old:] = out.bias[:old].mean()
+                out.bias[start:] = out.bias[:start].mean()

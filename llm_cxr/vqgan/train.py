@@ -147,21 +147,9 @@ def resolve_model_config(spec: str) -> VQGANConfig:
 
 
 def _versions() -> dict[str, str]:
-    import subprocess
+    from llm_cxr.configs import run_versions
 
-    import accelerate
-    import datasets
-
-    from llm_cxr import __version__
-
-    v = {"llm_cxr": __version__, "torch": torch.__version__, "accelerate": accelerate.__version__,
-         "datasets": datasets.__version__}
-    try:
-        v["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                         cwd=Path(__file__).parent, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return v
+    return run_versions()
 
 
 def _lr_at(step: int, cfg: VQGANTrainConfig) -> float:

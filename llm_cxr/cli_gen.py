@@ -1,0 +1,184 @@
+"""``llm-cxr`` subcommands that use a trained model: ``generate report|image``, ``ask``, ``evaluate``."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+from llm_cxr.errors import InputError
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, type=Path, help="trained run folder (from `llm-cxr train`) or RUN/model")
+    p.add_argument("--vqgan", type=Path, help="VQ-GAN run (default: the one recorded with the model)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda or cpu (default cpu)")
+    p.add_argument("--batch-size", type=int, default=16, help="requests decoded together (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+
+
+def _sampling_args(p: argparse.ArgumentParser, temperature: float, top_p: float) -> None:
+    p.add_argument("--temperature", type=float, default=temperature,
+                   help=f"sampling temperature; 0 is greedy (default {temperature})")
+    p.add_argument("--top-p", type=float, default=top_p, help=f"nucleus sampling mass (default {top_p})")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0 = all (default 0)")
+
+
+def _write_rows(rows: list[dict], out: Path | None) -> None:
+    """JSONL (default, or a .jsonl path) or CSV (a .csv path); stdout when no path."""
+    if out is None:
+        for r in rows:
+            print(json.dumps(r))
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".csv":
+        with open(out, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["id"])
+            w.writeheader()
+            w.writerows(rows)
+    else:
+        out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    print(f"wrote {len(rows)} rows to {out}", file=sys.stderr)
+
+
+def add_generation_commands(sub) -> None:
+    gen = sub.add_parser("generate", help="generate reports from images or images from reports")
+    gsub = gen.add_subparsers(dest="generate_command", metavar="WHAT")
+    gsub.required = True
+    p = gsub.add_parser("report", help="write a radiology report for each image",
+                        description="Reports for image files (PNG, JPEG, DICOM; any size, preprocessed as in "
+                                    "training) or for every image of a dataset split (--data).")
+    _model_args(p)
+    p.add_argument("images", nargs="*", type=Path, help="image files")
+    p.add_argument("--data", type=Path, help="instead of files: a dataset folder (rows with codes or images)")
+    p.add_argument("--split", default="test", help="dataset split with --data (default test)")
+    p.add_argument("--limit", type=int, help="at most this many dataset rows")
+    p.add_argument("--out", type=Path, help="write JSONL (or .csv) here instead of stdout")
+    p.add_argument("--max-new-tokens", type=int, default=160, help="longest report in tokens (default 160)")
+    _sampling_args(p, 0.0, 1.0)
+    p.set_defaults(func=_cmd_report)
+
+    p = gsub.add_parser("image", help="draw a chest X-ray for each report",
+                        description="Images for report texts (--report, repeatable), a text file with one report "
+                                    "per line (--reports-file), or a dataset split (--data). Always exactly one "
+                                    "decodable image per request.")
+    _model_args(p)
+    p.add_argument("--report", action="append", default=[], help="report text (repeatable)")
+    p.add_argument("--reports-file", type=Path, help="text file, one report per line")
+    p.add_argument("--data", type=Path, help="dataset folder: draw its reports")
+    p.add_argument("--split", default="test", help="dataset split with --data (default test)")
+    p.add_argument("--limit", type=int, help="at most this many reports")
+    p.add_argument("--out", required=True, type=Path, help="folder for PNGs and images.jsonl")
+    p.add_argument("--guidance", type=float, default=1.0,
+                   help="classifier-free guidance scale; 1 = off, e.g. 2-3 for images closer to the report")
+    _sampling_args(p, 1.0, 0.95)
+    p.set_defaults(func=_cmd_image)
+
+    p = sub.add_parser("ask", help="answer a question about a chest X-ray (visual question answering)")
+    _model_args(p)
+    p.add_argument("images", nargs="+", type=Path, help="image files")
+    p.add_argument("--question", "-Q", action="append", required=True,
+                   help="question (repeatable; each is asked about every image)")
+    p.add_argument("--out", type=Path, help="write JSONL (or .csv) here instead of stdout")
+    _sampling_args(p, 0.0, 1.0)
+    p.set_defaults(func=_cmd_ask)
+
+    p = sub.add_parser("evaluate", help="clinical quality of a model: reports, images and VQA on a held-out split")
+    _model_args(p)
+    p.add_argument("--data", required=True, type=Path, help="dataset with codes and ground-truth findings")
+    p.add_argument("--split", default="test", help="split to evaluate (default test)")
+    p.add_argument("--classifier", type=Path, help="finding classifier run that judges generated images "
+                                                    "(omit to skip report -> image)")
+    p.add_argument("--n", type=int, default=200, help="studies per direction (default 200)")
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance for images (default 1)")
+    p.add_argument("--out", type=Path, help="write the results JSON here (and sample images next to it)")
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _load(args):
+    from llm_cxr.generation import LLMCXR
+
+    return LLMCXR.from_pretrained(args.model, vqgan=args.vqgan, device=args.device)
+
+
+def _sampling(args):
+    from llm_cxr.generation import Sampling
+
+    return Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+
+
+def _dataset_rows(args):
+    from llm_cxr.data.dataset import load_dataset
+
+    ds = load_dataset(args.data, split=args.split)
+    if args.limit:
+        ds = ds.select(range(min(args.limit, len(ds))))
+    return ds
+
+
+def _cmd_report(args) -> int:
+    import torch
+
+    model = _load(args)
+    if args.data:
+        ds = _dataset_rows(args)
+        ids = list(ds["id"])
+        inputs = torch.as_tensor(ds.with_format("numpy")[:]["codes"]).long() if "codes" in ds.column_names \
+            else list(ds["image"])
+    elif args.images:
+        ids, inputs = [str(p) for p in args.images], [str(p) for p in args.images]
+    else:
+        raise InputError("give image files or --data")
+    texts = model.generate_report(inputs, _sampling(args), max_new_tokens=args.max_new_tokens,
+                                  batch_size=args.batch_size)
+    _write_rows([{"id": i, "report": t} for i, t in zip(ids, texts)], args.out)
+    return 0
+
+
+def _cmd_image(args) -> int:
+    reports = list(args.report)
+    if args.reports_file:
+        if not args.reports_file.exists():
+            raise InputError(f"{args.reports_file} does not exist")
+        reports += [line.strip() for line in args.reports_file.read_text().splitlines() if line.strip()]
+    ids = [f"report_{i:04d}" for i in range(len(reports))]
+    if args.data:
+        ds = _dataset_rows(args)
+        reports += list(ds["report"])
+        ids += list(ds["id"])
+    if not reports:
+        raise InputError("give --report TEXT, --reports-file or --data")
+    model = _load(args)
+    if model.vqgan is None:
+        raise InputError("no VQ-GAN to draw with: pass --vqgan RUN")
+    out = model.generate_image(reports, _sampling(args), guidance=args.guidance, batch_size=args.batch_size)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, (rid, rep, im, codes) in enumerate(zip(ids, reports, out.images, out.codes)):
+        name = f"{i:04d}.png"
+        im.save(args.out / name)
+        rows.append({"id": rid, "report": rep, "image": name, "codes": codes.flatten().tolist()})
+    _write_rows(rows, args.out / "images.jsonl")
+    return 0
+
+
+def _cmd_ask(args) -> int:
+    model = _load(args)
+    files = [str(p) for p in args.images]
+    pairs = [(f, q) for f in files for q in args.question]
+    answers = model.answer([f for f, _ in pairs], [q for _, q in pairs], _sampling(args), batch_size=args.batch_size)
+    _write_rows([{"image": f, "question": q, "answer": a} for (f, q), a in zip(pairs, answers)], args.out)
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from llm_cxr.evaluation.lm_eval import evaluate_all
+
+    model = _load(args)
+    res = evaluate_all(model, args.data, args.split, str(args.classifier) if args.classifier else None, n=args.n,
+                       guidance=args.guidance, batch_size=args.batch_size, seed=args.seed,
+                       progress=not args.quiet, out=args.out)
+    print(json.dumps(res["summary"], indent=2))
+    return 0

@@ -1,0 +1,191 @@
+"""Quality of a trained llm-cxr model on a held-out split, in the three directions.
+
+* CXR -> report: the rule-based labeler reads generated and reference findings; clinical
+  micro/macro-F1 and laterality accuracy (:mod:`llm_cxr.evaluation.clinical`).
+* report -> CXR: the finding classifier (trained on real images of the dataset) reads the
+  generated images; micro-F1 of its findings against the findings the report asked for,
+  and the share of requests that produced a decodable image.
+* VQA: exact-match accuracy of answers to questions made from the reference findings,
+  per question kind (presence yes/no, laterality, severity, devices, list).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from llm_cxr.data.schema import FINDING_NAMES, findings_from_json
+from llm_cxr.evaluation.clinical import score_reports
+from llm_cxr.generation import LLMCXR, Sampling
+from llm_cxr.prompts import make_vqa
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalConfig:
+    n_reports: int = 200
+    n_images: int = 200
+    n_vqa_images: int = 200
+    vqa_per_image: int = 4
+    batch_size: int = 16
+    guidance: float = 1.0
+    image_temperature: float = 1.0
+    image_top_p: float = 0.95
+    seed: int = 0
+    progress: bool = True
+
+
+def _take(ds, n: int, seed: int):
+    n = min(n, len(ds))
+    idx = sorted(random.Random(seed).sample(range(len(ds)), n))
+    return ds.select(idx)
+
+
+def evaluate_reports(model: LLMCXR, ds, cfg: EvalConfig) -> dict[str, Any]:
+    sub = _take(ds, cfg.n_reports, cfg.seed)
+    codes = torch.as_tensor(sub.with_format("numpy")[:]["codes"]).long()
+    texts = _progress_map(lambda sl: model.generate_report(codes[sl], batch_size=cfg.batch_size), len(sub),
+                          cfg.batch_size, "reports", cfg.progress)
+    refs = [findings_from_json(f) for f in sub["findings"]]
+    scores = score_reports(texts, refs)
+    return {"n": len(sub), "micro_f1": scores.micro_f1, "macro_f1": scores.macro_f1,
+            "exact_match": scores.exact_match, "laterality_accuracy": scores.laterality_accuracy,
+            "per_class": {k: {"f1": v.f1, "support": v.support} for k, v in scores.per_class.items()},
+            "examples": [{"id": i, "generated": t, "reference": r} for i, t, r in
+                         list(zip(sub["id"], texts, sub["report"]))[:8]]}
+
+
+def evaluate_images(model: LLMCXR, ds, classifier_dir: str, cfg: EvalConfig) -> dict[str, Any]:
+    from llm_cxr.classifier import FindingClassifier, load_thresholds, predict_proba
+
+    clf = FindingClassifier.from_pretrained(classifier_dir).eval()
+    thr = load_thresholds(classifier_dir)
+    sub = _take(ds, cfg.n_images, cfg.seed + 1)
+    reports = list(sub["report"])
+    sampling = Sampling(temperature=cfg.image_temperature, top_p=cfg.image_top_p, seed=cfg.seed)
+    gens = []
+
+    def run(sl):
+        g = model.generate_image(reports[sl], sampling=sampling, guidance=cfg.guidance, batch_size=cfg.batch_size)
+        gens.append(g)
+        return [None] * len(g.codes)
+
+    _progress_map(run, len(sub), cfg.batch_size, "images", cfg.progress)
+    codes = torch.cat([g.codes for g in gens])
+    images = [im for g in gens for im in g.images]
+    valid = sum(int(c.numel() == model.map.tokens_per_image) for c in codes) / max(1, len(codes))
+    from llm_cxr.vqgan.data import image_to_array, to_unit_range
+
+    r = clf.config.resolution  # the classifier's own input size, as it was trained
+    x = to_unit_range(torch.from_numpy(np.stack([image_to_array(im, r, 1, "silent", name=f"generated {i}")
+                                                 for i, im in enumerate(images)])))
+    pred = (predict_proba(clf, x) >= thr).numpy()
+    names = list(clf.config.labels)
+    want = np.zeros_like(pred)
+    for i, fj in enumerate(sub["findings"]):
+        for f in findings_from_json(fj):
+            if f.name in names:
+                want[i, names.index(f.name)] = 1
+    tp = float((pred * want).sum())
+    fp = float((pred * (1 - want)).sum())
+    fn = float(((1 - pred) * want).sum())
+    per = {}
+    for j, n in enumerate(names):
+        t, p_, f_ = (pred[:, j] * want[:, j]).sum(), (pred[:, j] * (1 - want[:, j])).sum(), \
+            ((1 - pred[:, j]) * want[:, j]).sum()
+        per[n] = {"f1": float(2 * t / max(1, 2 * t + p_ + f_)), "support": int(want[:, j].sum())}
+    return {"n": len(sub), "micro_f1": 2 * tp / max(1.0, 2 * tp + fp + fn), "valid_image_rate": valid,
+            "exact_match": float((pred == want).all(1).mean()), "per_class": per, "images": images[:16],
+            "reports": reports[:16]}
+
+
+def evaluate_vqa(model: LLMCXR, ds, cfg: EvalConfig) -> dict[str, Any]:
+    sub = _take(ds, cfg.n_vqa_images, cfg.seed + 2)
+    codes_all = sub.with_format("numpy")[:]["codes"]
+    qs, codes, kinds, answers = [], [], [], []
+    for i, fj in enumerate(sub["findings"]):
+        rng = random.Random(f"{cfg.seed}:{sub[i]['id']}:eval")
+        for qa in make_vqa(findings_from_json(fj), rng, cfg.vqa_per_image, FINDING_NAMES):
+            qs.append(qa.question)
+            codes.append(codes_all[i])
+            kinds.append(qa.kind)
+            answers.append(qa.answer)
+    codes_t = torch.as_tensor(np.stack(codes)).long()
+    got = _progress_map(lambda sl: model.answer(codes_t[sl], qs[sl], batch_size=cfg.batch_size), len(qs),
+                        cfg.batch_size, "questions", cfg.progress)
+    ok = [g.strip().lower() == a.lower() for g, a in zip(got, answers)]
+    by_kind: dict[str, list[bool]] = {}
+    for k, o in zip(kinds, ok):
+        by_kind.setdefault(k, []).append(o)
+    core = [o for k, o in zip(kinds, ok) if k in ("presence", "laterality")]
+    return {"n_questions": len(qs), "accuracy_yes_no_laterality": sum(core) / max(1, len(core)),
+            "accuracy_all": sum(ok) / max(1, len(ok)),
+            "by_kind": {k: {"accuracy": sum(v) / len(v), "n": len(v)} for k, v in by_kind.items()},
+            "examples": [{"q": q, "answer": a, "got": g} for q, a, g in list(zip(qs, answers, got))[:12]]}
+
+
+def _progress_map(fn, n: int, batch: int, desc: str, progress: bool) -> list:
+    from tqdm.auto import tqdm
+
+    out: list = []
+    with tqdm(total=n, desc=desc, disable=not progress) as bar:
+        for i in range(0, n, batch):
+            sl = slice(i, min(n, i + batch))
+            out += fn(sl)
+            bar.update(sl.stop - sl.start)
+    return out
+
+
+def evaluate_all(model: LLMCXR, data: str, split: str = "test", classifier: str | None = None, n: int = 200,
+                 guidance: float = 1.0, batch_size: int = 16, seed: int = 0, progress: bool = True,
+                 out=None) -> dict[str, Any]:
+    """Every direction on ``split`` of ``data``; a ``summary`` of headline numbers plus the details.
+
+    With ``out`` (a .json path) the results are written there and sample images beside it.
+    """
+    import json
+    import time
+    from pathlib import Path
+
+    from llm_cxr.data.dataset import load_dataset
+
+    ds = load_dataset(data, split=split)
+    if "codes" not in ds.column_names:
+        from llm_cxr.errors import DatasetError
+
+        raise DatasetError(f"{data} has no codes column: encode it with the model's VQ-GAN first")
+    cfg = EvalConfig(n_reports=n, n_images=n, n_vqa_images=n, batch_size=batch_size, guidance=guidance, seed=seed,
+                     progress=progress)
+    t = time.monotonic()
+    res: dict[str, Any] = {"reports": evaluate_reports(model, ds, cfg)}
+    t_rep = time.monotonic() - t
+    res["vqa"] = evaluate_vqa(model, ds, cfg)
+    t_img = 0.0
+    if classifier and model.vqgan is not None:
+        t = time.monotonic()
+        res["images"] = evaluate_images(model, ds, classifier, cfg)
+        t_img = time.monotonic() - t
+    summary = {"report_clinical_micro_f1": res["reports"]["micro_f1"],
+               "report_laterality_accuracy": res["reports"]["laterality_accuracy"],
+               "vqa_accuracy": res["vqa"]["accuracy_yes_no_laterality"],
+               "vqa_accuracy_all_kinds": res["vqa"]["accuracy_all"],
+               "reports_per_minute": res["reports"]["n"] / max(t_rep, 1e-9) * 60}
+    if "images" in res:
+        summary.update({"image_finding_micro_f1": res["images"]["micro_f1"],
+                        "valid_image_rate": res["images"]["valid_image_rate"],
+                        "images_per_minute": res["images"]["n"] / max(t_img, 1e-9) * 60})
+    res["summary"] = summary
+    if out is not None:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        samples = res.get("images", {}).pop("images", [])
+        for i, im in enumerate(samples):
+            im.save(out.parent / f"{out.stem}_image_{i:02d}.png")
+        out.write_text(json.dumps(res, indent=2, default=str) + "\n")
+    return res

@@ -1,0 +1,250 @@
+"""Reports from images, images from reports, answers to questions: constrained, batched decoding.
+
+Decoding runs its own loop over the model's KV cache (left-padded batches, explicit position
+ids), so that constraints are exact rather than hoped for:
+
+* inside an image span only image tokens can be chosen, and exactly ``H*W`` of them are
+  produced before ``</image>`` is appended: every request yields a decodable image (LLM-CXR's
+  pipeline stopped on an end key and could return too few codes, or none);
+* text never contains image or boundary tokens and stops at EOS;
+* report -> image can use classifier-free guidance (Ho & Salimans, 2021): the logits of the
+  report prompt are pushed away from those of the same prompt with an empty report.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from llm_cxr.errors import ConfigError, InputError
+from llm_cxr.instruct import encode_prompt, image_span
+from llm_cxr.modeling import LoadedRun, load_run
+from llm_cxr.prompts import get_template, image_prompt, report_prompt, vqa_prompt
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Sampling:
+    """How tokens are picked. ``temperature=0`` is greedy."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ConfigError(f"bad sampling settings: temperature={self.temperature} (>= 0), top_p={self.top_p} "
+                              f"(0-1], top_k={self.top_k} (>= 0)")
+
+
+@dataclass
+class GeneratedImages:
+    images: list  # PIL images
+    codes: torch.Tensor  # (B, H, W)
+
+
+def _pick(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> torch.Tensor:
+    """logits (B, V) with -inf where forbidden -> next token ids (B,)."""
+    if s.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / s.temperature
+    if s.top_k:
+        kth = logits.topk(min(s.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p < 1:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > s.top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = logits.float().softmax(-1)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, T - len(s):] = torch.as_tensor(s)
+        mask[i, T - len(s):] = 1
+    return ids, mask
+
+
+class LLMCXR:
+    """A trained llm-cxr model with its VQ-GAN: ``LLMCXR.from_pretrained(run)``."""
+
+    def __init__(self, run: LoadedRun, vqgan=None, device: str | torch.device = "cpu", autocast: bool | None = None):
+        self.run = run
+        self.model = run.model.to(device).eval()
+        self.tok = run.tokenizer
+        self.map = run.token_map
+        self.template = get_template(run.info.template)
+        self.max_length = run.info.max_length
+        self.device = torch.device(device)
+        self.vqgan = vqgan
+        if vqgan is not None:
+            c = vqgan.config
+            self.map.check_vqgan(c.n_embed, c.grid_size, c.fingerprint(), source="the VQ-GAN given")
+        # bf16 autocast where the hardware runs it well (CUDA, and CPUs with AVX-512 BF16 / AMX)
+        self.autocast = (self.device.type == "cuda" or torch.backends.cpu.get_cpu_capability() in
+                         ("AVX512", "AVX512_BF16", "AMX")) if autocast is None else autocast
+        self._image_mask = torch.full((len(self.tok),), float("-inf"))
+        self._image_mask[list(self.map.image_ids)] = 0.0
+        self._text_mask = torch.zeros((len(self.tok),))
+        self._text_mask[list(self.map.image_ids) + [self.map.begin_id, self.map.end_id]] = float("-inf")
+        vocab_rows = self.model.get_output_embeddings().weight.shape[0] if self.model.get_output_embeddings() else None
+        if vocab_rows and vocab_rows > len(self.tok):  # padded output rows are never valid tokens
+            pad = torch.full((vocab_rows - len(self.tok),), float("-inf"))
+            self._image_mask = torch.cat([self._image_mask, pad])
+            self._text_mask = torch.cat([self._text_mask, pad])
+
+    @classmethod
+    def from_pretrained(cls, run: str | Path, vqgan: str | Path | None = None, device: str = "cpu",
+                        merge: bool = True, autocast: bool | None = None) -> "LLMCXR":
+        """Load a run folder (LoRA merged for speed unless ``merge=False``) and its VQ-GAN."""
+        from llm_cxr.vqgan import VQGAN
+
+        loaded = load_run(run, merge=merge)
+        vq_path = vqgan or loaded.info.vqgan
+        vq = None
+        if vq_path:
+            if not Path(vq_path).exists():
+                raise ConfigError(f"the VQ-GAN {vq_path} recorded with {loaded.folder} does not exist; "
+                                  f"pass vqgan=PATH")
+            vq = VQGAN.from_pretrained(vq_path, device=device)
+        return cls(loaded, vq, device, autocast)
+
+    # ---- inputs -------------------------------------------------------------------------------
+    def codes_of(self, images) -> torch.Tensor:
+        """Images (paths, PIL, arrays) or codes -> codes (B, H*W)."""
+        if isinstance(images, torch.Tensor) and not images.is_floating_point():
+            return images.reshape(images.shape[0], -1)
+        if isinstance(images, np.ndarray) and images.dtype.kind in "iu" and images.ndim == 2 and \
+                images.shape[1] == self.map.tokens_per_image:
+            return torch.as_tensor(images).long()
+        if self.vqgan is None:
+            raise ConfigError("this model has no VQ-GAN to encode images with; pass codes or a vqgan path")
+        from llm_cxr.data.images import load_image
+
+        res = self.vqgan.config.resolution
+        pil = [load_image(x, size=res) if isinstance(x, (str, Path)) else x for x in images]
+        codes = []
+        for i in range(0, len(pil), 32):
+            codes.append(self.vqgan.encode(self.vqgan.to_tensor(pil[i:i + 32], resize="silent")).flatten(1).cpu())
+        return torch.cat(codes)
+
+    # ---- decoding ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _decode(self, prompts: list[list[int]], steps: int, allowed: torch.Tensor, sampling: Sampling,
+                stop_at_eos: bool, uncond: list[list[int]] | None = None, guidance: float = 1.0) -> torch.Tensor:
+        """Generate up to ``steps`` tokens for each prompt; returns (B, steps), EOS-padded after a stop."""
+        B = len(prompts)
+        seqs = prompts + (uncond or [])
+        ids, mask = _left_pad(seqs, self.tok.pad_token_id)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        gen = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+        allowed = allowed.to(self.device)
+        out = torch.full((B, steps), self.tok.eos_token_id, dtype=torch.long)
+        done = torch.zeros(B, dtype=torch.bool)
+        past = None
+        step_ids = ids
+        step_pos = pos
+        for t in range(steps):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                res = self.model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=past,
+                                 use_cache=True)
+            past = res.past_key_values
+            logits = res.logits[:, -1].float()
+            if uncond is not None:
+                logits = logits[B:] + guidance * (logits[:B] - logits[B:])
+            nxt = _pick(logits + allowed, sampling, gen).cpu()
+            nxt[done] = self.tok.eos_token_id
+            out[:, t] = nxt
+            if stop_at_eos:
+                done |= nxt == self.tok.eos_token_id
+                if bool(done.all()):
+                    return out[:, :t + 1]
+            feed = torch.cat([nxt, nxt]) if uncond is not None else nxt
+            step_ids = feed[:, None].to(self.device)
+            step_pos = step_pos[:, -1:] + 1
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        return out
+
+    def _text(self, prompts: list[list[int]], sampling: Sampling, max_new_tokens: int) -> list[str]:
+        out = self._decode(prompts, max_new_tokens, self._text_mask, sampling, stop_at_eos=True)
+        texts = []
+        for row in out.tolist():
+            if self.tok.eos_token_id in row:
+                row = row[:row.index(self.tok.eos_token_id)]
+            text = self.tok.decode(row, skip_special_tokens=True)
+            end = self.template.end_key.strip()
+            texts.append((text.split(end)[0] if end else text).strip())
+        return texts
+
+    def _batched(self, n: int, batch_size: int):
+        for i in range(0, n, batch_size):
+            yield slice(i, min(n, i + batch_size))
+
+    def generate_report(self, images, sampling: Sampling | None = None, max_new_tokens: int = 160,
+                        batch_size: int = 16, sections: str = "findings_impression") -> list[str]:
+        """Reports for images (paths, PIL images, or codes (B, H*W))."""
+        codes = self.codes_of(images)
+        parts = report_prompt(self.template, None, sections)
+        prompts = [encode_prompt(self.tok, self.map, parts, c.tolist())[0] for c in codes]
+        out: list[str] = []
+        for sl in self._batched(len(prompts), batch_size):
+            out += self._text(prompts[sl], sampling or Sampling(), self._room(prompts[sl], max_new_tokens))
+        return out
+
+    def answer(self, images, questions: Sequence[str], sampling: Sampling | None = None, max_new_tokens: int = 24,
+               batch_size: int = 16) -> list[str]:
+        """Answers to one question per image (or one question for all images)."""
+        codes = self.codes_of(images)
+        if isinstance(questions, str):
+            questions = [questions] * len(codes)
+        if len(questions) != len(codes):
+            raise InputError(f"got {len(codes)} images and {len(questions)} questions; give one question per image")
+        prompts = [encode_prompt(self.tok, self.map, vqa_prompt(self.template, q), c.tolist())[0]
+                   for q, c in zip(questions, codes)]
+        out: list[str] = []
+        for sl in self._batched(len(prompts), batch_size):
+            out += self._text(prompts[sl], sampling or Sampling(), max_new_tokens)
+        return out
+
+    def generate_image(self, reports: Sequence[str], sampling: Sampling | None = None, guidance: float = 1.0,
+                       batch_size: int = 16) -> GeneratedImages:
+        """Images for reports: always exactly H*W image tokens, decoded by the VQ-GAN."""
+        if isinstance(reports, str):
+            reports = [reports]
+        sampling = sampling or Sampling(temperature=1.0, top_k=0, top_p=0.95)
+        begin = [self.map.begin_id]
+        room = self.max_length - self.map.tokens_per_image - 4
+        prompts = [encode_prompt(self.tok, self.map, image_prompt(self.template, r), max_text=room)[0] + begin
+                   for r in reports]
+        uncond = [encode_prompt(self.tok, self.map, image_prompt(self.template, ""))[0] + begin] * len(reports)
+        ids = []
+        for sl in self._batched(len(prompts), batch_size):
+            ids.append(self._decode(prompts[sl], self.map.tokens_per_image, self._image_mask, sampling, False,
+                                    uncond[sl] if guidance != 1.0 else None, guidance))
+        codes = self.map.ids_to_codes(torch.cat(ids)).reshape(-1, self.map.grid_size, self.map.grid_size)
+        images = []
+        if self.vqgan is not None:
+            for sl in self._batched(len(codes), 32):
+                images += self.vqgan.to_pil(self.vqgan.decode(codes[sl].to(self.vqgan.device)))
+        return GeneratedImages(images, codes)
+
+    def _room(self, prompts, want: int) -> int:
+        longest = max(len(p) for p in prompts)
+        ctx = getattr(self.model.config, "max_position_embeddings", None) or self.max_length
+        return max(1, min(want, ctx - longest))
+
+
+__all__ = ["LLMCXR", "GeneratedImages", "Sampling", "image_span"]

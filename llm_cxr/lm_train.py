@@ -1,0 +1,460 @@
+"""Training the language model: report-text pretraining of the embedded base, and the multimodal stages.
+
+One loop serves both, on accelerate (one process, several, GPUs; bf16 autocast; gradient
+accumulation and checkpointing). Only the trainable parameters go into a checkpoint (with
+LoRA a few MB), together with the optimizer, the data position and the RNG, written
+atomically; rerunning the same command resumes. ``metrics.csv`` logs loss, eval loss,
+learning rate and tokens/s; ``model/`` is what inference loads.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llm_cxr.configs import from_dict_strict, run_versions
+from llm_cxr.errors import ConfigError
+from llm_cxr.instruct import LengthGroupedBatches, StageConfig, build_stage_dataset, iterate_batches, lengths_of
+from llm_cxr.modeling import (LoraSettings, RunInfo, apply_lora, load_causal_lm, load_run, save_model,
+                              trainable_summary)
+from llm_cxr.tokens import add_image_tokens
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoints/last.pt"
+METRICS = ["step", "epoch", "loss", "eval_loss", "lr", "tokens_per_s", "seconds"]
+
+
+@dataclass
+class LoopConfig:
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 16  # per process
+    grad_accum: int = 1
+    lr: float = 3e-4
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "bf16"  # "no" | "bf16" | "fp16"
+    gradient_checkpointing: bool = False
+    group_by_length: bool = True
+    max_minutes: float | None = None  # stop (resumably) after this long
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 20
+    save_every: int = 200
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.steps <= 0 or self.batch_size <= 0 or self.grad_accum <= 0:
+            raise ConfigError("steps, batch_size and grad_accum must be > 0")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ConfigError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+
+
+def lr_at(step: int, cfg: LoopConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+@dataclass
+class _Position:
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0  # batches of `epoch` already consumed (micro-batches)
+
+
+def _trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _save_checkpoint(run: Path, model, opt, pos: _Position, accelerator) -> None:
+    if not accelerator.is_main_process:
+        return
+    path = run / CHECKPOINT
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"position": asdict(pos), "trainable": _trainable_state(accelerator.unwrap_model(model)),
+               "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state()}
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)  # atomic: a kill leaves the previous checkpoint whole
+
+
+def _load_checkpoint(run: Path, model, opt) -> _Position | None:
+    path = run / CHECKPOINT
+    if not path.exists():
+        return None
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    params = dict(model.named_parameters())
+    missing = [n for n in ck["trainable"] if n not in params]
+    if missing:
+        raise ConfigError(f"{path} does not fit this model (e.g. {missing[:3]}); resume with the same config "
+                          f"or choose a new --out")
+    with torch.no_grad():
+        for n, t in ck["trainable"].items():
+            params[n].copy_(t.to(params[n].device))
+    opt.load_state_dict(ck["optimizer"])
+    torch.set_rng_state(ck["torch_rng"])
+    pos = _Position(**ck["position"])
+    log.info("resumed %s at step %d", run, pos.step)
+    return pos
+
+
+def _drop_rows_after(path: Path, step: int) -> None:
+    lines = path.read_text().splitlines()
+    keep = lines[:1] + [ln for ln in lines[1:] if ln.split(",")[0].isdigit() and int(ln.split(",")[0]) <= step]
+    if len(keep) != len(lines):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("\n".join(keep) + "\n")
+        os.replace(tmp, path)
+
+
+@torch.no_grad()
+def evaluate_loss(model, eval_ds, pad_id: int, cfg: LoopConfig, accelerator) -> float:
+    """Mean response-token loss over up to ``eval_batches`` batches of each process's shard."""
+    if eval_ds is None or len(eval_ds) == 0:
+        return float("nan")
+    sampler = LengthGroupedBatches(lengths_of(eval_ds), cfg.batch_size, seed=0, rank=accelerator.process_index,
+                                   world=accelerator.num_processes)
+    model.eval()
+    total = torch.zeros(2, device=accelerator.device)
+    for i, (_, _, batch) in enumerate(iterate_batches(eval_ds, sampler, pad_id)):
+        if i >= min(cfg.eval_batches, len(sampler)):
+            break
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        with accelerator.autocast():
+            loss = model(**batch).loss.float()
+        n = (batch["labels"][:, 1:] != -100).sum()
+        total += torch.stack([loss * n, n.float()])
+    model.train()
+    total = accelerator.reduce(total, reduction="sum")
+    return float(total[0] / total[1].clamp(min=1))
+
+
+def train_loop(model, train_ds, eval_ds, pad_id: int, cfg: LoopConfig, run: Path, accelerator,
+               desc: str = "train") -> _Position:
+    """Train ``model`` (its ``requires_grad`` parameters) on tokenised examples; resumable from ``run``."""
+    from tqdm.auto import tqdm
+
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("nothing to train: no parameter requires a gradient")
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    pos = _load_checkpoint(run, model, opt) or _Position()
+    ds_plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if ds_plugin is not None:  # we batch ourselves, so DeepSpeed cannot infer the micro-batch from a DataLoader
+        ds_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
+    model, opt = accelerator.prepare(model, opt)
+    sampler = LengthGroupedBatches(lengths_of(train_ds), cfg.batch_size, seed=cfg.seed, grouped=cfg.group_by_length,
+                                   rank=accelerator.process_index, world=accelerator.num_processes)
+    batches = iterate_batches(train_ds, sampler, pad_id, start_epoch=pos.epoch, skip=pos.batch)
+    metrics_path = run / "metrics.csv"
+    main = accelerator.is_main_process
+    if main and metrics_path.exists():
+        _drop_rows_after(metrics_path, pos.step)  # rows logged after the checkpoint a kill fell back to
+    new_file = main and not metrics_path.exists()
+    bar = tqdm(total=cfg.steps, initial=pos.step, desc=desc, disable=not (cfg.progress and main))
+    t0 = time.monotonic()
+    tokens = 0
+    t_log = time.monotonic()
+    model.train()
+    with (open(metrics_path, "a", newline="") if main else open(os.devnull, "w")) as mf:
+        writer = csv.writer(mf)
+        if new_file:
+            writer.writerow(METRICS)
+        while pos.step < cfg.steps:
+            lr = lr_at(pos.step, cfg)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            loss_sum = 0.0
+            for _ in range(cfg.grad_accum):
+                epoch, b, batch = next(batches)
+                pos.epoch, pos.batch = epoch, b + 1
+                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+                tokens += int(batch["attention_mask"].sum())
+                with accelerator.autocast():
+                    loss = model(**batch).loss
+                accelerator.backward(loss / cfg.grad_accum)
+                loss_sum += float(loss.detach()) / cfg.grad_accum
+            if cfg.max_grad_norm:
+                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            pos.step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum:.3f}", epoch=pos.epoch)
+            eval_loss = float("nan")
+            if cfg.eval_every and (pos.step % cfg.eval_every == 0 or pos.step == cfg.steps):
+                eval_loss = evaluate_loss(model, eval_ds, pad_id, cfg, accelerator)
+                log.info("step %d: eval loss %.4f", pos.step, eval_loss)
+            if main and (pos.step % cfg.log_every == 0 or pos.step == cfg.steps or not math.isnan(eval_loss)):
+                now = time.monotonic()
+                tps = tokens * accelerator.num_processes / max(now - t_log, 1e-9)
+                tokens, t_log = 0, now
+                writer.writerow([pos.step, pos.epoch, f"{loss_sum:.5g}", "" if math.isnan(eval_loss) else
+                                 f"{eval_loss:.5g}", f"{lr:.3g}", f"{tps:.0f}", f"{now - t0:.1f}"])
+                mf.flush()
+            out_of_time = cfg.max_minutes is not None and time.monotonic() - t0 > 60 * cfg.max_minutes
+            if pos.step % cfg.save_every == 0 or pos.step == cfg.steps or out_of_time:
+                _save_checkpoint(run, model, opt, pos, accelerator)
+            if out_of_time:
+                log.warning("stopping at step %d: max_minutes=%s reached (rerun the same command to resume)",
+                            pos.step, cfg.max_minutes)
+                break
+    bar.close()
+    accelerator.wait_for_everyone()
+    return pos
+
+
+# --------------------------------------------------------------------------- multimodal stages
+
+
+@dataclass
+class LMTrainConfig:
+    """A multimodal training stage (``llm-cxr train --config YAML``)."""
+
+    data: str  # dataset with a `codes` column (`llm-cxr vqgan encode`)
+    out: str
+    base: str | None = None  # hub name or folder of a causal LM (e.g. from `llm-cxr lm pretrain`)
+    init_from: str | None = None  # a previous stage's run to continue (its adapter or weights)
+    stage: dict | StageConfig = field(default_factory=StageConfig)
+    lora: dict | LoraSettings | None = field(default_factory=LoraSettings)
+    full_finetune: bool = False  # train every weight (what LLM-CXR did) instead of LoRA
+    template: str = "compact"
+    max_length: int = 512
+    split: str = "train"
+    eval_split: str = "val"
+    num_proc: int = 1  # tokenisation workers
+    loop: dict | LoopConfig = field(default_factory=LoopConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stage, dict):
+            self.stage = from_dict_strict(StageConfig, self.stage, "stage")
+        if isinstance(self.loop, dict):
+            self.loop = from_dict_strict(LoopConfig, self.loop, "loop")
+        if isinstance(self.lora, dict):
+            self.lora = from_dict_strict(LoraSettings, self.lora, "lora")
+        if (self.base is None) == (self.init_from is None):
+            raise ConfigError("give exactly one of base (a model to start from) and init_from (a previous stage run)")
+        if not self.full_finetune and self.lora is None and self.init_from is None:
+            raise ConfigError("lora is null and full_finetune is false: nothing would be trained")
+
+
+def _merge(doc: dict, sets: dict) -> None:
+    for k, v in sets.items():
+        if isinstance(v, dict) and isinstance(doc.get(k), dict):
+            _merge(doc[k], v)
+        else:
+            doc[k] = v
+
+
+def load_lm_config(path: str | None, sets: dict | None = None, **overrides: Any) -> LMTrainConfig:
+    """A YAML file (keys of :class:`LMTrainConfig`; nested ``stage``/``lora``/``loop``) plus overrides.
+
+    ``overrides`` are top-level or loop keys (None = not given); ``sets`` is a nested dict
+    merged last (``--set stage.vqa=4``).
+    """
+    import yaml
+
+    doc: dict[str, Any] = {}
+    source = "command line"
+    if path:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"training config {p} does not exist")
+        try:
+            doc = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p} is not valid YAML: {e}") from e
+        source = str(p)
+    loop_keys = {f for f in LoopConfig.__dataclass_fields__}
+    for k, v in overrides.items():
+        if v is None:
+            continue
+        if k in loop_keys:
+            doc.setdefault("loop", {})[k] = v
+        else:
+            doc[k] = v
+    _merge(doc, sets or {})
+    if overrides.get("base") and "init_from" in doc and not overrides.get("init_from"):
+        doc.pop("init_from")
+    if overrides.get("init_from") and "base" in doc and not overrides.get("base"):
+        doc.pop("base")
+    for k in ("data", "out"):
+        if k not in doc:
+            raise ConfigError(f"{source}: the training config needs {k!r}")
+    return from_dict_strict(LMTrainConfig, doc, "training", source)
+
+
+def _start_model(cfg: LMTrainConfig, codes_info: dict):
+    """(model, tokenizer, token_map, RunInfo): the base extended with image tokens, or the previous stage."""
+    if cfg.init_from:
+        prev = load_run(cfg.init_from, trainable=True)
+        prev.token_map.check_vqgan(codes_info["n_embed"], codes_info["grid_size"], codes_info["fingerprint"],
+                                   source=f"the VQ-GAN of {cfg.data}")
+        for p in prev.model.parameters():
+            if prev.info.kind == "full":
+                p.requires_grad_(True)
+        return prev.model, prev.tokenizer, prev.token_map, prev.info.kind, prev.info.base
+    model, tok = load_causal_lm(cfg.base)
+    token_map = add_image_tokens(tok, model, codes_info["n_embed"], codes_info["grid_size"],
+                                 codes_info["fingerprint"])
+    if cfg.full_finetune:
+        return model, tok, token_map, "full", cfg.base
+    return apply_lora(model, token_map, cfg.lora), tok, token_map, "lora", cfg.base
+
+
+def train_lm(cfg: LMTrainConfig, accelerator=None) -> Path:
+    """Run (or resume) one multimodal stage; returns the run folder."""
+    from llm_cxr.accel import make_accelerator
+    from llm_cxr.data.dataset import load_dataset
+    from llm_cxr.vqgan.encode import read_codes_info
+
+    loop = cfg.loop
+    accelerator = accelerator or make_accelerator(loop.mixed_precision)
+    torch.manual_seed(loop.seed)
+    codes_info = read_codes_info(cfg.data)
+    run = Path(cfg.out)
+    model, tok, token_map, kind, base = _start_model(cfg, codes_info)
+    if model.config.max_position_embeddings < cfg.max_length if hasattr(model.config, "max_position_embeddings") \
+            else False:
+        raise ConfigError(f"max_length={cfg.max_length} exceeds the model's context "
+                          f"({model.config.max_position_embeddings})")
+    summary = trainable_summary(model)
+    _init_run(run, cfg, summary, accelerator)
+    with accelerator.main_process_first():
+        ds = load_dataset(cfg.data)
+        train = build_stage_dataset(ds.filter(lambda s: s == cfg.split, input_columns="split"), tok, token_map,
+                                    cfg.stage, cfg.template, cfg.max_length, loop.seed, cfg.num_proc)
+        ev = ds.filter(lambda s: s == cfg.eval_split, input_columns="split")
+        ev = build_stage_dataset(ev, tok, token_map, cfg.stage, cfg.template, cfg.max_length, loop.seed + 1,
+                                 cfg.num_proc) if len(ev) else None
+    if len(train) == 0:
+        raise ConfigError(f"{cfg.data} has no rows in split {cfg.split!r}")
+    log.info("%s: %d training examples, %s", run, len(train), summary)
+    pos = train_loop(model, train, ev, tok.pad_token_id, loop, run, accelerator, desc=f"train {run.name}")
+    if accelerator.is_main_process:
+        info = RunInfo(kind=kind, base=_abs(base), vqgan=codes_info.get("model_path"), template=cfg.template,
+                       max_length=cfg.max_length, extra={"vqgan_weights": codes_info.get("weights"),
+                                                         "trainable": asdict(summary) | {"share": summary.share}})
+        save_model(accelerator.unwrap_model(model), tok, token_map, info, run / "model")
+        if pos.step >= loop.steps:
+            (run / "DONE").write_text(json.dumps({"steps": pos.step}) + "\n")
+    accelerator.wait_for_everyone()
+    return run
+
+
+def _abs(ref: str) -> str:
+    p = Path(ref)
+    return str(p.resolve()) if p.exists() else ref
+
+
+def _init_run(run: Path, cfg: LMTrainConfig, summary, accelerator) -> None:
+    if accelerator.is_main_process:
+        run.mkdir(parents=True, exist_ok=True)
+        resolved = asdict(cfg)
+        saved = run / "config.json"
+        if saved.exists() and (run / CHECKPOINT).exists():
+            old = json.loads(saved.read_text())
+            if {k: v for k, v in old.items() if k != "loop"} != {k: v for k, v in resolved.items() if k != "loop"}:
+                raise ConfigError(f"{run} holds a run with another config; resume with the same config or choose "
+                                  f"a new --out")
+        saved.write_text(json.dumps(resolved, indent=2) + "\n")
+        (run / "versions.json").write_text(json.dumps(run_versions("transformers", "peft"), indent=2) + "\n")
+        (run / "trainable.json").write_text(json.dumps({"trainable": summary.trainable, "total": summary.total,
+                                                        "share": summary.share}, indent=2) + "\n")
+    accelerator.wait_for_everyone()
+
+
+# --------------------------------------------------------------------------- the embedded base LM
+
+
+@dataclass
+class PretrainConfig:
+    """Report-text pretraining of the embedded GPT-NeoX (``llm-cxr lm pretrain``)."""
+
+    data: str
+    out: str
+    preset: str = "small"
+    split: str = "train"
+    eval_split: str = "val"
+    loop: dict | LoopConfig = field(default_factory=lambda: LoopConfig(steps=600, batch_size=32, lr=1e-3,
+                                                                       warmup_steps=30, eval_every=200))
+
+    def __post_init__(self) -> None:
+        if isinstance(self.loop, dict):
+            self.loop = from_dict_strict(LoopConfig, self.loop, "loop")
+
+
+def pretrain_base(cfg: PretrainConfig, accelerator=None) -> Path:
+    """Train the report tokenizer and a small GPT-NeoX on the reports; the base is ``OUT/model``."""
+    import datasets
+
+    from llm_cxr.accel import make_accelerator
+    from llm_cxr.data.dataset import load_dataset
+    from llm_cxr.textlm import build_base_model, get_base_preset, train_text_tokenizer
+
+    preset = get_base_preset(cfg.preset)
+    accelerator = accelerator or make_accelerator(cfg.loop.mixed_precision)
+    run = Path(cfg.out)
+    model_dir = run / "model"
+    ds = load_dataset(cfg.data).select_columns(["report", "split"])
+    splits = ds["split"]
+    reports = ds["report"]
+    train_texts = [r for r, s in zip(reports, splits) if s == cfg.split]
+    if not train_texts:
+        raise ConfigError(f"{cfg.data} has no reports in split {cfg.split!r}")
+    with accelerator.main_process_first():
+        if (model_dir / "tokenizer.json").exists():
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(model_dir)
+        else:
+            tok = train_text_tokenizer(train_texts, preset.vocab)
+            if accelerator.is_main_process:
+                tok.save_pretrained(model_dir)
+    model = build_base_model(preset, len(tok), seed=cfg.loop.seed)
+
+    def tokenise(texts: list[str]):
+        ids = [x[:preset.context - 1] + [tok.eos_token_id] for x in tok(texts, add_special_tokens=False)["input_ids"]]
+        return datasets.Dataset.from_dict({"input_ids": ids, "n_prompt": [0] * len(ids),
+                                           "length": [len(x) for x in ids]})
+
+    train = tokenise(train_texts)
+    ev_texts = [r for r, s in zip(reports, splits) if s == cfg.eval_split]
+    ev = tokenise(ev_texts) if ev_texts else None
+    if accelerator.is_main_process:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        (run / "versions.json").write_text(json.dumps(run_versions("transformers"), indent=2) + "\n")
+    accelerator.wait_for_everyone()
+    log.info("pretraining a %s GPT-NeoX (%s) on %d reports", cfg.preset, trainable_summary(model), len(train))
+    pos = train_loop(model, train, ev, tok.pad_token_id, cfg.loop, run, accelerator, desc="pretrain")
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(model_dir)
+        tok.save_pretrained(model_dir)
+        if pos.step >= cfg.loop.steps:
+            (run / "DONE").write_text(json.dumps({"steps": pos.step}) + "\n")
+    accelerator.wait_for_everyone()
+    return model_dir

@@ -1,0 +1,215 @@
+"""Instruction templates for every task, and visual questions made from structured findings.
+
+Three tasks, as in LLM-CXR (Lee et al., ICLR 2024): CXR -> report, report -> CXR, and visual
+question answering. A prompt is a list of *parts*: strings and :class:`ImageSlot` (the place
+where an image's codes go), so the same description serves training (the response is known)
+and inference (the response is generated). Templates follow the Dolly/Alpaca instruction
+format; which template a run uses is part of its config.
+
+VQA for synthetic data comes from the generator's structured findings (laterality, severity);
+for real data from what the report labeler extracted. LLM-CXR never released its VQA data.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+from llm_cxr.data.reports import parse_sections
+from llm_cxr.data.schema import DEVICES, FINDING_NAMES, LATERALITIES, Finding
+from llm_cxr.errors import ConfigError
+
+TASKS = ("report", "image", "vqa")
+
+
+@dataclass(frozen=True)
+class ImageSlot:
+    """Where an image's token span (``<image> <img_..>*H*W </image>``) goes in a prompt."""
+
+
+IMAGE = ImageSlot()
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """An instruction format. ``{instruction}`` and ``{input}`` are filled; the response follows it."""
+
+    name: str
+    preamble: str
+    instruction_key: str
+    input_key: str
+    response_key: str
+    end_key: str  # text after the response; the tokenizer's EOS token always ends a sequence too
+
+    def parts(self, instruction: str, inputs: Sequence[str | ImageSlot] = ()) -> list[str | ImageSlot]:
+        """The prompt up to and including the response key: text parts and image slots.
+
+        Each input stays its own part, so a report in the prompt can be truncated on its own
+        and is tokenised the same way at training and inference time.
+        """
+        if not inputs:
+            return [f"{self.preamble}{self.instruction_key}{instruction}", self.response_key]
+        return [f"{self.preamble}{self.instruction_key}{instruction}{self.input_key}", *inputs, self.response_key]
+
+
+TEMPLATES: dict[str, PromptTemplate] = {
+    # LLM-CXR's (Dolly's) format, word for word: what a Dolly/Pythia checkpoint has seen.
+    "dolly": PromptTemplate(
+        name="dolly",
+        preamble="Below is an instruction that describes a task. Write a response that appropriately completes "
+                 "the request.\n\n",
+        instruction_key="### Instruction:\n", input_key="\n\nInput:\n", response_key="\n\n### Response:\n",
+        end_key="\n\n### End"),
+    # The same structure without the preamble: 30 fewer tokens per example for small models.
+    "compact": PromptTemplate(name="compact", preamble="", instruction_key="### Instruction:\n",
+                              input_key="\n### Input:\n", response_key="\n### Response:\n", end_key=""),
+}
+
+
+def get_template(name: str) -> PromptTemplate:
+    if name not in TEMPLATES:
+        raise ConfigError(f"unknown prompt template {name!r}; known: {', '.join(TEMPLATES)}")
+    return TEMPLATES[name]
+
+
+REPORT_INSTRUCTIONS = (
+    "Generate a free-text radiology report for the entered chest X-ray image.",
+    "Write the radiology report for this chest radiograph.",
+    "Describe the findings of this chest X-ray as a radiologist would.",
+    "Read this chest X-ray and write its report.",
+)
+IMAGE_INSTRUCTIONS = (
+    "Generate a chest X-ray image that corresponds to the entered free-text radiology report.",
+    "Draw the chest radiograph this report describes.",
+    "Create a chest X-ray image matching the following report.",
+    "Synthesize a frontal chest X-ray consistent with this report.",
+)
+IMPRESSION_INSTRUCTIONS = (
+    "Write the impression section of the radiology report for this chest X-ray.",
+    "Summarize the most important findings of this chest radiograph.",
+)
+
+# How a finding is named in a question and in a list of findings.
+NAMES: dict[str, str] = {
+    "cardiomegaly": "cardiomegaly", "pleural_effusion": "pleural effusion", "pneumothorax": "pneumothorax",
+    "consolidation": "consolidation", "nodule": "pulmonary nodule", "mass": "lung mass", "edema": "pulmonary edema",
+    "atelectasis": "atelectasis", "endotracheal_tube": "endotracheal tube", "central_line": "central venous line",
+    "chest_tube": "chest tube", "pacemaker": "pacemaker", "lung_opacity": "lung opacity",
+    "lung_lesion": "lung lesion", "pneumonia": "pneumonia", "fracture": "fracture",
+    "enlarged_cardiomediastinum": "enlarged cardiomediastinum", "pleural_other": "pleural thickening",
+    "support_devices": "support device",
+}
+_ARTICLE = {"cardiomegaly": "", "edema": "", "atelectasis": "", "consolidation": "", "pneumothorax": "a ",
+            "pneumonia": "", "lung_opacity": "a ", "enlarged_cardiomediastinum": "an "}
+PRESENCE_QUESTIONS = ("Is there {a}{name}?", "Does this chest X-ray show {a}{name}?", "Is {a}{name} present?")
+LATERALITY_QUESTIONS = ("Which side is the {name} on?", "On which side is the {name}?", "Where is the {name}, left or right?")
+SEVERITY_QUESTIONS = ("How severe is the {name}?", "What is the size of the {name}?")
+DEVICE_QUESTIONS = ("Which support devices are present?", "What lines and tubes are seen?")
+LIST_QUESTIONS = ("What abnormalities are seen in this chest X-ray?", "List the findings of this image.")
+LATERALITY_ANSWERS = {"left": "left", "right": "right", "bilateral": "both sides"}
+# Classes a presence question may ask about: on synthetic data every finding the generator draws.
+DEFAULT_ASKABLE: tuple[str, ...] = FINDING_NAMES
+
+
+@dataclass(frozen=True)
+class QA:
+    question: str
+    answer: str
+    kind: str  # "presence" | "laterality" | "severity" | "devices" | "list"
+    finding: str | None = None
+
+
+def _article(name: str) -> str:
+    if name in _ARTICLE:
+        return _ARTICLE[name]
+    return "an " if NAMES.get(name, name)[0] in "aeiou" else "a "
+
+
+def _join(names: list[str]) -> str:
+    names = [NAMES.get(n, n.replace("_", " ")) for n in names]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def make_vqa(findings: Iterable[Finding], rng: random.Random, n: int = 4, askable: Sequence[str] = DEFAULT_ASKABLE,
+             uncertain: Iterable[str] = ()) -> list[QA]:
+    """Up to ``n`` distinct questions about a study with known findings.
+
+    Presence questions are balanced (as many "no" as "yes" where possible); laterality and
+    severity questions are asked about findings that have one; ``uncertain`` names are never
+    asked about (real data: the report hedged).
+    """
+    findings = [f for f in findings if f.name in NAMES]
+    present = {f.name: f for f in findings}
+    skip = set(uncertain)
+    absent = [a for a in askable if a not in present and a not in skip]
+    pool: list[QA] = []
+    for f in findings:
+        name = NAMES[f.name]
+        pool.append(QA(rng.choice(PRESENCE_QUESTIONS).format(a=_article(f.name), name=name), "yes", "presence", f.name))
+        if f.laterality in LATERALITIES and f.name not in DEVICES:
+            pool.append(QA(rng.choice(LATERALITY_QUESTIONS).format(name=name), LATERALITY_ANSWERS[f.laterality],
+                           "laterality", f.name))
+        if f.severity:
+            pool.append(QA(rng.choice(SEVERITY_QUESTIONS).format(name=name), f.severity, "severity", f.name))
+    rng.shuffle(pool)
+    n_yes = sum(q.answer == "yes" for q in pool)
+    negatives = [QA(rng.choice(PRESENCE_QUESTIONS).format(a=_article(a), name=NAMES[a]), "no", "presence", a)
+                 for a in rng.sample(absent, min(len(absent), max(n_yes, 1)))]
+    devices = sorted(f.name for f in findings if f.name in DEVICES)
+    pathologies = sorted(f.name for f in findings if f.name not in DEVICES)
+    extra = [QA(rng.choice(DEVICE_QUESTIONS), _join(devices) if devices else "none", "devices"),
+             QA(rng.choice(LIST_QUESTIONS), _join(pathologies) if pathologies else "no acute abnormality", "list")]
+    # Interleave so that a small n still mixes kinds: positives, negatives, then the rest.
+    ordered: list[QA] = []
+    for group in _round_robin(pool, negatives):
+        ordered.append(group)
+    ordered += extra
+    seen: set[str] = set()
+    out = []
+    for qa in ordered:
+        if qa.question not in seen:
+            seen.add(qa.question)
+            out.append(qa)
+    return out[:n]
+
+
+def _round_robin(a: list, b: list) -> list:
+    out = []
+    for i in range(max(len(a), len(b))):
+        out += a[i:i + 1] + b[i:i + 1]
+    return out
+
+
+def report_text(report: str, sections: str) -> str:
+    """The part of a report a stage trains on: ``"findings_impression"`` (all of it) or ``"impression"``."""
+    if sections == "findings_impression":
+        return report.strip()
+    if sections == "impression":
+        parsed = parse_sections(report)
+        return f"IMPRESSION: {parsed.impression}" if parsed.impression else report.strip()
+    raise ConfigError(f"report sections must be 'findings_impression' or 'impression', got {sections!r}")
+
+
+@dataclass
+class Example:
+    """One instruction example before tokenisation."""
+
+    task: str  # "report" | "image" | "vqa" | "text"
+    prompt: list  # text parts and IMAGE slots, ending with the response key
+    response: str | None  # text response, or None when the response is the image
+    codes: Sequence[int] | None = None  # the study's codes (the image in the prompt or the response)
+    meta: dict = field(default_factory=dict)
+
+
+def report_prompt(template: PromptTemplate, rng: random.Random | None = None, sections: str = "findings_impression"):
+    pool = IMPRESSION_INSTRUCTIONS if sections == "impression" else REPORT_INSTRUCTIONS
+    return template.parts(rng.choice(pool) if rng else pool[0], [IMAGE])
+
+
+def image_prompt(template: PromptTemplate, report: str, rng: random.Random | None = None):
+    return template.parts(rng.choice(IMAGE_INSTRUCTIONS) if rng else IMAGE_INSTRUCTIONS[0], [report])
+
+
+def vqa_prompt(template: PromptTemplate, question: str):
+    return template.parts(question, [IMAGE])

@@ -1,0 +1,135 @@
+"""Prompts, VQA from findings, tokenisation with response-only loss, truncation, length grouping."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from llm_cxr.data.schema import Finding
+from llm_cxr.errors import ConfigError, InputError
+from llm_cxr.instruct import (LengthGroupedBatches, StageConfig, collate, encode_example, study_examples,
+                              text_example)
+from llm_cxr.prompts import IMAGE, TEMPLATES, make_vqa, report_text
+from llm_cxr.textlm import train_text_tokenizer
+from llm_cxr.tokens import add_image_tokens
+
+REPORT = ("FINDINGS: A large right effusion is present. The cardiac silhouette is not enlarged. No pneumothorax.\n"
+          "IMPRESSION: Large right pleural effusion.")
+
+
+@pytest.fixture(scope="module")
+def tok_map():
+    tok = train_text_tokenizer([REPORT] * 20 + ["No acute cardiopulmonary abnormality."] * 20, vocab_size=400)
+    token_map = add_image_tokens(tok, None, n_codes=16, grid_size=2, vqgan_fingerprint="fp")
+    return tok, token_map
+
+
+def _row(findings, codes=(1, 2, 3, 4), report=REPORT):
+    import json
+
+    return {"id": "s1", "patient_id": "p1", "report": report, "codes": list(codes), "source": "synthetic",
+            "findings": json.dumps([f.to_dict() for f in findings]), "labels": {}}
+
+
+def test_vqa_is_balanced_and_truthful():
+    findings = [Finding("pleural_effusion", "right", "basal", "large"), Finding("pneumothorax", "left")]
+    qas = make_vqa(findings, random.Random(0), n=20)
+    kinds = {q.kind for q in qas}
+    assert {"presence", "laterality", "severity", "devices", "list"} <= kinds
+    yes = [q for q in qas if q.answer == "yes"]
+    no = [q for q in qas if q.answer == "no"]
+    assert len(yes) == 2 and len(no) == 2
+    assert all(q.finding in ("pleural_effusion", "pneumothorax") for q in yes)
+    assert all(q.finding not in ("pleural_effusion", "pneumothorax") for q in no)
+    lat = {q.finding: q.answer for q in qas if q.kind == "laterality"}
+    assert lat == {"pleural_effusion": "right", "pneumothorax": "left"}
+    assert [q.answer for q in qas if q.kind == "severity"] == ["large"]
+    assert [q.answer for q in qas if q.kind == "devices"] == ["none"]
+    # a normal study still gets a "no" question and the list answer
+    normal = make_vqa([], random.Random(1), n=5)
+    assert any(q.answer == "no" for q in normal) and any(q.answer == "no acute abnormality" for q in normal)
+    # uncertain findings are never asked about
+    assert all(q.finding != "edema" for q in make_vqa([], random.Random(2), n=50, uncertain=["edema"]))
+
+
+def test_impression_section():
+    assert report_text(REPORT, "impression") == "IMPRESSION: Large right pleural effusion."
+    assert report_text(REPORT, "findings_impression") == REPORT
+    with pytest.raises(ConfigError):
+        report_text(REPORT, "whatever")
+
+
+def test_response_only_loss_and_image_span(tok_map):
+    tok, m = tok_map
+    tpl = TEMPLATES["compact"]
+    exs = study_examples(_row([Finding("pleural_effusion", "right", severity="large")]), StageConfig(vqa=2), tpl, 0)
+    assert [e.task for e in exs] == ["report", "image", "vqa", "vqa"]
+    rep = encode_example(exs[0], tok, m, tpl, 256)
+    img = encode_example(exs[1], tok, m, tpl, 256)
+    span = [m.begin_id, m.first_id + 1, m.first_id + 2, m.first_id + 3, m.first_id + 4, m.end_id]
+    # CXR -> report: the image is in the prompt, the report is the response, ending in EOS
+    b = rep.input_ids.index(m.begin_id)
+    assert rep.input_ids[b:b + len(span)] == span and b + len(span) < rep.n_prompt
+    assert tok.decode(rep.input_ids[rep.n_prompt:-1]) == REPORT and rep.input_ids[-1] == tok.eos_token_id
+    # report -> CXR: the response is exactly the image span + EOS
+    assert img.input_ids[img.n_prompt:] == span + [tok.eos_token_id]
+    batch = collate([{"input_ids": rep.input_ids, "n_prompt": rep.n_prompt},
+                     {"input_ids": img.input_ids, "n_prompt": img.n_prompt}], pad_id=tok.pad_token_id)
+    lab = batch["labels"]
+    assert (lab[0, :rep.n_prompt] == -100).all() and (lab[0, rep.n_prompt:len(rep.input_ids)] >= 0).all()
+    assert (lab[1, len(img.input_ids):] == -100).all() and batch["input_ids"].shape[1] % 8 == 0
+    assert batch["attention_mask"].sum(1).tolist() == [len(rep.input_ids), len(img.input_ids)]
+
+
+def test_truncation_cuts_the_report_never_the_image(tok_map):
+    tok, m = tok_map
+    tpl = TEMPLATES["compact"]
+    long = REPORT + " The lungs are clear." * 60
+    exs = study_examples(_row([], report=long), StageConfig(vqa=0), tpl, 0)
+    rep = encode_example(exs[0], tok, m, tpl, 120)
+    img = encode_example(exs[1], tok, m, tpl, 120)
+    for enc in (rep, img):
+        assert enc.truncated and len(enc.input_ids) <= 120
+        assert sum(m.begin_id == t for t in enc.input_ids) == 1 and sum(m.end_id == t for t in enc.input_ids) == 1
+        assert sum(bool(m.is_image_id(torch.tensor(t))) for t in enc.input_ids) == 4
+    assert img.input_ids[img.n_prompt:][-2:] == [m.end_id, tok.eos_token_id]
+    with pytest.raises(InputError, match="max_length"):
+        encode_example(exs[1], tok, m, tpl, 20)
+
+
+def test_bad_codes_are_clear_errors(tok_map):
+    tok, m = tok_map
+    tpl = TEMPLATES["compact"]
+    ex = study_examples(_row([], codes=(1, 2, 3)), StageConfig(vqa=0, image=0), tpl, 0)[0]
+    with pytest.raises(InputError, match="needs 4 codes"):
+        encode_example(ex, tok, m, tpl, 256)
+    ex = study_examples(_row([], codes=(1, 2, 3, 99)), StageConfig(vqa=0, image=0), tpl, 0)[0]
+    with pytest.raises(InputError, match=r"\[0, 15\]"):
+        encode_example(ex, tok, m, tpl, 256)
+
+
+def test_plain_instruction_examples(tok_map):
+    tok, m = tok_map
+    tpl = TEMPLATES["dolly"]
+    ex = text_example({"instruction": "Say hi", "context": "", "response": "hi"}, tpl)
+    enc = encode_example(ex, tok, m, tpl, 256)
+    assert tok.decode(enc.input_ids[enc.n_prompt:]).startswith("hi")
+    with pytest.raises(InputError):
+        text_example({"instruction": "x"}, tpl)
+    assert IMAGE not in ex.prompt
+
+
+def test_length_grouping_reduces_padding_and_shards():
+    lengths = np.random.default_rng(0).integers(20, 400, size=2000)
+    grouped = LengthGroupedBatches(lengths, 16, seed=0, grouped=True).epoch(0)
+    plain = LengthGroupedBatches(lengths, 16, seed=0, grouped=False).epoch(0)
+
+    def waste(batches):
+        return sum(16 * lengths[b].max() - lengths[b].sum() for b in batches) / sum(lengths[b].sum() for b in batches)
+
+    assert waste(grouped) < 0.1 < waste(plain)
+    r0 = LengthGroupedBatches(lengths, 16, seed=0, rank=0, world=2).epoch(3)
+    r1 = LengthGroupedBatches(lengths, 16, seed=0, rank=1, world=2).epoch(3)
+    assert len(r0) == len(r1) and not set(sum(r0, [])) & set(sum(r1, []))
+    assert LengthGroupedBatches(lengths, 16, seed=0).epoch(1) != LengthGroupedBatches(lengths, 16, seed=0).epoch(2)
