@@ -4,10 +4,12 @@ Each step is a cached :class:`~llm_cxr.pipeline.Stages` stage under ``OUT/cache`
 run reuses them and only rewrites the page. Results go to ``OUT/summary.json`` (for
 machines) and ``OUT/index.html`` (for people).
 
-Steps so far: synthesise a dataset with ground truth; read every report back with the
-rule-based labeler and score it against the planted findings; train the ``tiny`` VQ-GAN and
-measure its reconstructions of the test split; write the page. Later capabilities (language
-model, generation, explanations) join as further stages.
+Steps: synthesise a dataset with ground truth; read every report back with the rule-based
+labeler and score it against the planted findings; train the ``tiny`` VQ-GAN, measure its
+reconstructions and encode the dataset; train the finding classifier that judges generated
+images; make the embedded base LM (report tokenizer + tiny GPT-NeoX on report text); fine-tune
+it with LoRA on CXR -> report, report -> CXR and VQA; generate and evaluate on the test split;
+write the page.
 """
 
 from __future__ import annotations
@@ -30,12 +32,16 @@ log = logging.getLogger(__name__)
 @dataclass
 class DemoConfig:
     out: Path = Path("OUT")
-    n: int = 600
+    n: int = 3000
     size: int = 128
     seed: int = 0
     fresh: bool = False
     progress: bool = True
     vqgan_steps: int = 600
+    lm_pretrain_steps: int = 300
+    lm_steps: int = 900
+    classifier_epochs: int = 6
+    n_eval: int = 100
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -115,6 +121,85 @@ def _stage_vqgan(stages: Stages, cfg: DemoConfig, data_dir: Path):
     return stages.run("vqgan", fp, build)
 
 
+def _stage_encode(stages: Stages, cfg: DemoConfig, data_dir: Path):
+    from llm_cxr.vqgan import encode as enc_mod
+    from llm_cxr.vqgan.encode import encode_dataset
+
+    vq = stages.results["vqgan"]
+    fp = {"vqgan": vq.info, "synth": stages.results["synth"].info, "code": code_hash(enc_mod)}
+
+    def build(tmp: Path) -> dict[str, Any]:
+        info = encode_dataset(vq.path / "run", data_dir, tmp / "dataset", progress=cfg.progress)
+        return {"n": info["n"], "grid": info["grid_size"], "n_embed": info["n_embed"]}
+
+    return stages.run("encode", fp, build)
+
+
+def _stage_classifier(stages: Stages, cfg: DemoConfig, data_dir: Path):
+    """The finding classifier that judges generated images (trained on real images of the demo data)."""
+    from llm_cxr import classifier
+    from llm_cxr.classifier import ClassifierTrainConfig, train_classifier
+
+    res = stages.results["vqgan"].info["resolution"]
+    fp = {"synth": stages.results["synth"].info, "res": res, "epochs": cfg.classifier_epochs, "seed": cfg.seed,
+          "code": code_hash(classifier)}
+
+    def build(tmp: Path) -> dict[str, Any]:
+        m = train_classifier(ClassifierTrainConfig(data=str(data_dir), out=str(tmp / "run"), resolution=res,
+                                                   epochs=cfg.classifier_epochs, seed=cfg.seed,
+                                                   progress=cfg.progress, channels=(16, 32, 64)))
+        return {"test_micro_f1": m["micro_f1"], "test_exact_match": m["exact_match"]}
+
+    return stages.run("classifier", fp, build)
+
+
+def _stage_lm(stages: Stages, cfg: DemoConfig, codes_dir: Path):
+    """Base LM on report text, then one LoRA stage with all three tasks (the `tiny` preset)."""
+    from llm_cxr import generation, instruct, lm_train, modeling, prompts, textlm, tokens
+    from llm_cxr.lm_train import LMTrainConfig, LoopConfig, PretrainConfig, pretrain_base, train_lm
+
+    fp = {"encode": stages.results["encode"].info, "pre": cfg.lm_pretrain_steps, "steps": cfg.lm_steps,
+          "seed": cfg.seed, "code": code_hash(lm_train, instruct, modeling, prompts, textlm, tokens, generation)}
+
+    def build(tmp: Path) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        base = pretrain_base(PretrainConfig(data=str(codes_dir), out=str(tmp / "base"), preset="tiny",
+                                            loop=LoopConfig(steps=cfg.lm_pretrain_steps, batch_size=32, lr=2e-3,
+                                                            warmup_steps=20, eval_every=0, seed=cfg.seed,
+                                                            progress=cfg.progress)))
+        t1 = time.perf_counter()
+        run = train_lm(LMTrainConfig(
+            data=str(codes_dir), out=str(tmp / "run"), base=str(base), max_length=256,
+            stage={"vqa": 3}, lora={"r": 32, "alpha": 64, "dropout": 0.0},
+            loop=LoopConfig(steps=cfg.lm_steps, batch_size=16, lr=2e-3, warmup_steps=30, eval_every=cfg.lm_steps,
+                            save_every=300, seed=cfg.seed, progress=cfg.progress)))
+        t2 = time.perf_counter()
+        shutil.copy(run / "metrics.csv", tmp / "metrics.csv")
+        trainable = __import__("json").loads((run / "trainable.json").read_text())
+        return {"pretrain_seconds": t1 - t0, "train_seconds": t2 - t1, **trainable}
+
+    return stages.run("lm", fp, build)
+
+
+def _stage_generate(stages: Stages, cfg: DemoConfig, codes_dir: Path):
+    """Reports for test images, images for test reports, answers; scored against the ground truth."""
+    from llm_cxr.evaluation import lm_eval
+    from llm_cxr.evaluation.lm_eval import evaluate_all
+    from llm_cxr.generation import LLMCXR
+
+    fp = {"lm": stages.results["lm"].info, "clf": stages.results["classifier"].info, "n": cfg.n_eval,
+          "code": code_hash(lm_eval)}
+
+    def build(tmp: Path) -> dict[str, Any]:
+        model = LLMCXR.from_pretrained(stages.results["lm"].path / "run",
+                                       vqgan=stages.results["vqgan"].path / "run")
+        res = evaluate_all(model, str(codes_dir), "test", str(stages.results["classifier"].path / "run"),
+                           n=cfg.n_eval, seed=cfg.seed, progress=cfg.progress, out=tmp / "eval.json")
+        return {k: v for k, v in res["summary"].items()}
+
+    return stages.run("generate", fp, build)
+
+
 def _prevalence(ds) -> list[dict[str, Any]]:
     from llm_cxr.data.schema import findings_from_json
 
@@ -169,6 +254,10 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     synth_stage = _stage_synth(stages, cfg)
     lab = _stage_labeler(stages, cfg, synth_stage.path / "dataset")
     vq = _stage_vqgan(stages, cfg, synth_stage.path / "dataset")
+    enc = _stage_encode(stages, cfg, synth_stage.path / "dataset")
+    clf = _stage_classifier(stages, cfg, synth_stage.path / "dataset")
+    lm = _stage_lm(stages, cfg, enc.path / "dataset")
+    gen = _stage_generate(stages, cfg, enc.path / "dataset")
     metrics = {
         "n_images": synth_stage.info["n_rows"],
         "labeler_synthetic_exact_match": lab.info["exact_match"],
@@ -177,6 +266,15 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         "vqgan_psnr": vq.info["psnr"],
         "vqgan_ssim": vq.info["ssim"],
         "vqgan_codebook_usage": vq.info["codebook_usage"],
+        "classifier_test_micro_f1": clf.info["test_micro_f1"],
+        "lm_trainable_share": lm.info["share"],
+        "report_clinical_micro_f1": gen.info["report_clinical_micro_f1"],
+        "report_laterality_accuracy": gen.info["report_laterality_accuracy"],
+        "image_finding_micro_f1": gen.info["image_finding_micro_f1"],
+        "valid_image_rate": gen.info["valid_image_rate"],
+        "vqa_accuracy": gen.info["vqa_accuracy"],
+        "reports_per_minute": gen.info["reports_per_minute"],
+        "images_per_minute": gen.info["images_per_minute"],
     }
     summary: dict[str, Any] = {
         "version": __version__,

@@ -112,7 +112,7 @@ class LLMCXR:
         from llm_cxr.vqgan import VQGAN
 
         loaded = load_run(run, merge=merge)
-        vq_path = vqgan or loaded.info.vqgan
+        vq_path = vqgan or loaded.info.resolve("vqgan", loaded.folder)
         vq = None
         if vq_path:
             if not Path(vq_path).exists():
@@ -216,7 +216,7 @@ class LLMCXR:
                    for q, c in zip(questions, codes)]
         out: list[str] = []
         for sl in self._batched(len(prompts), batch_size):
-            out += self._text(prompts[sl], sampling or Sampling(), max_new_tokens)
+            out += self._text(prompts[sl], sampling or Sampling(), self._room(prompts[sl], max_new_tokens))
         return out
 
     def generate_image(self, reports: Sequence[str], sampling: Sampling | None = None, guidance: float = 1.0,

@@ -223,8 +223,24 @@ def train_loop(model, train_ds, eval_ds, pad_id: int, cfg: LoopConfig, run: Path
                             pos.step, cfg.max_minutes)
                 break
     bar.close()
+    if main:
+        _record_cost(run, time.monotonic() - t0, pos.step)
     accelerator.wait_for_everyone()
     return pos
+
+
+def _record_cost(run: Path, seconds: float, step: int) -> None:
+    """``cost.json``: wall time of this invocation and peak memory (what a preset costs)."""
+    import resource
+
+    cost = {"seconds_this_invocation": round(seconds, 1), "step": step,
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if torch.cuda.is_available():
+        cost["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    path = run / "cost.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    cost["seconds_total"] = round(old.get("seconds_total", 0.0) + seconds, 1)
+    path.write_text(json.dumps(cost, indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------- multimodal stages
@@ -355,14 +371,25 @@ def train_lm(cfg: LMTrainConfig, accelerator=None) -> Path:
     log.info("%s: %d training examples, %s", run, len(train), summary)
     pos = train_loop(model, train, ev, tok.pad_token_id, loop, run, accelerator, desc=f"train {run.name}")
     if accelerator.is_main_process:
-        info = RunInfo(kind=kind, base=_abs(base), vqgan=codes_info.get("model_path"), template=cfg.template,
+        vq = codes_info.get("model_path")
+        info = RunInfo(kind=kind, base=_abs(base), vqgan=_abs(vq) if vq else None, template=cfg.template,
                        max_length=cfg.max_length, extra={"vqgan_weights": codes_info.get("weights"),
-                                                         "trainable": asdict(summary) | {"share": summary.share}})
+                                                         "trainable": asdict(summary) | {"share": summary.share},
+                                                         **_relative_refs(run / "model", base, vq)})
         save_model(accelerator.unwrap_model(model), tok, token_map, info, run / "model")
         if pos.step >= loop.steps:
             (run / "DONE").write_text(json.dumps({"steps": pos.step}) + "\n")
     accelerator.wait_for_everyone()
     return run
+
+
+def _relative_refs(model_folder: Path, base: str, vqgan: str | None) -> dict[str, str]:
+    """Local base / VQ-GAN paths relative to the model folder, so a moved tree of runs still loads."""
+    out = {}
+    for key, ref in (("base_relative", base), ("vqgan_relative", vqgan)):
+        if ref and Path(ref).exists():
+            out[key] = os.path.relpath(Path(ref).resolve(), model_folder.resolve())
+    return out
 
 
 def _abs(ref: str) -> str:
@@ -377,7 +404,8 @@ def _init_run(run: Path, cfg: LMTrainConfig, summary, accelerator) -> None:
         saved = run / "config.json"
         if saved.exists() and (run / CHECKPOINT).exists():
             old = json.loads(saved.read_text())
-            if {k: v for k, v in old.items() if k != "loop"} != {k: v for k, v in resolved.items() if k != "loop"}:
+            same = ("loop", "out")  # a run folder that was moved or copied still resumes
+            if {k: v for k, v in old.items() if k not in same} != {k: v for k, v in resolved.items() if k not in same}:
                 raise ConfigError(f"{run} holds a run with another config; resume with the same config or choose "
                                   f"a new --out")
         saved.write_text(json.dumps(resolved, indent=2) + "\n")

@@ -182,6 +182,14 @@ class RunInfo:
     max_length: int = 512
     extra: dict = field(default_factory=dict)
 
+    def resolve(self, what: str, folder: Path) -> str | None:
+        """``base`` or ``vqgan``: the recorded path, or the same path relative to ``folder`` if the tree moved."""
+        ref = getattr(self, what)
+        rel = self.extra.get(f"{what}_relative")
+        if ref and not Path(ref).exists() and rel and (folder / rel).exists():
+            return str((folder / rel).resolve())
+        return ref
+
     def save(self, folder: Path) -> None:
         (folder / RUN_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
 
@@ -190,7 +198,10 @@ class RunInfo:
         path = folder / RUN_FILE
         if not path.exists():
             raise ConfigError(f"{folder} has no {RUN_FILE}: it is not an llm-cxr language-model run")
-        return cls(**json.loads(path.read_text()))
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (TypeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{path} is not a valid run description: {e}") from e
 
 
 def model_dir(run: str | Path) -> Path:
@@ -244,7 +255,7 @@ def load_run(run: str | Path, dtype: torch.dtype | None = None, merge: bool = Fa
     elif info.kind == "lora":
         from peft import PeftModel
 
-        model, base_tok = load_causal_lm(info.base, dtype=dtype)
+        model, base_tok = load_causal_lm(info.resolve("base", folder), dtype=dtype)
         made = add_image_tokens(base_tok, model, token_map.n_codes, token_map.grid_size, token_map.vqgan_fingerprint)
         if made.first_id != token_map.first_id or made.vocab_size != token_map.vocab_size:
             raise ConfigError(f"the base model {info.base} gives image tokens at {made.first_id} (vocabulary "
