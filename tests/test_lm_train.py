@@ -1,0 +1,168 @@
+"""Language-model training: a 2-step CLI run is a loadable run, resumes exactly, continues as a next stage;
+config errors; pretraining the embedded base."""
+
+import csv
+import json
+import shutil
+
+import pytest
+import torch
+
+from llm_cxr.cli import main
+from llm_cxr.errors import ConfigError
+from llm_cxr.lm_train import CHECKPOINT, METRICS, LMTrainConfig, load_lm_config, train_lm
+from llm_cxr.modeling import load_causal_lm, load_run
+
+from test_modeling import N_CODES, make_base, make_codes_dataset, write_codes_info
+
+FAST = ["--batch-size", "2", "--mixed-precision", "no", "--set", "max_length=256", "--set", "lora.r=4",
+        "--set", "loop.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_codes_dataset(tmp_path_factory.mktemp("data") / "codes", n=16)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, data):
+    from llm_cxr.data.dataset import load_dataset
+
+    return make_base(tmp_path_factory.mktemp("base") / "neox", "neox", texts=load_dataset(data)["report"])
+
+
+def _train(data, base, out, steps, *extra):
+    return main(["-q", "train", "--data", str(data), "--out", str(out), "--base", str(base), "--steps", str(steps),
+                 *FAST, *extra])
+
+
+def _metrics(run):
+    with open(run / "metrics.csv") as f:
+        rows = list(csv.reader(f))
+    return rows[0], [dict(zip(rows[0], r)) for r in rows[1:]]
+
+
+def _adapter_state(run):
+    return torch.load(run / CHECKPOINT, weights_only=True)["trainable"]
+
+
+@pytest.fixture(scope="module")
+def two_step_run(data, base, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "s1"
+    assert _train(data, base, run, 2) == 0
+    return run
+
+
+def test_two_step_cli_run_is_a_loadable_run(two_step_run, base):
+    run = two_step_run
+    info = json.loads((run / "model" / "run.json").read_text())
+    assert info["kind"] == "lora" and info["base"] == str(base.resolve()) and info["max_length"] == 256
+    tokens = json.loads((run / "model" / "image_tokens.json").read_text())
+    assert tokens["n_codes"] == N_CODES and tokens["grid_size"] == 2 and tokens["vqgan_fingerprint"] == "fp"
+    header, rows = _metrics(run)
+    assert header == METRICS and [int(r["step"]) for r in rows] == [1, 2]
+    assert all(float(r["loss"]) > 0 for r in rows)
+    trainable = json.loads((run / "trainable.json").read_text())
+    assert 0 < trainable["trainable"] < trainable["total"] and 0 < trainable["share"] < 1
+    assert json.loads((run / "DONE").read_text()) == {"steps": 2}
+    assert json.loads((run / "config.json").read_text())["lora"]["r"] == 4
+    loaded = load_run(run)
+    assert loaded.token_map.n_codes == N_CODES and len(loaded.tokenizer) == loaded.token_map.vocab_size
+    # what was saved is what was trained: the checkpoint's adapter is the loaded one
+    params = dict(loaded.model.named_parameters())
+    state = _adapter_state(run)
+    assert state and all(torch.equal(params[n], t) for n, t in state.items())
+
+
+def test_rerun_with_more_steps_resumes_exactly(two_step_run, data, base, tmp_path):
+    run = tmp_path / "resumed"
+    shutil.copytree(two_step_run, run)
+    with open(run / "metrics.csv", "a") as f:  # logged after the last checkpoint, then killed
+        f.write("3,0,99.0,,0.0001,0,1.0\n")
+    assert _train(data, base, run, 4) == 0
+    _, rows = _metrics(run)
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]  # continued, nothing repeated
+    assert float(rows[2]["loss"]) != 99.0
+    assert json.loads((run / "DONE").read_text()) == {"steps": 4}
+    assert torch.load(run / CHECKPOINT, weights_only=True)["position"]["step"] == 4
+    # 2 + 2 steps give the weights of 4 steps in one go (data position, optimizer and RNG restored)
+    straight = tmp_path / "straight"
+    assert _train(data, base, straight, 4) == 0
+    a, b = _adapter_state(run), _adapter_state(straight)
+    assert a.keys() == b.keys() and all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
+    assert not all(torch.equal(a[n], _adapter_state(two_step_run)[n]) for n in a)  # steps 3-4 did train
+
+
+def test_another_stage_config_needs_a_new_folder(two_step_run, data, base, tmp_path, capsys):
+    run = tmp_path / "s1"
+    shutil.copytree(two_step_run, run)
+    assert _train(data, base, run, 3, "--set", "stage.vqa=0") == 2
+    assert "another config" in capsys.readouterr().err
+    out = tmp_path / "novqa"
+    assert _train(data, base, out, 1, "--set", "stage.vqa=0") == 0
+    assert json.loads((out / "config.json").read_text())["stage"]["vqa"] == 0
+    assert load_run(out).info.kind == "lora"
+
+
+def test_next_stage_continues_the_adapter_and_checks_the_vqgan(two_step_run, data, tmp_path):
+    other = tmp_path / "other-vqgan"
+    shutil.copytree(data, other)
+    write_codes_info(other, "another-fingerprint")
+    cfg = load_lm_config(None, data=str(other), out=str(tmp_path / "s2"), init_from=str(two_step_run),
+                         steps=1, batch_size=2, mixed_precision="no", max_length=256)
+    with pytest.raises(ConfigError, match="do not match.*fingerprint"):
+        train_lm(cfg)
+
+    stage2 = {"stage": {"sections": "impression", "one_per_patient": True}, "loop": {"progress": False}}
+    cfg = load_lm_config(None, stage2, data=str(data), out=str(tmp_path / "s2"), init_from=str(two_step_run), steps=1,
+                         batch_size=2, mixed_precision="no", max_length=256)
+    run = train_lm(cfg)
+    s1 = _adapter_state(two_step_run)
+    s2 = _adapter_state(run)
+    assert s1.keys() == s2.keys()  # the same adapter, trained further
+    assert any(not torch.equal(s1[n], s2[n]) for n in s1)
+    info = load_run(run).info
+    assert info.kind == "lora" and info.base == json.loads((two_step_run / "model" / "run.json").read_text())["base"]
+
+
+def test_training_config_errors(tmp_path, data, base):
+    with pytest.raises(ConfigError, match="exactly one of base"):
+        LMTrainConfig(data="d", out="o")
+    with pytest.raises(ConfigError, match="exactly one of base"):
+        LMTrainConfig(data="d", out="o", base="b", init_from="r")
+    with pytest.raises(ConfigError, match="needs 'data'"):
+        load_lm_config(None, out="o", base="b")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_lm_config(str(tmp_path / "none.yaml"))
+    with pytest.raises(ConfigError, match="lora"):
+        load_lm_config(None, {"lora": {"rank": 4}}, data="d", out="o", base="b")
+    yaml_cfg = tmp_path / "c.yaml"
+    yaml_cfg.write_text(f"data: {data}\nout: {tmp_path / 'r'}\nbase: {base}\nmax_length: 4096\n"
+                        f"loop: {{steps: 1, mixed_precision: 'no', progress: false}}\n")
+    with pytest.raises(ConfigError, match="exceeds the model's context"):
+        train_lm(load_lm_config(str(yaml_cfg)))
+
+
+def test_pretrain_tiny_base_is_a_hugging_face_model(data, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llm_cxr.textlm import BASE_PRESETS
+
+    out = tmp_path / "pre"
+    assert main(["-q", "lm", "pretrain", "--data", str(data), "--out", str(out), "--preset", "tiny", "--steps", "2",
+                 "--batch-size", "2", "--mixed-precision", "no"]) == 0
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    tiny = BASE_PRESETS["tiny"]
+    assert model.config.hidden_size == tiny.hidden and model.config.num_hidden_layers == tiny.layers
+    assert model.get_input_embeddings().weight.shape[0] == len(tok) <= tiny.vocab
+    assert tok.eos_token is not None and tok.pad_token is not None
+    ids = tok("No pleural effusion.", return_tensors="pt")["input_ids"]
+    assert tok.decode(ids[0]) == "No pleural effusion."
+    assert torch.isfinite(model(ids).logits).all()
+    assert json.loads((out / "DONE").read_text()) == {"steps": 2}
+    _, rows = _metrics(out)
+    assert int(rows[-1]["step"]) == 2
+    # it is a base `llm-cxr train` can start from
+    model, tok = load_causal_lm(str(out / "model"))
+    assert tok.pad_token_id != tok.eos_token_id

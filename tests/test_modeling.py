@@ -1,0 +1,364 @@
+"""LoRA + trainable image-token rows, run folders (save -> load -> merge), errors, constrained generation."""
+
+import contextlib
+import json
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from llm_cxr.cli import main
+from llm_cxr.errors import ConfigError
+from llm_cxr.generation import LLMCXR, Sampling
+from llm_cxr.instruct import collate, encode_prompt
+from llm_cxr.modeling import (LoraSettings, RunInfo, apply_lora, auto_lora_targets, ensure_pad_token,
+                              load_causal_lm, load_run, merge_run, save_model, trainable_summary)
+from llm_cxr.prompts import vqa_prompt
+from llm_cxr.tokens import add_image_tokens
+
+N_CODES, GRID = 16, 2
+TEXTS = ["FINDINGS: No pleural effusion or pneumothorax. The heart size is normal.\nIMPRESSION: Normal chest.",
+         "FINDINGS: Small left pleural effusion. Mild cardiomegaly.\nIMPRESSION: Small left effusion.",
+         "FINDINGS: Right upper lobe consolidation. No pneumothorax.\nIMPRESSION: Pneumonia."]
+
+
+# --------------------------------------------------------------------------- helpers shared with test_lm_train
+
+
+def make_base(path, arch="neox", texts=TEXTS, context=256, vocab=400):
+    """A tiny causal LM with a tokenizer trained in-process, saved as a Hugging Face folder."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from llm_cxr.textlm import train_text_tokenizer
+
+    tok = train_text_tokenizer(list(texts) * 5, vocab_size=vocab)
+    torch.manual_seed(0)
+    ids = {"bos_token_id": tok.eos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    if arch == "neox":
+        model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
+                                                 num_attention_heads=4, intermediate_size=64,
+                                                 max_position_embeddings=context, tie_word_embeddings=False, **ids))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                                             max_position_embeddings=context, tie_word_embeddings=True, **ids))
+    tok.save_pretrained(path)
+    model.save_pretrained(path)
+    return path
+
+
+def make_codes_dataset(path, n=16, fingerprint="fp", seed=0):
+    """A tiny synthetic dataset with a random ``codes`` column and the ``vqgan.json`` encoding writes."""
+    import datasets
+
+    from llm_cxr.data.dataset import load_dataset
+    from llm_cxr.data.synth import SynthConfig, generate_dataset
+
+    raw = path.parent / f"{path.name}-raw"
+    generate_dataset(n, raw, SynthConfig(size=64), seed=seed, progress=False)
+    ds = load_dataset(raw)
+    codes = np.random.default_rng(seed).integers(0, N_CODES, (len(ds), GRID * GRID)).astype(np.int16)
+    ds = ds.add_column("codes", codes.tolist(),
+                       feature=datasets.List(datasets.Value("int16"), length=GRID * GRID))
+    ds.save_to_disk(str(path))
+    write_codes_info(path, fingerprint)
+    return path
+
+
+def write_codes_info(path, fingerprint):
+    (path / "vqgan.json").write_text(json.dumps({"model_path": None, "fingerprint": fingerprint, "weights": "w",
+                                                 "n_embed": N_CODES, "grid_size": GRID, "resolution": 64,
+                                                 "channels": 1}))
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bases")
+    return {arch: make_base(root / arch, arch) for arch in ("neox", "llama")}
+
+
+def _effective(model, vocab):
+    """(input embedding rows, output head rows) as the model computes them, adapters included."""
+    inp = model.get_input_embeddings()(torch.arange(vocab)[None])[0]
+    hidden = inp.shape[-1]
+    out = model.get_output_embeddings()(torch.eye(hidden)[None])[0].T  # (vocab, hidden) = W (no bias here)
+    return inp.detach().clone(), out.detach().clone()
+
+
+def _probe(token_map, tok):
+    text = tok("FINDINGS: No pleural effusion.", add_special_tokens=False)["input_ids"]
+    img = [token_map.begin_id, *token_map.image_ids, token_map.end_id]
+    return torch.tensor([text + img + text[:3], img + text + text[:3]])
+
+
+@pytest.fixture(scope="module", params=["neox", "llama"])
+def trained(request, bases, tmp_path_factory):
+    """A LoRA model (dropout 0) trained a few steps on sequences holding every image token, saved as a run."""
+    base = bases[request.param]
+    model, tok = load_causal_lm(str(base))
+    token_map = add_image_tokens(tok, model, N_CODES, GRID, "fp")
+    probe = _probe(token_map, tok)
+    with torch.no_grad():
+        base_logits = model(probe).logits.clone()
+    model = apply_lora(model, token_map, LoraSettings(r=4, alpha=8, dropout=0.0))
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    before = _effective(model, len(tok))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    torch.manual_seed(0)
+    for _ in range(4):
+        loss = model(input_ids=probe, labels=probe).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    run = tmp_path_factory.mktemp(f"run-{request.param}")
+    save_model(model, tok, token_map, RunInfo(kind="lora", base=str(base), vqgan=None, max_length=256),
+               run / "model")
+    return types.SimpleNamespace(arch=request.param, model=model, tok=tok, map=token_map, probe=probe,
+                                 base_logits=base_logits, frozen=frozen, before=before, run=run)
+
+
+# --------------------------------------------------------------------------- LoRA and image-token rows
+
+
+def test_lora_trains_the_image_token_rows_of_both_embeddings_and_nothing_else(trained):
+    m, tok, token_map = trained.model, trained.tok, trained.map
+    new = torch.tensor(list(token_map.image_ids) + [token_map.begin_id, token_map.end_id])
+    old = torch.ones(len(tok), dtype=torch.bool)
+    old[new] = False
+    inp0, out0 = trained.before
+    inp1, out1 = _effective(m, len(tok))
+    # every image/boundary row moved, in the input embeddings and in the output head
+    assert ((inp1[new] - inp0[new]).abs().amax(-1) > 0).all()
+    assert ((out1[new] - out0[new]).abs().amax(-1) > 0).all()
+    # the text rows are exactly what they were
+    assert torch.equal(inp1[old], inp0[old]) and torch.equal(out1[old], out0[old])
+    if trained.arch == "llama":  # tied: the head still is the input embedding
+        assert torch.equal(inp1, out1)
+    else:
+        assert not torch.equal(inp1[new], out1[new])
+    # base weights never move
+    now = dict(m.named_parameters())
+    assert trained.frozen and all(torch.equal(now[n], p) for n, p in trained.frozen.items())
+    # the adapters change what the model computes, on text positions too
+    with torch.no_grad():
+        logits = m(trained.probe).logits
+    text_pos = slice(0, 5)
+    assert not torch.allclose(logits[:, text_pos], trained.base_logits[:, text_pos])
+    s = trainable_summary(m)
+    assert 0 < s.trainable < s.total and "trainable of" in str(s)
+
+
+def test_auto_targets_are_the_block_linears(bases):
+    neox, _ = load_causal_lm(str(bases["neox"]))
+    llama, _ = load_causal_lm(str(bases["llama"]))
+    assert auto_lora_targets(neox) == ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+    assert set(auto_lora_targets(llama)) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                             "down_proj"}
+    # without image tokens: LoRA only, the embeddings stay plain
+    m = apply_lora(neox, None, LoraSettings(r=2, alpha=4))
+    assert not any("token_adapter" in n for n, _ in m.named_parameters())
+
+
+def test_unknown_lora_module_names_the_linear_layers(bases):
+    model, tok = load_causal_lm(str(bases["neox"]))
+    token_map = add_image_tokens(tok, model, N_CODES, GRID, "fp")
+    with pytest.raises(ConfigError, match=r"\['q_proj'\] match no linear layer.*query_key_value"):
+        apply_lora(model, token_map, LoraSettings(target_modules="q_proj"))
+    with pytest.raises(ConfigError, match="lora.r"):
+        LoraSettings(r=0)
+    with pytest.raises(ConfigError, match="dropout"):
+        LoraSettings(dropout=1.0)
+
+
+# --------------------------------------------------------------------------- run folders
+
+
+def test_save_load_reproduces_logits_exactly_and_merge_matches(trained, tmp_path, capsys):
+    with torch.no_grad():
+        want = trained.model(trained.probe).logits
+    loaded = load_run(trained.run)  # the run folder or its model/ subfolder
+    assert loaded.info.kind == "lora" and loaded.token_map == trained.map and len(loaded.tokenizer) == len(trained.tok)
+    with torch.no_grad():
+        got = loaded.model(trained.probe).logits
+    assert torch.equal(got, want)
+    assert torch.equal(load_run(trained.run / "model").model(trained.probe).logits.detach(), want)
+
+    merged_dir = merge_run(trained.run, tmp_path / "merged")
+    merged = load_run(merged_dir)
+    assert merged.info.kind == "full" and merged.info.extra["merged_from"] == str(trained.run / "model")
+    assert not any("lora" in n or "token_adapter" in n for n, _ in merged.model.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(merged.model(trained.probe).logits, want, atol=1e-5, rtol=0)
+    with pytest.raises(ConfigError, match="nothing to merge"):
+        merge_run(merged_dir, tmp_path / "again")
+
+    capsys.readouterr()
+    assert main(["-q", "merge", str(trained.run), "--out", str(tmp_path / "cli")]) == 0
+    assert json.loads(capsys.readouterr().out)["merged"] == str(tmp_path / "cli")
+    with torch.no_grad():
+        torch.testing.assert_close(load_run(tmp_path / "cli").model(trained.probe).logits, want, atol=1e-5, rtol=0)
+
+
+def test_load_run_refuses_what_is_not_a_run(tmp_path, trained):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_run(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="not an llm-cxr language-model run"):
+        load_run(tmp_path / "empty")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "run.json").write_text(json.dumps({"kind": "bitsandbytes", "base": "x", "vqgan": None}))
+    trained.map.save(bad)
+    trained.tok.save_pretrained(bad)
+    with pytest.raises(ConfigError, match="unknown kind"):
+        load_run(bad)
+    (bad / "run.json").write_text('{"kind": "lora", "base": "x", "vqgan": null, "adapter": "future key"}')
+    with pytest.raises(ConfigError, match="not a valid run description"):
+        load_run(bad)
+    (bad / "run.json").write_text("{truncated")
+    with pytest.raises(ConfigError, match="not a valid run description"):
+        load_run(bad)
+    # a VQ-GAN with another codebook cannot be paired with the model
+    fake = types.SimpleNamespace(config=types.SimpleNamespace(n_embed=32, grid_size=GRID, fingerprint=lambda: "fp"))
+    with pytest.raises(ConfigError, match="codebook size"):
+        LLMCXR(load_run(trained.run), vqgan=fake)
+
+
+def test_pad_token_defaults_to_eos_and_padding_is_masked_by_position():
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.train_from_iterator(TEXTS * 3, trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"],
+                                                          show_progress=False))
+    tok = ensure_pad_token(PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>"))
+    assert tok.pad_token == "<eos>" and tok.pad_token_id == tok.eos_token_id
+    eos = tok.eos_token_id
+    a = tok("No effusion.", add_special_tokens=False)["input_ids"] + [eos]
+    b = tok("Mild cardiomegaly, small left effusion.", add_special_tokens=False)["input_ids"] + [eos]
+    batch = collate([{"input_ids": a, "n_prompt": 1}, {"input_ids": b, "n_prompt": 2}], pad_id=tok.pad_token_id)
+    lab, ids = batch["labels"], batch["input_ids"]
+    assert lab[0, len(a) - 1] == eos and lab[1, len(b) - 1] == eos  # the real EOS is learned ...
+    assert (lab[0, len(a):] == -100).all() and (ids[0, len(a):] == eos).all()  # ... the padding EOS is not
+    assert (lab[0, :1] == -100).all() and (lab[1, :2] == -100).all()
+    assert batch["attention_mask"].sum(1).tolist() == [len(a), len(b)]
+
+    no_eos = PreTrainedTokenizerFast(tokenizer_object=tk)
+    with pytest.raises(ConfigError, match="no EOS token"):
+        ensure_pad_token(no_eos)
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def _generator(base, run):
+    """A LoRA run of a tiny base with random (as if trained) adapters, loaded without a VQ-GAN (fp32)."""
+    model, tok = load_causal_lm(str(base))
+    token_map = add_image_tokens(tok, model, N_CODES, GRID, "fp")
+    model = apply_lora(model, token_map, LoraSettings(r=2, alpha=4))
+    torch.manual_seed(1)
+    with torch.no_grad():  # as if trained: image rows that differ from each other, non-zero LoRA updates
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0.0, 0.5)
+    save_model(model, tok, token_map, RunInfo(kind="lora", base=str(base), vqgan=None, max_length=256), run)
+    return LLMCXR(load_run(run), vqgan=None, autocast=False)
+
+
+@pytest.fixture(scope="module")
+def gen(bases, tmp_path_factory):
+    return _generator(bases["neox"], tmp_path_factory.mktemp("gen-neox"))
+
+
+@pytest.fixture(scope="module")
+def gen_llama(bases, tmp_path_factory):
+    return _generator(bases["llama"], tmp_path_factory.mktemp("gen-llama"))
+
+
+CODES = torch.tensor([[0, 1, 2, 3], [15, 14, 13, 12], [5, 5, 5, 5]])
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("guidance", [1.0, 2.0])
+def test_generate_image_always_gives_a_full_grid_of_valid_codes(gen, batch, guidance):
+    reports = ["Small left pleural effusion.", "No acute abnormality.", ""][:batch]
+    for sampling in (Sampling(), Sampling(temperature=1.5, seed=batch), Sampling(temperature=1.0, top_k=3, top_p=0.5,
+                                                                                  seed=1)):
+        out = gen.generate_image(reports, sampling=sampling, guidance=guidance, batch_size=2)
+        assert out.codes.shape == (batch, GRID, GRID) and out.images == []
+        assert int(out.codes.min()) >= 0 and int(out.codes.max()) < N_CODES
+    a = gen.generate_image(reports, Sampling(temperature=1.0, seed=7), guidance)
+    b = gen.generate_image(reports, Sampling(temperature=1.0, seed=7), guidance)
+    assert torch.equal(a.codes, b.codes)  # a seed makes sampling reproducible
+
+
+def test_text_never_holds_image_tokens_and_stops_at_eos(gen):
+    texts = gen.generate_report(CODES, sampling=Sampling(temperature=2.0, seed=0), max_new_tokens=12)
+    assert len(texts) == 3 and all(isinstance(t, str) and "<img_" not in t and "<image>" not in t for t in texts)
+    answers = gen.answer(CODES, ["Is there a pleural effusion?", "Which side?", "Is there a pneumothorax?"],
+                         max_new_tokens=5)
+    assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
+    assert len(gen.answer(CODES[:2], "Is there cardiomegaly?", max_new_tokens=3)) == 2
+    # raw ids: no image/boundary token even when the model prefers them over everything
+    image_rows = list(gen.map.image_ids) + [gen.map.begin_id, gen.map.end_id]
+    with _forced_logits(gen, lambda n, logits: logits[:, -1, image_rows].add_(50.0)):
+        ids = gen._decode([[gen.map.begin_id, gen.map.first_id], [7]], 6, gen._text_mask, Sampling(), True)
+    assert ids.shape == (2, 6) and not gen.map.is_image_id(ids).any()
+    assert not ((ids == gen.map.begin_id) | (ids == gen.map.end_id)).any()
+    # stopping: a model that says EOS from its 3rd forward pass on ends the loop there
+    eos = gen.tok.eos_token_id
+    with _forced_logits(gen, lambda n, logits: logits[:, -1, eos].fill_(1e4) if n >= 3 else None) as calls:
+        ids = gen._decode([[5, 6, 7], [8, 9]], 50, gen._text_mask, Sampling(), stop_at_eos=True)
+        assert ids.shape == (2, 3) and (ids[:, 2] == eos).all() and not (ids[:, :2] == eos).any()
+        calls["n"] = 0
+        texts = gen.generate_report(CODES[:1], max_new_tokens=50)
+        assert calls["n"] == 3 and len(texts) == 1
+    # answers never run past the model's context (256 positions), however many tokens are asked for
+    with _forced_logits(gen, lambda n, logits: logits[:, -1, eos].fill_(float("-inf"))) as calls:
+        assert len(gen.answer(CODES[:1], "Is there a pneumothorax?", max_new_tokens=100_000)) == 1
+    assert calls["n"] == 256 - len(encode_prompt(gen.tok, gen.map, vqa_prompt(gen.template, "Is there a "
+                                                                                "pneumothorax?"), CODES[0])[0])
+
+
+@contextlib.contextmanager
+def _forced_logits(gen, edit):
+    """Let ``edit(call_number, logits)`` change the model's logits in place for the duration."""
+    calls = {"n": 0}
+    real = gen.model.forward
+
+    def forward(*args, **kwargs):
+        res = real(*args, **kwargs)
+        calls["n"] += 1
+        edit(calls["n"], res.logits)
+        return res
+
+    gen.model.forward = forward
+    try:
+        yield calls
+    finally:
+        del gen.model.forward
+
+
+@pytest.mark.parametrize("arch", ["neox", "llama"])
+def test_batched_left_padded_decoding_matches_one_at_a_time(arch, request):
+    gen = request.getfixturevalue("gen" if arch == "neox" else "gen_llama")
+    reports = ["Small left pleural effusion with mild cardiomegaly.", "Normal.", "No pneumothorax."]
+    one = torch.cat([gen.generate_image([r], Sampling()).codes for r in reports])
+    together = gen.generate_image(reports, Sampling(), batch_size=3).codes
+    assert torch.equal(one, together) and len(together.unique()) > 1
+    guided_one = torch.cat([gen.generate_image([r], Sampling(), guidance=3.0).codes for r in reports])
+    assert torch.equal(guided_one, gen.generate_image(reports, Sampling(), guidance=3.0, batch_size=3).codes)
+
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12], [13, 14, 15]]
+    singles = [gen._decode([p], 8, gen._text_mask, Sampling(), stop_at_eos=False) for p in prompts]
+    batched = gen._decode(prompts, 8, gen._text_mask, Sampling(), stop_at_eos=False)
+    assert torch.equal(torch.cat(singles), batched)
+    assert gen.generate_report(CODES, max_new_tokens=6) == [gen.generate_report(CODES[i:i + 1], max_new_tokens=6)[0]
+                                                            for i in range(3)]
