@@ -104,9 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from llm_cxr.cli_gen import add_generation_commands
     from llm_cxr.cli_lm import add_lm_commands
+    from llm_cxr.cli_serve import add_serve_command
 
     add_lm_commands(sub)
     add_generation_commands(sub)
+    add_serve_command(sub)
 
     # ---- vqgan --------------------------------------------------------------------------
     vq = sub.add_parser("vqgan", help="the image tokenizer: train, encode, decode, import taming checkpoints")

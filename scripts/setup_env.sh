@@ -8,7 +8,9 @@
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
-EXTRAS=${EXTRAS:-test}
+# web: Gradio for `llm-cxr serve`; test includes Playwright, which drives the system Chromium
+# (/usr/bin/chromium, `apt-get install chromium`) in the web app's browser test.
+EXTRAS=${EXTRAS:-test,web}
 TORCH_LOCAL_VERSION=${TORCH_LOCAL_VERSION:-2.13.0}
 
 if [ ! -x "$VENV/bin/python" ]; then

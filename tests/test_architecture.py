@@ -7,8 +7,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 LIB = REPO / "llm_cxr"
 # Lower rank may not import higher rank.
-RANK = {"errors": 0, "configs": 0, "accel": 0, "data": 1, "vqgan": 1, "classifier": 2, "tokens": 2, "prompts": 2, "textlm": 2, "instruct": 3, "modeling": 3, "lm_train": 3, "cli_lm": 6, "cli_gen": 6, "generation": 4,
-        "evaluation": 5, "explain": 5}
+RANK = {"errors": 0, "configs": 0, "accel": 0, "data": 1, "vqgan": 1, "classifier": 2, "tokens": 2, "prompts": 2, "textlm": 2, "instruct": 3, "modeling": 3, "lm_train": 3, "cli_lm": 6, "cli_gen": 6, "cli_serve": 6, "generation": 4,
+        "evaluation": 5, "explain": 5, "webapp": 5}
 
 
 def _imports(path: Path) -> set[str]:
@@ -43,7 +43,7 @@ def test_library_layers_import_downwards_only():
 
 
 def test_library_has_no_print_calls():
-    allowed = {LIB / "cli.py", LIB / "cli_lm.py", LIB / "cli_gen.py"}
+    allowed = {LIB / "cli.py", LIB / "cli_lm.py", LIB / "cli_gen.py", LIB / "cli_serve.py"}
     for path in LIB.rglob("*.py"):
         if path in allowed:
             continue

@@ -1,0 +1,157 @@
+"""Web app latency under concurrent users (issue 5: `llm-cxr serve`).
+
+    python benchmarks/bench_webapp.py --model runs/lm-small-s2 [--clients 1,8] [--requests 8] [--device cpu]
+
+Starts `llm-cxr serve` as its own process on a free loopback port, then for each client count
+C runs C threads, each with its own `gradio_client.Client`, sending REQUESTS X-ray -> report
+requests one after the other (upload included). The app runs one model call at a time and
+queues the rest, so latency grows with C while throughput stays that of the model: the table
+shows p50/p90/p99 latency per request, requests per second, and any errors. Traffic stays on
+127.0.0.1; every loop is bounded by --requests and --timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_results  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_server(args, port: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "llm_cxr", "-q", "serve", "--model", str(args.model), "--port", str(port),
+           "--device", args.device, "--max-queue", str(max(64, 2 * max(args.clients)))]
+    if args.vqgan:
+        cmd += ["--vqgan", str(args.vqgan)]
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_until_up(proc: subprocess.Popen, port: int, timeout: float) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited ({proc.returncode}): {proc.stderr.read()[-2000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise SystemExit(f"the server did not start within {timeout:.0f} s")
+
+
+def _test_image(folder: Path, size: int = 512) -> Path:
+    """A chest-X-ray-sized grey PNG (the app resizes it as in training)."""
+    from PIL import Image
+
+    yy, xx = np.mgrid[:size, :size] / size
+    lungs = np.exp(-(((xx - 0.3) / 0.15) ** 2 + ((yy - 0.5) / 0.3) ** 2)) + \
+        np.exp(-(((xx - 0.7) / 0.15) ** 2 + ((yy - 0.5) / 0.3) ** 2))
+    path = folder / "bench.png"
+    Image.fromarray((255 * (1 - 0.7 * lungs)).astype(np.uint8)).save(path)
+    return path
+
+
+def _client_loop(url: str, image: Path, n: int, deadline: float, lat: list, errors: list) -> None:
+    from gradio_client import Client, handle_file
+
+    client = Client(url, verbose=False, analytics_enabled=False, download_files=False)
+    for _ in range(n):
+        if time.time() > deadline:
+            errors.append("deadline")
+            return
+        t0 = time.perf_counter()
+        try:
+            _seen, report, _gallery, status = client.predict(handle_file(str(image)), api_name="/report")
+        except Exception as e:  # noqa: BLE001 - counted and reported, the run goes on
+            errors.append(f"{type(e).__name__}: {e}")
+            continue
+        if status or not report:
+            errors.append(status or "empty report")
+        else:
+            lat.append(time.perf_counter() - t0)
+
+
+def run_load(url: str, image: Path, clients: int, requests: int, timeout: float) -> dict:
+    lat: list[float] = []
+    errors: list[str] = []
+    deadline = time.time() + timeout
+    threads = [threading.Thread(target=_client_loop, args=(url, image, requests, deadline, lat, errors))
+               for _ in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    q = np.percentile(lat, [50, 90, 99]) if lat else [float("nan")] * 3
+    return {"clients": clients, "requests": clients * requests, "ok": len(lat), "errors": len(errors),
+            "p50_s": float(q[0]), "p90_s": float(q[1]), "p99_s": float(q[2]),
+            "throughput_rps": len(lat) / wall, "wall_s": wall, "first_error": errors[0] if errors else None}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=REPO / "runs" / "lm-small-s2", help="trained run folder")
+    ap.add_argument("--vqgan", type=Path, help="VQ-GAN run (default: the one recorded with the model)")
+    ap.add_argument("--device", default="cpu", help="device of the server (default cpu)")
+    ap.add_argument("--clients", default="1,8", help="comma-separated concurrent client counts (default 1,8)")
+    ap.add_argument("--requests", type=int, default=8, help="report requests per client (default 8)")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds per load level before giving up (default 900)")
+    ap.add_argument("--no-save", action="store_true", help="print the table only; write no results (smoke tests)")
+    args = ap.parse_args()
+    args.clients = [int(c) for c in args.clients.split(",")]
+    if not args.model.exists():
+        print(f"no model at {args.model}: train one (training/lm_small.sh) or pass --model RUN", file=sys.stderr)
+        return 2
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/"
+    proc = _start_server(args, port)
+    try:
+        _wait_until_up(proc, port, timeout=600)
+        with tempfile.TemporaryDirectory() as tmp:
+            image = _test_image(Path(tmp))
+            run_load(url, image, 1, 1, args.timeout)  # warm-up: first call pays for lazy initialisation
+            rows = [run_load(url, image, c, args.requests, args.timeout) for c in args.clients]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    table = [{k: v for k, v in r.items() if k not in ("first_error", "wall_s")} for r in rows]
+    notes = (f"Model `{args.model}` on {args.device}; X-ray -> report (greedy, up to 160 tokens) through the "
+             "Gradio API over loopback, upload included; one model call at a time, the rest queued.")
+    if args.no_save:
+        from common import md_table
+
+        print(md_table(table))
+        for r in rows:
+            if r["first_error"]:
+                print(f"clients={r['clients']}: first error: {r['first_error']}")
+        return 0
+    write_results("webapp", "Web app: report latency under concurrent users",
+                  {"model": str(args.model), "device": args.device, "rows": rows}, [("", table)], notes)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

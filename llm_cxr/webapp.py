@@ -1,0 +1,245 @@
+"""A web app for a trained model: X-ray -> report, report -> X-ray, X-ray + question -> answer.
+
+Built with Gradio (``pip install 'llm-cxr[web]'``). ``build_app(model)`` returns the
+``gr.Blocks``; ``serve(run)`` loads a run and launches it. Safe defaults for a tool that
+handles medical images:
+
+* it binds ``127.0.0.1`` (a wider address is a deliberate choice and logs a warning: the app
+  has no authentication), never opens a share link, and sends no analytics;
+* requests wait in one queue (one model call at a time, ``max_queue`` waiting) instead of
+  running the model concurrently or crashing under load;
+* uploads are limited in size and read with :func:`llm_cxr.data.images.read_image_bytes`,
+  so PNG, JPEG and DICOM are interpreted exactly as in training, and a file that is not an
+  image gives a one-line message in the page, never a traceback.
+
+Per-sentence explanation heatmaps plug in through ``explainer`` (see :data:`Explainer`); until
+an explanation method is passed, their gallery stays hidden.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from llm_cxr.data.images import read_image_bytes
+from llm_cxr.errors import ConfigError, InputError, LLMCXRError
+from llm_cxr.generation import LLMCXR, Sampling
+
+log = logging.getLogger(__name__)
+
+UPLOAD_TYPES = [".png", ".jpg", ".jpeg", ".dcm", ".dicom"]
+DISPLAY_SIZE = 384  # generated images are upscaled (nearest) to at least this for the page
+INTERNAL_ERROR = "Something went wrong on the server (it has been logged). Please try again."
+
+
+@dataclass
+class SentenceHeatmap:
+    """Where in the image one sentence of a report came from."""
+
+    sentence: str
+    heatmap: np.ndarray  # (H, W), any range; normalised to [0, 1] for display
+
+
+# (model, the image as the model saw it, the generated report) -> one heatmap per sentence
+Explainer = Callable[[LLMCXR, Image.Image, str], list[SentenceHeatmap]]
+
+
+def _gradio():
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # read when gradio is first imported
+    try:
+        import gradio as gr
+    except ImportError as e:
+        raise ConfigError("the web app needs Gradio: pip install 'llm-cxr[web]'") from e
+    return gr
+
+
+# ---- request handlers (plain functions: testable without a browser) ---------------------------
+
+def read_upload(path: str | Path | None, size: int, max_bytes: int) -> Image.Image:
+    """An uploaded file -> grey image at the model's resolution; :class:`InputError` if unusable."""
+    if not path:
+        raise InputError("upload a chest X-ray first (PNG, JPEG or DICOM)")
+    path = Path(path)
+    n = path.stat().st_size
+    if n > max_bytes:
+        raise InputError(f"{path.name} is {n / 2**20:.1f} MB; the limit is {max_bytes / 2**20:.0f} MB")
+    return read_image_bytes(path.read_bytes(), path.name, size)
+
+
+def heatmap_overlay(image: Image.Image, heatmap: np.ndarray, alpha: float = 0.5) -> Image.Image:
+    """Blend a heatmap (red = high) over a grey image, resized to the image."""
+    h = np.asarray(heatmap, dtype=np.float32)
+    h = (h - h.min()) / (np.ptp(h) or 1.0)
+    h = np.asarray(Image.fromarray((h * 255).astype(np.uint8)).resize(image.size, Image.BILINEAR)) / 255.0
+    grey = np.asarray(image.convert("L"), dtype=np.float32)[..., None].repeat(3, -1)
+    red = np.zeros_like(grey)
+    red[..., 0] = 255.0
+    a = alpha * h[..., None]
+    return Image.fromarray((grey * (1 - a) + red * a).astype(np.uint8), mode="RGB")
+
+
+def explain_report(explainer: Explainer | None, model: LLMCXR, image: Image.Image,
+                   report: str) -> list[tuple[Image.Image, str]]:
+    """The hook for explanations: (overlay, sentence) pairs for the gallery; [] without an explainer."""
+    if explainer is None or not report:
+        return []
+    return [(heatmap_overlay(image, s.heatmap), s.sentence) for s in explainer(model, image, report)]
+
+
+def _for_display(img: Image.Image) -> Image.Image:
+    if img.width >= DISPLAY_SIZE:
+        return img
+    scale = -(-DISPLAY_SIZE // img.width)
+    return img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+
+
+def _guarded(fn, n_outputs: int):
+    """Run a handler; a user's mistake or a server fault becomes (empty outputs..., status message)."""
+    def run(*args):
+        try:
+            return (*fn(*args), "")
+        except LLMCXRError as e:
+            log.info("rejected request: %s", e)
+            return (*([None] * n_outputs), f"⚠ {e}")
+        except Exception:  # noqa: BLE001 - the page gets a message, the log gets the traceback
+            log.exception("request failed")
+            return (*([None] * n_outputs), f"⚠ {INTERNAL_ERROR}")
+    run.__name__ = fn.__name__
+    return run
+
+
+class Handlers:
+    """The app's three requests, bound to one model."""
+
+    def __init__(self, model: LLMCXR, max_upload_mb: float, explainer: Explainer | None = None,
+                 max_report_tokens: int = 160):
+        if model.vqgan is None:
+            raise ConfigError("the web app needs the model's VQ-GAN to read and draw images; pass vqgan=PATH")
+        self.model = model
+        self.size = model.vqgan.config.resolution
+        self.max_bytes = int(max_upload_mb * 2**20)
+        self.explainer = explainer
+        self.max_report_tokens = max_report_tokens
+
+    def report(self, upload):
+        """upload -> (model's view of the image, report, explanation gallery)."""
+        image = read_upload(upload, self.size, self.max_bytes)
+        text = self.model.generate_report([image], max_new_tokens=self.max_report_tokens)[0]
+        return _for_display(image), text, explain_report(self.explainer, self.model, image, text)
+
+    def image(self, report: str, guidance: float, seed: float | None):
+        """report text -> (generated image,); ``seed`` < 0 or empty samples a new image each time."""
+        if not report or not report.strip():
+            raise InputError("type a report first, e.g. 'Small left pleural effusion. No pneumothorax.'")
+        seed = None if seed is None or seed < 0 else int(seed)
+        out = self.model.generate_image([report.strip()], Sampling(temperature=1.0, top_p=0.95, seed=seed),
+                                        guidance=float(guidance), batch_size=1)
+        return (_for_display(out.images[0]),)
+
+    def answer(self, upload, question: str):
+        """upload + question -> (model's view of the image, answer)."""
+        if not question or not question.strip():
+            raise InputError("type a question first, e.g. 'Is there a pleural effusion?'")
+        image = read_upload(upload, self.size, self.max_bytes)
+        return _for_display(image), self.model.answer([image], [question.strip()])[0]
+
+
+# ---- the page ------------------------------------------------------------------------------------
+
+def build_app(model: LLMCXR, max_upload_mb: float = 10, max_queue: int = 16, explainer: Explainer | None = None,
+              max_report_tokens: int = 160, title: str = "llm-cxr"):
+    """The Gradio Blocks of the app (not launched). ``max_queue`` requests wait, one runs at a time."""
+    gr = _gradio()
+    h = Handlers(model, max_upload_mb, explainer, max_report_tokens)
+    grid = model.map.grid_size
+    with gr.Blocks(title=title, analytics_enabled=False) as app:
+        gr.Markdown(f"## {title}\nA research model, not a medical device. Images are processed at "
+                    f"{h.size}x{h.size} pixels ({grid}x{grid} image tokens); uploads up to {max_upload_mb:g} MB.")
+        with gr.Tab("X-ray → report", id="report"):
+            with gr.Row():
+                with gr.Column():
+                    up = gr.File(label="Chest X-ray (PNG, JPEG or DICOM)", file_types=UPLOAD_TYPES,
+                                 type="filepath", elem_id="report-upload")
+                    btn = gr.Button("Write report", variant="primary", elem_id="report-button")
+                with gr.Column():
+                    seen = gr.Image(label="What the model sees", type="pil", interactive=False, elem_id="report-seen")
+                    text = gr.Textbox(label="Report", lines=6, interactive=False, elem_id="report-text")
+                    status = gr.Textbox(label="Status", interactive=False, elem_id="report-status")
+            gallery = gr.Gallery(label="Where each sentence comes from", visible=explainer is not None,
+                                 elem_id="report-explain")
+            btn.click(_guarded(h.report, 3), [up], [seen, text, gallery, status], api_name="report")
+        with gr.Tab("Report → X-ray", id="image"):
+            with gr.Row():
+                with gr.Column():
+                    rep = gr.Textbox(label="Report", lines=6, elem_id="image-report",
+                                     placeholder="FINDINGS: Small left pleural effusion. No pneumothorax.")
+                    guidance = gr.Slider(1.0, 5.0, value=1.0, step=0.25, label="Guidance (1 = off; higher follows "
+                                         "the report more closely)", elem_id="image-guidance")
+                    seed = gr.Number(value=0, precision=0, label="Seed (-1 = random)", elem_id="image-seed")
+                    btn2 = gr.Button("Draw X-ray", variant="primary", elem_id="image-button")
+                with gr.Column():
+                    out = gr.Image(label="Generated X-ray", type="pil", format="png", interactive=False,
+                                   elem_id="image-out")
+                    status2 = gr.Textbox(label="Status", interactive=False, elem_id="image-status")
+            btn2.click(_guarded(h.image, 1), [rep, guidance, seed], [out, status2], api_name="image")
+        with gr.Tab("Ask about an X-ray", id="ask"):
+            with gr.Row():
+                with gr.Column():
+                    up3 = gr.File(label="Chest X-ray (PNG, JPEG or DICOM)", file_types=UPLOAD_TYPES,
+                                  type="filepath", elem_id="ask-upload")
+                    q = gr.Textbox(label="Question", placeholder="Is there a pleural effusion?", elem_id="ask-question")
+                    btn3 = gr.Button("Answer", variant="primary", elem_id="ask-button")
+                with gr.Column():
+                    seen3 = gr.Image(label="What the model sees", type="pil", interactive=False, elem_id="ask-seen")
+                    ans = gr.Textbox(label="Answer", interactive=False, elem_id="ask-answer")
+                    status3 = gr.Textbox(label="Status", interactive=False, elem_id="ask-status")
+            btn3.click(_guarded(h.answer, 2), [up3, q], [seen3, ans, status3], api_name="answer")
+    app.queue(default_concurrency_limit=1, max_size=max_queue)
+    return app
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def launch(app, host: str = "127.0.0.1", port: int = 7860, max_upload_mb: float = 10, block: bool = True):
+    """Start the server; ``block=False`` returns at once (``app.close()`` stops it), else it runs until Ctrl-C."""
+    if not _is_loopback(host):
+        log.warning("serving on %s: anyone who can reach this address can use the app (it has no login)", host)
+    try:
+        app.launch(server_name=host, server_port=port, share=False, max_file_size=f"{max_upload_mb}mb",
+                   prevent_thread_lock=True, show_error=False, ssr_mode=False, inbrowser=False, quiet=True)
+    except OSError as e:  # gradio: "Cannot find empty port in range ..."
+        log.debug("launch failed: %s", e)
+        raise ConfigError(f"cannot serve on {host}:{port}: the address is in use or not available; "
+                          f"pick another port or host") from e
+    log.info("web app at http://%s:%d", host, port)
+    if block:
+        try:
+            while app.is_running:
+                time.sleep(0.2)
+        finally:  # Ctrl-C: stop the server, then let the interrupt through
+            app.close()
+    return app
+
+
+def serve(run: str | Path, host: str = "127.0.0.1", port: int = 7860, vqgan: str | Path | None = None,
+          device: str = "cpu", max_upload_mb: float = 10, max_queue: int = 16, block: bool = True):
+    """Load a trained run and serve it until interrupted (or in the background with ``block=False``)."""
+    _gradio()  # fail before the model loads if Gradio is missing
+    model = LLMCXR.from_pretrained(run, vqgan=vqgan, device=device)
+    app = build_app(model, max_upload_mb=max_upload_mb, max_queue=max_queue)
+    return launch(app, host, port, max_upload_mb, block)
