@@ -181,10 +181,16 @@ def build_parser() -> argparse.ArgumentParser:
                        description="End-to-end demo on the embedded synthetic data. Writes "
                                    "OUT/summary.json and OUT/index.html. A second run reuses cached work.")
     p.add_argument("--out", type=Path, default=Path("OUT"), help="output folder (default OUT)")
-    p.add_argument("--n", type=int, default=600, help="synthetic images (default 600)")
+    p.add_argument("--n", type=int, default=3000, help="synthetic images (default 3000)")
     p.add_argument("--size", type=int, default=128, help="image size (default 128)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--vqgan-steps", type=int, default=600, help="training steps of the tiny VQ-GAN (default 600)")
+    p.add_argument("--lm-pretrain-steps", type=int, default=300,
+                   help="report-text pretraining steps of the tiny base LM (default 300)")
+    p.add_argument("--lm-steps", type=int, default=900, help="LoRA fine-tuning steps of the tiny LM (default 900)")
+    p.add_argument("--classifier-epochs", type=int, default=6,
+                   help="epochs of the finding classifier that judges generated images (default 6)")
+    p.add_argument("--n-eval", type=int, default=100, help="test studies per generation task (default 100)")
     p.add_argument("--fresh", action="store_true", help="ignore cached results and redo everything")
     p.set_defaults(func=_cmd_demo)
     return parser
@@ -358,7 +364,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from llm_cxr.demo import DemoConfig, run_demo
 
     summary = run_demo(DemoConfig(out=args.out, n=args.n, size=args.size, seed=args.seed,
-                                  fresh=args.fresh, progress=not args.quiet, vqgan_steps=args.vqgan_steps))
+                                  fresh=args.fresh, progress=not args.quiet, vqgan_steps=args.vqgan_steps,
+                                  lm_pretrain_steps=args.lm_pretrain_steps, lm_steps=args.lm_steps,
+                                  classifier_epochs=args.classifier_epochs, n_eval=args.n_eval))
     print(f"demo finished in {summary['seconds_total']:.1f} s: open {args.out / 'index.html'}")
     return 0
 

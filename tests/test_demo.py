@@ -7,13 +7,16 @@ from llm_cxr.cli import main
 
 def test_demo_runs_end_to_end_and_reuses_its_cache(tmp_path):
     out = tmp_path / "OUT"
-    args = ["-q", "demo", "--out", str(out), "--n", "60", "--size", "64", "--vqgan-steps", "3"]
+    args = ["-q", "demo", "--out", str(out), "--n", "60", "--size", "64", "--vqgan-steps", "3",
+            "--lm-pretrain-steps", "2", "--lm-steps", "3", "--classifier-epochs", "1", "--n-eval", "6"]
     assert main(args) == 0
     summary = json.loads((out / "summary.json").read_text())
-    for key in ("n_images", "labeler_synthetic_exact_match", "vqgan_psnr", "vqgan_codebook_usage", "seconds_total"):
+    for key in ("n_images", "labeler_synthetic_exact_match", "vqgan_psnr", "vqgan_codebook_usage", "seconds_total",
+                "report_clinical_micro_f1", "image_finding_micro_f1", "vqa_accuracy", "valid_image_rate"):
         assert key in summary, key
     assert summary["n_images"] == 60
     assert summary["labeler_synthetic_exact_match"] >= 0.95
+    assert summary["valid_image_rate"] == 1.0  # constrained decoding: every request gives a decodable image
     assert all(not s["cached"] for s in summary["stages"].values())
     page = (out / "index.html").read_text()
     assert "VQ-GAN" in page and "FINDINGS:" in page and page.count("<img") >= 10
