@@ -193,22 +193,15 @@ def run_ours(make, train_ds, pad_id: int, args, mixed_precision: str, lr: float,
 
 
 class PadToLongest:
-    """Baseline collator: right-pad to the longest sequence of the batch; labels -100 on prompt and padding."""
+    """Baseline collator: right-pad to the longest sequence of the batch (llm-cxr's collate, no rounding up)."""
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
 
     def __call__(self, feats: list[dict]) -> dict[str, torch.Tensor]:
-        T = max(len(f["input_ids"]) for f in feats)
-        ids = torch.full((len(feats), T), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(feats), T), dtype=torch.long)
-        labels = torch.full((len(feats), T), -100, dtype=torch.long)
-        for i, f in enumerate(feats):
-            x = torch.as_tensor(f["input_ids"], dtype=torch.long)
-            ids[i, :len(x)] = x
-            mask[i, :len(x)] = 1
-            labels[i, f["n_prompt"]:len(x)] = x[f["n_prompt"]:]
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        from llm_cxr.instruct import collate
+
+        return collate(feats, self.pad_id, pad_to_multiple=1)
 
 
 def run_trainer(make, train_ds, pad_id: int, args, lr: float, warmup_lr: int) -> dict:

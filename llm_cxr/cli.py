@@ -267,27 +267,18 @@ def _cmd_sheet(args: argparse.Namespace) -> int:
 
 
 def _cmd_vqgan_train(args: argparse.Namespace) -> int:
+    from llm_cxr.cli_lm import parse_set_pairs
     from llm_cxr.vqgan.train import load_train_config, train_vqgan
 
     overrides = {k: v for k, v in {
         "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "disc_start": args.disc_start,
         "mixed_precision": args.mixed_precision, "feature_net": args.feature_net, "max_minutes": args.max_minutes,
         "seed": args.seed}.items() if v is not None}
-    for kv in args.set:
-        key, sep, value = kv.partition("=")
-        if not sep:
-            raise LLMCXRError(f"--set expects KEY=VALUE, got {kv!r}")
-        overrides[key.strip().replace("-", "_")] = _parse_value(value)
+    overrides.update(parse_set_pairs(args.set))
     cfg = load_train_config(args.config, data=str(args.data), out=str(args.out), progress=not args.quiet, **overrides)
     run = train_vqgan(cfg)
     print(run)
     return 0
-
-
-def _parse_value(text: str):
-    import yaml
-
-    return yaml.safe_load(text)
 
 
 def _cmd_vqgan_encode(args: argparse.Namespace) -> int:

@@ -9,7 +9,8 @@ from pathlib import Path
 from llm_cxr.errors import LLMCXRError
 
 
-def _set_pairs(items: list[str]) -> dict:
+def parse_set_pairs(items: list[str]) -> dict:
+    """``--set KEY=VALUE`` options (values parsed as YAML; dotted keys nest) -> a dict."""
     import yaml
 
     out: dict = {}
@@ -98,7 +99,7 @@ def _cmd_train(args) -> int:
 
     overrides = {"data": args.data, "out": args.out, "base": args.base, "init_from": args.init_from,
                  "full_finetune": args.full_finetune, **_loop_overrides(args)}
-    cfg = load_lm_config(args.config, sets=_set_pairs(args.set), **overrides)
+    cfg = load_lm_config(args.config, sets=parse_set_pairs(args.set), **overrides)
     print(train_lm(cfg))
     return 0
 

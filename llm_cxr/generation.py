@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from llm_cxr.errors import ConfigError, InputError
-from llm_cxr.instruct import encode_prompt, image_span
+from llm_cxr.instruct import encode_prompt
 from llm_cxr.modeling import LoadedRun, load_run
 from llm_cxr.prompts import get_template, image_prompt, report_prompt, vqa_prompt
 
@@ -247,4 +247,4 @@ class LLMCXR:
         return max(1, min(want, ctx - longest))
 
 
-__all__ = ["LLMCXR", "GeneratedImages", "Sampling", "image_span"]
+__all__ = ["LLMCXR", "GeneratedImages", "Sampling"]

@@ -329,9 +329,8 @@ def _start_model(cfg: LMTrainConfig, codes_info: dict):
         prev = load_run(cfg.init_from, trainable=True)
         prev.token_map.check_vqgan(codes_info["n_embed"], codes_info["grid_size"], codes_info["fingerprint"],
                                    source=f"the VQ-GAN of {cfg.data}")
-        for p in prev.model.parameters():
-            if prev.info.kind == "full":
-                p.requires_grad_(True)
+        if prev.info.kind == "full":
+            prev.model.requires_grad_(True)
         return prev.model, prev.tokenizer, prev.token_map, prev.info.kind, prev.info.base
     model, tok = load_causal_lm(cfg.base)
     token_map = add_image_tokens(tok, model, codes_info["n_embed"], codes_info["grid_size"],
@@ -353,8 +352,8 @@ def train_lm(cfg: LMTrainConfig, accelerator=None) -> Path:
     codes_info = read_codes_info(cfg.data)
     run = Path(cfg.out)
     model, tok, token_map, kind, base = _start_model(cfg, codes_info)
-    if model.config.max_position_embeddings < cfg.max_length if hasattr(model.config, "max_position_embeddings") \
-            else False:
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and context < cfg.max_length:
         raise ConfigError(f"max_length={cfg.max_length} exceeds the model's context "
                           f"({model.config.max_position_embeddings})")
     summary = trainable_summary(model)

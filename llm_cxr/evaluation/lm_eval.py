@@ -79,7 +79,9 @@ def evaluate_images(model: LLMCXR, ds, classifier_dir: str, cfg: EvalConfig) -> 
     _progress_map(run, len(sub), cfg.batch_size, "images", cfg.progress)
     codes = torch.cat([g.codes for g in gens])
     images = [im for g in gens for im in g.images]
-    valid = sum(int(c.numel() == model.map.tokens_per_image) for c in codes) / max(1, len(codes))
+    # a request is valid when it came back as a decoded image whose codes are all in the codebook
+    in_range = ((codes >= 0) & (codes < model.map.n_codes)).flatten(1).all(1)
+    valid = min(len(images), int(in_range.sum())) / max(1, len(sub))
     from llm_cxr.vqgan.data import image_to_array, to_unit_range
 
     r = clf.config.resolution  # the classifier's own input size, as it was trained
@@ -109,8 +111,8 @@ def evaluate_vqa(model: LLMCXR, ds, cfg: EvalConfig) -> dict[str, Any]:
     sub = _take(ds, cfg.n_vqa_images, cfg.seed + 2)
     codes_all = sub.with_format("numpy")[:]["codes"]
     qs, codes, kinds, answers = [], [], [], []
-    for i, fj in enumerate(sub["findings"]):
-        rng = random.Random(f"{cfg.seed}:{sub[i]['id']}:eval")
+    for i, (sid, fj) in enumerate(zip(sub["id"], sub["findings"])):
+        rng = random.Random(f"{cfg.seed}:{sid}:eval")
         for qa in make_vqa(findings_from_json(fj), rng, cfg.vqa_per_image, FINDING_NAMES):
             qs.append(qa.question)
             codes.append(codes_all[i])

@@ -26,7 +26,7 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import DataLoader
 
-from llm_cxr.configs import from_dict_strict
+from llm_cxr.configs import from_dict_strict, run_versions
 from llm_cxr.errors import ConfigError
 from llm_cxr.vqgan.config import VQGANConfig, preset
 from llm_cxr.vqgan.data import ImageTensorDataset
@@ -146,12 +146,6 @@ def resolve_model_config(spec: str) -> VQGANConfig:
     return preset(spec)
 
 
-def _versions() -> dict[str, str]:
-    from llm_cxr.configs import run_versions
-
-    return run_versions()
-
-
 def _lr_at(step: int, cfg: VQGANTrainConfig) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -251,7 +245,7 @@ def _init_run(cfg: VQGANTrainConfig, model_cfg: VQGANConfig, accelerator) -> Pat
                 raise ConfigError(f"{run} holds a run with another model config; resume with the same "
                                   f"config or choose a new --out")
         saved.write_text(json.dumps(resolved, indent=2) + "\n")
-        (run / "versions.json").write_text(json.dumps(_versions(), indent=2) + "\n")
+        (run / "versions.json").write_text(json.dumps(run_versions(), indent=2) + "\n")
     accelerator.wait_for_everyone()
     return run
 
