@@ -24,9 +24,9 @@ import torch
 from llm_cxr.configs import from_dict_strict, run_versions
 from llm_cxr.errors import ConfigError
 from llm_cxr.instruct import LengthGroupedBatches, StageConfig, build_stage_dataset, iterate_batches, lengths_of
-from llm_cxr.modeling import (LoraSettings, RunInfo, apply_lora, load_causal_lm, load_run, save_model,
-                              trainable_summary)
-from llm_cxr.tokens import add_image_tokens
+from llm_cxr.modeling import (LoraSettings, RunInfo, apply_lora, load_causal_lm, load_run, pick_attention,
+                              save_model, trainable_summary)
+from llm_cxr.tokens import add_image_tokens, init_image_rows_from_codebook
 
 log = logging.getLogger(__name__)
 
@@ -257,6 +257,12 @@ class LMTrainConfig:
     stage: dict | StageConfig = field(default_factory=StageConfig)
     lora: dict | LoraSettings | None = field(default_factory=LoraSettings)
     full_finetune: bool = False  # train every weight (what LLM-CXR did) instead of LoRA
+    # how new image-token rows start: "mean" of the text rows, or "codebook" (mean + a projection of
+    # the VQ-GAN's codebook, so similar codes start similar; needs the VQ-GAN the data was encoded with)
+    image_init: str = "mean"
+    # transformers' attention kernel: "auto" (eager for bf16 on CPU, where it is faster; SDPA elsewhere),
+    # or any name transformers accepts ("sdpa", "eager", "flash_attention_2")
+    attn_implementation: str = "auto"
     template: str = "compact"
     max_length: int = 512
     split: str = "train"
@@ -273,6 +279,8 @@ class LMTrainConfig:
             self.lora = from_dict_strict(LoraSettings, self.lora, "lora")
         if (self.base is None) == (self.init_from is None):
             raise ConfigError("give exactly one of base (a model to start from) and init_from (a previous stage run)")
+        if self.image_init not in ("mean", "codebook"):
+            raise ConfigError(f"image_init must be 'mean' or 'codebook', got {self.image_init!r}")
         if not self.full_finetune and self.lora is None and self.init_from is None:
             raise ConfigError("lora is null and full_finetune is false: nothing would be trained")
 
@@ -323,21 +331,38 @@ def load_lm_config(path: str | None, sets: dict | None = None, **overrides: Any)
     return from_dict_strict(LMTrainConfig, doc, "training", source)
 
 
-def _start_model(cfg: LMTrainConfig, codes_info: dict):
+def _start_model(cfg: LMTrainConfig, codes_info: dict, attn: str | None = None):
     """(model, tokenizer, token_map, RunInfo): the base extended with image tokens, or the previous stage."""
     if cfg.init_from:
-        prev = load_run(cfg.init_from, trainable=True)
+        prev = load_run(cfg.init_from, trainable=True, attn_implementation=attn)
         prev.token_map.check_vqgan(codes_info["n_embed"], codes_info["grid_size"], codes_info["fingerprint"],
                                    source=f"the VQ-GAN of {cfg.data}")
         if prev.info.kind == "full":
             prev.model.requires_grad_(True)
         return prev.model, prev.tokenizer, prev.token_map, prev.info.kind, prev.info.base
-    model, tok = load_causal_lm(cfg.base)
+    model, tok = load_causal_lm(cfg.base, attn_implementation=attn)
     token_map = add_image_tokens(tok, model, codes_info["n_embed"], codes_info["grid_size"],
                                  codes_info["fingerprint"])
+    if cfg.image_init == "codebook":
+        init_image_rows_from_codebook(model, token_map, _codebook(codes_info, cfg.data), seed=cfg.loop.seed)
     if cfg.full_finetune:
         return model, tok, token_map, "full", cfg.base
     return apply_lora(model, token_map, cfg.lora), tok, token_map, "lora", cfg.base
+
+
+def _codebook(codes_info: dict, data: str) -> torch.Tensor:
+    """The codebook of the VQ-GAN that encoded ``data`` (checked against the recorded weights)."""
+    from llm_cxr.vqgan.encode import weights_hash
+    from llm_cxr.vqgan.model import VQGAN
+
+    path = codes_info.get("model_path")
+    if not path or not Path(path).exists():
+        raise ConfigError(f"image_init: codebook needs the VQ-GAN that encoded {data}, but its recorded path "
+                          f"{path!r} does not exist (or use image_init: mean)")
+    vq = VQGAN.from_pretrained(path)
+    if codes_info.get("weights") and weights_hash(vq) != codes_info["weights"]:
+        raise ConfigError(f"the VQ-GAN at {path} is not the one that encoded {data} (weights differ)")
+    return vq.quantize.embedding.weight.detach().float()
 
 
 def train_lm(cfg: LMTrainConfig, accelerator=None) -> Path:
@@ -351,7 +376,8 @@ def train_lm(cfg: LMTrainConfig, accelerator=None) -> Path:
     torch.manual_seed(loop.seed)
     codes_info = read_codes_info(cfg.data)
     run = Path(cfg.out)
-    model, tok, token_map, kind, base = _start_model(cfg, codes_info)
+    attn = pick_attention(cfg.attn_implementation, accelerator.device, loop.mixed_precision)
+    model, tok, token_map, kind, base = _start_model(cfg, codes_info, attn)
     context = getattr(model.config, "max_position_embeddings", None)
     if context is not None and context < cfg.max_length:
         raise ConfigError(f"max_length={cfg.max_length} exceeds the model's context "
@@ -462,6 +488,7 @@ def pretrain_base(cfg: PretrainConfig, accelerator=None) -> Path:
             if accelerator.is_main_process:
                 tok.save_pretrained(model_dir)
     model = build_base_model(preset, len(tok), seed=cfg.loop.seed)
+    model.set_attn_implementation(pick_attention("auto", accelerator.device, cfg.loop.mixed_precision))
 
     def tokenise(texts: list[str]):
         ids = [x[:preset.context - 1] + [tok.eos_token_id] for x in tok(texts, add_special_tokens=False)["input_ids"]]

@@ -112,6 +112,18 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype | None = None, attn_imp
     return model, tok
 
 
+def pick_attention(choice: str | None, device, mixed_precision: str) -> str | None:
+    """transformers' attention implementation for training: ``auto`` = eager for bf16/fp16 on CPU, else SDPA.
+
+    On CPU the SDPA (flash) kernel gains nothing from bf16 while the eager matmuls do: measured
+    in benchmarks/results/lm_train.md (small preset, 9,505 vs 7,383 tokens/s). Elsewhere SDPA.
+    """
+    if choice not in (None, "auto"):
+        return choice
+    on_cpu = torch.device(device).type == "cpu"
+    return "eager" if on_cpu and mixed_precision in ("bf16", "fp16") else "sdpa"
+
+
 def _module_names(model) -> dict[int, str]:
     return {id(m): n for n, m in model.named_modules()}
 
@@ -239,7 +251,8 @@ class LoadedRun:
 
 
 def load_run(run: str | Path, dtype: torch.dtype | None = None, merge: bool = False,
-             device: str | torch.device | None = None, trainable: bool = False) -> LoadedRun:
+             device: str | torch.device | None = None, trainable: bool = False,
+             attn_implementation: str | None = "sdpa") -> LoadedRun:
     """Load a trained run in one call: model (adapter applied, or merged), tokenizer, token map.
 
     ``trainable=True`` keeps the adapter trainable (a next stage continues it).
@@ -251,11 +264,13 @@ def load_run(run: str | Path, dtype: torch.dtype | None = None, merge: bool = Fa
     token_map = ImageTokenMap.load(folder)
     tok = ensure_pad_token(load_tokenizer(str(folder)))
     if info.kind == "full":
-        model = AutoModelForCausalLM.from_pretrained(folder, **({"dtype": dtype} if dtype else {}))
+        model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation=attn_implementation,
+                                                     **({"dtype": dtype} if dtype else {}))
     elif info.kind == "lora":
         from peft import PeftModel
 
-        model, base_tok = load_causal_lm(info.resolve("base", folder), dtype=dtype)
+        model, base_tok = load_causal_lm(info.resolve("base", folder), dtype=dtype,
+                                         attn_implementation=attn_implementation)
         made = add_image_tokens(base_tok, model, token_map.n_codes, token_map.grid_size, token_map.vqgan_fingerprint)
         if made.first_id != token_map.first_id or made.vocab_size != token_map.vocab_size:
             raise ConfigError(f"the base model {info.base} gives image tokens at {made.first_id} (vocabulary "

@@ -166,3 +166,13 @@ def test_pretrain_tiny_base_is_a_hugging_face_model(data, tmp_path):
     # it is a base `llm-cxr train` can start from
     model, tok = load_causal_lm(str(out / "model"))
     assert tok.pad_token_id != tok.eos_token_id
+
+
+def test_codebook_init_needs_the_vqgan_that_encoded_the_data(data, base, tmp_path):
+    # the test dataset records no VQ-GAN path: a clear error before anything trains
+    with pytest.raises(ConfigError, match="image_init: codebook needs the VQ-GAN"):
+        train_lm(LMTrainConfig(data=str(data), out=str(tmp_path / "r"), base=str(base), image_init="codebook",
+                               max_length=256, loop={"steps": 1, "batch_size": 2, "mixed_precision": "no"}))
+    assert not (tmp_path / "r" / "model").exists()
+    with pytest.raises(ConfigError, match="image_init must be"):
+        LMTrainConfig(data=str(data), out=str(tmp_path / "r"), base=str(base), image_init="zeros")

@@ -85,3 +85,44 @@ def test_map_errors_and_saved_map_check(tokenizer_factory, tmp_path):
         add_image_tokens(tok, None, n_codes=32, grid_size=4, vqgan_fingerprint="fp1")
     with pytest.raises(ConfigError, match="no image_tokens.json"):
         ImageTokenMap.load(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_codebook_init_keeps_codebook_geometry_and_leaves_text_rows(tokenizer_factory, tie):
+    from llm_cxr.tokens import init_image_rows_from_codebook
+
+    tok = tokenizer_factory(100)
+    model = _neox(len(tok), tie=tie)
+    m = add_image_tokens(tok, model, n_codes=64, grid_size=8, vqgan_fingerprint="abc")
+    emb_before = model.get_input_embeddings().weight.detach().clone()
+    out_before = model.get_output_embeddings().weight.detach().clone()
+    codebook = torch.randn(64, 8, generator=torch.Generator().manual_seed(1))
+    init_image_rows_from_codebook(model, m, codebook)
+    emb = model.get_input_embeddings().weight.detach()
+    rows = emb[m.first_id:m.first_id + 64]
+    assert torch.equal(emb[:m.first_id], emb_before[:m.first_id])  # text rows untouched
+    assert torch.equal(emb[m.begin_id:], emb_before[m.begin_id:])  # boundary tokens keep the mean
+    # the projection is orthonormal: distances between rows are the codebook's, up to one scale
+    d_rows, d_code = torch.pdist(rows.float()), torch.pdist(codebook)
+    ratio = d_rows / d_code
+    assert torch.allclose(ratio, ratio.mean().expand_as(ratio), rtol=1e-3)
+    # centred at the text mean, spread like the text rows
+    assert torch.allclose(rows.mean(0), emb_before[:m.first_id].mean(0), atol=1e-5)
+    assert rows.std(0).mean() == pytest.approx(emb_before[:m.first_id].std(0).mean().item(), rel=0.3)
+    head = model.get_output_embeddings().weight.detach()
+    if tie:
+        assert torch.equal(head[m.first_id:m.first_id + 64], rows)
+    else:
+        assert not torch.allclose(head[m.first_id:m.first_id + 64], out_before[m.first_id:m.first_id + 64])
+        assert torch.equal(head[:m.first_id], out_before[:m.first_id])
+    with pytest.raises(ConfigError, match="does not match the 64 image tokens"):
+        init_image_rows_from_codebook(model, m, torch.randn(32, 8))
+
+
+def test_pick_attention():
+    from llm_cxr.modeling import pick_attention
+
+    assert pick_attention("auto", "cpu", "bf16") == "eager"
+    assert pick_attention("auto", "cpu", "no") == "sdpa"
+    assert pick_attention("auto", "cuda", "bf16") == "sdpa"
+    assert pick_attention("flash_attention_2", "cpu", "bf16") == "flash_attention_2"
