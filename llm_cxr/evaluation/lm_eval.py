@@ -110,7 +110,7 @@ def evaluate_images(model: LLMCXR, ds, classifier_dir: str, cfg: EvalConfig) -> 
 def evaluate_vqa(model: LLMCXR, ds, cfg: EvalConfig) -> dict[str, Any]:
     sub = _take(ds, cfg.n_vqa_images, cfg.seed + 2)
     codes_all = sub.with_format("numpy")[:]["codes"]
-    qs, codes, kinds, answers = [], [], [], []
+    qs, codes, kinds, answers, findings = [], [], [], [], []
     for i, (sid, fj) in enumerate(zip(sub["id"], sub["findings"])):
         rng = random.Random(f"{cfg.seed}:{sid}:eval")
         for qa in make_vqa(findings_from_json(fj), rng, cfg.vqa_per_image, FINDING_NAMES):
@@ -118,6 +118,7 @@ def evaluate_vqa(model: LLMCXR, ds, cfg: EvalConfig) -> dict[str, Any]:
             codes.append(codes_all[i])
             kinds.append(qa.kind)
             answers.append(qa.answer)
+            findings.append(qa.finding)
     codes_t = torch.as_tensor(np.stack(codes)).long()
     got = _progress_map(lambda sl: model.answer(codes_t[sl], qs[sl], batch_size=cfg.batch_size), len(qs),
                         cfg.batch_size, "questions", cfg.progress)
@@ -126,9 +127,14 @@ def evaluate_vqa(model: LLMCXR, ds, cfg: EvalConfig) -> dict[str, Any]:
     for k, o in zip(kinds, ok):
         by_kind.setdefault(k, []).append(o)
     core = [o for k, o in zip(kinds, ok) if k in ("presence", "laterality")]
+    presence: dict[str, list[bool]] = {}
+    for k, f, o in zip(kinds, findings, ok):
+        if k == "presence" and f:
+            presence.setdefault(f, []).append(o)
     return {"n_questions": len(qs), "accuracy_yes_no_laterality": sum(core) / max(1, len(core)),
             "accuracy_all": sum(ok) / max(1, len(ok)),
             "by_kind": {k: {"accuracy": sum(v) / len(v), "n": len(v)} for k, v in by_kind.items()},
+            "presence_by_finding": {f: {"accuracy": sum(v) / len(v), "n": len(v)} for f, v in sorted(presence.items())},
             "examples": [{"q": q, "answer": a, "got": g} for q, a, g in list(zip(qs, answers, got))[:12]]}
 
 
