@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 
 # Decoded images are kept in memory as uint8 while they fit in this many bytes.
 PRELOAD_LIMIT = 2 * 1024**3
+_WARNED_SIZES: set = set()
 
 
 def image_to_array(img: Image.Image, resolution: int, channels: int, resize: str = "silent",
@@ -25,8 +26,10 @@ def image_to_array(img: Image.Image, resolution: int, channels: int, resize: str
         if resize == "error":
             raise InputError(f"{name} is {img.size[0]}x{img.size[1]}; the model takes {resolution}x{resolution} "
                              f"(pass resize='warn' or 'silent' to resize)")
-        if resize == "warn":
-            log.warning("%s is %dx%d; resizing to %dx%d", name, *img.size, resolution, resolution)
+        if resize == "warn" and (img.size, resolution) not in _WARNED_SIZES:
+            _WARNED_SIZES.add((img.size, resolution))  # once per size: a dataset would flood the log
+            log.warning("%s is %dx%d; resizing to %dx%d (further %dx%d images are resized without a message)",
+                        name, *img.size, resolution, resolution, *img.size)
         img = to_model_size(img, resolution)
     a = np.array(img.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
     return a[None] if channels == 1 else a.transpose(2, 0, 1).copy()
