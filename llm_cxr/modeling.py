@@ -116,7 +116,7 @@ def pick_attention(choice: str | None, device, mixed_precision: str) -> str | No
     """transformers' attention implementation for training: ``auto`` = eager for bf16/fp16 on CPU, else SDPA.
 
     On CPU the SDPA (flash) kernel gains nothing from bf16 while the eager matmuls do: measured
-    in benchmarks/results/lm_train.md (small preset, 9,505 vs 7,383 tokens/s). Elsewhere SDPA.
+    in benchmarks/results/lm_train.md (small preset, 8,289 vs 7,502 tokens/s). Elsewhere SDPA.
     """
     if choice not in (None, "auto"):
         return choice
