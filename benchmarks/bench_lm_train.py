@@ -311,9 +311,8 @@ def child(args) -> dict:
 
     lr, warmup_lr = cfg.loop.lr, cfg.loop.warmup_steps
     if args.child.startswith("baseline"):
-        return {**run_trainer(make, train_ds, tok.pad_token_id, args, lr, warmup_lr), "attention": attn}
+        return {"attention": attn, **run_trainer(make, train_ds, tok.pad_token_id, args, lr, warmup_lr)}
     return {"attention": attn, **run_ours(make, train_ds, tok.pad_token_id, args, mp, lr, warmup_lr)}
-    return run_ours(make, train_ds, tok.pad_token_id, args, mp, lr, warmup_lr)
 
 
 def main() -> int:

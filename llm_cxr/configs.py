@@ -21,6 +21,21 @@ def from_dict_strict(cls: type[T], d: dict[str, Any], what: str, source: str = "
     return cls(**d)
 
 
+def read_yaml_config(path) -> dict[str, Any]:
+    """A training config file as a dict; a missing file or bad YAML is a :class:`ConfigError` naming it."""
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"training config {path} does not exist")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from e
+
+
 def run_versions(*packages: str) -> dict[str, str]:
     """Library versions and the git commit, recorded in every run folder."""
     import importlib.metadata

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from llm_cxr.configs import from_dict_strict, run_versions
+from llm_cxr.configs import from_dict_strict, read_yaml_config, run_versions
 from llm_cxr.errors import ConfigError
 from llm_cxr.instruct import LengthGroupedBatches, StageConfig, build_stage_dataset, iterate_batches, lengths_of
 from llm_cxr.modeling import (LoraSettings, RunInfo, apply_lora, load_causal_lm, load_run, pick_attention,
@@ -299,19 +299,8 @@ def load_lm_config(path: str | None, sets: dict | None = None, **overrides: Any)
     ``overrides`` are top-level or loop keys (None = not given); ``sets`` is a nested dict
     merged last (``--set stage.vqa=4``).
     """
-    import yaml
-
-    doc: dict[str, Any] = {}
-    source = "command line"
-    if path:
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"training config {p} does not exist")
-        try:
-            doc = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p} is not valid YAML: {e}") from e
-        source = str(p)
+    doc: dict[str, Any] = read_yaml_config(path) if path else {}
+    source = str(path) if path else "command line"
     loop_keys = {f for f in LoopConfig.__dataclass_fields__}
     for k, v in overrides.items():
         if v is None:

@@ -26,7 +26,7 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import DataLoader
 
-from llm_cxr.configs import from_dict_strict, run_versions
+from llm_cxr.configs import from_dict_strict, read_yaml_config, run_versions
 from llm_cxr.errors import ConfigError
 from llm_cxr.vqgan.config import VQGANConfig, preset
 from llm_cxr.vqgan.data import ImageTensorDataset
@@ -107,16 +107,9 @@ def load_train_config(spec: str, **overrides: Any) -> VQGANTrainConfig:
     ``model:`` in the YAML is a preset name, a path to a taming YAML / llm-cxr JSON, or a
     dict of :class:`VQGANConfig` fields (written to the run as JSON).
     """
-    import yaml
-
     path = Path(spec)
     if path.suffix in (".yaml", ".yml"):
-        if not path.exists():
-            raise ConfigError(f"training config {path} does not exist")
-        try:
-            doc = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from e
+        doc = read_yaml_config(path)
         if "ddconfig" in str(doc.get("model", "")) or "params" in (doc.get("model") or {}):
             doc = {"model": str(path)}  # a taming model YAML given directly
         model = doc.pop("model", "small")
