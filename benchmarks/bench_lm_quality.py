@@ -38,7 +38,9 @@ def curves_svg(runs: dict[str, Path], out: Path) -> None:
             continue
         steps = [int(r["step"]) for r in rows]
         series = {"train loss": [(int(r["step"]), float(r["loss"])) for r in rows],
-                  "eval loss": [(int(r["step"]), float(r["eval_loss"])) for r in rows if r["eval_loss"]]}
+                  "eval loss": [(int(r["step"]), float(r["eval_loss"])) for r in rows if r["eval_loss"]],
+                  "eval loss, images swapped": [(int(r["step"]), float(r["eval_loss_swapped"])) for r in rows
+                                                if r.get("eval_loss_swapped")]}
         ymax = max(v for s in series.values() for _, v in s) * 1.05
         x0 = k * (W + 20)
 
@@ -50,11 +52,11 @@ def curves_svg(runs: dict[str, Path], out: Path) -> None:
              f'<line x1="{x0 + pad}" y1="{pad}" x2="{x0 + pad}" y2="{H - pad}" stroke="#888"/>',
              f'<text x="{x0 + W - pad}" y="{H - pad + 16}" font-size="11" text-anchor="end">step {max(steps)}</text>',
              f'<text x="{x0 + 4}" y="{pad}" font-size="11">{ymax:.2f}</text>']
-        for (label, pts), color in zip(series.items(), ("#4a7ab5", "#d0543c")):
+        for j, ((label, pts), color) in enumerate(zip(series.items(), ("#4a7ab5", "#d0543c", "#3a9a5b"))):
             if pts:
                 path = " ".join(f"{xy(s, v)[0]:.1f},{xy(s, v)[1]:.1f}" for s, v in pts)
                 g.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{path}"/>')
-                g.append(f'<text x="{x0 + W - pad}" y="{pad + (14 if color == "#d0543c" else 0)}" font-size="11" '
+                g.append(f'<text x="{x0 + W - pad}" y="{pad + 14 * j}" font-size="11" '
                          f'fill="{color}" text-anchor="end">{label}</text>')
         panels.append("".join(g))
     width = len(runs) * (W + 20)

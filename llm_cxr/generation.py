@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from llm_cxr import imagepos
 from llm_cxr.errors import ConfigError, InputError
 from llm_cxr.instruct import encode_prompt
 from llm_cxr.modeling import LoadedRun, load_run
@@ -89,6 +90,7 @@ class LLMCXR:
         self.max_length = run.info.max_length
         self.device = torch.device(device)
         self.vqgan = vqgan
+        self._positions = imagepos.find(self.model)  # 2D image position embeddings, if the run has them
         if vqgan is not None:
             c = vqgan.config
             self.map.check_vqgan(c.n_embed, c.grid_size, c.fingerprint(), source="the VQ-GAN given")
@@ -143,8 +145,13 @@ class LLMCXR:
     # ---- decoding ------------------------------------------------------------------------------
     @torch.inference_mode()
     def _decode(self, prompts: list[list[int]], steps: int, allowed: torch.Tensor, sampling: Sampling,
-                stop_at_eos: bool, uncond: list[list[int]] | None = None, guidance: float = 1.0) -> torch.Tensor:
-        """Generate up to ``steps`` tokens for each prompt; returns (B, steps), EOS-padded after a stop."""
+                stop_at_eos: bool, uncond: list[list[int]] | None = None, guidance: float = 1.0,
+                image_span: bool = False) -> torch.Tensor:
+        """Generate up to ``steps`` tokens for each prompt; returns (B, steps), EOS-padded after a stop.
+
+        ``image_span``: the prompts end with ``<image>`` and the t-th new token fills grid slot t
+        (given explicitly to models with image position embeddings, which see one token at a time).
+        """
         B = len(prompts)
         seqs = prompts + (uncond or [])
         ids, mask = _left_pad(seqs, self.tok.pad_token_id)
@@ -159,7 +166,11 @@ class LLMCXR:
         step_pos = pos
         for t in range(steps):
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                res = self.model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=past,
+                if self._positions is not None and image_span and t > 0:
+                    feed = {"inputs_embeds": self._positions.embed(step_ids, torch.full_like(step_ids, t - 1))}
+                else:
+                    feed = {"input_ids": step_ids}
+                res = self.model(**feed, attention_mask=mask, position_ids=step_pos, past_key_values=past,
                                  use_cache=True)
             past = res.past_key_values
             logits = res.logits[:, -1].float()
@@ -233,7 +244,7 @@ class LLMCXR:
         ids = []
         for sl in self._batched(len(prompts), batch_size):
             ids.append(self._decode(prompts[sl], self.map.tokens_per_image, self._image_mask, sampling, False,
-                                    uncond[sl] if guidance != 1.0 else None, guidance))
+                                    uncond[sl] if guidance != 1.0 else None, guidance, image_span=True))
         codes = self.map.ids_to_codes(torch.cat(ids)).reshape(-1, self.map.grid_size, self.map.grid_size)
         images = []
         if self.vqgan is not None:

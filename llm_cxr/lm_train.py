@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from llm_cxr import imagepos
 from llm_cxr.configs import from_dict_strict, read_yaml_config, run_versions
 from llm_cxr.errors import ConfigError
 from llm_cxr.instruct import LengthGroupedBatches, StageConfig, build_stage_dataset, iterate_batches, lengths_of
@@ -31,7 +32,9 @@ from llm_cxr.tokens import add_image_tokens, init_image_rows_from_codebook
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoints/last.pt"
-METRICS = ["step", "epoch", "loss", "eval_loss", "lr", "tokens_per_s", "seconds"]
+# eval_loss_swapped: the same eval loss with the prompt images rotated between the examples of each batch; it
+# rises above eval_loss once the model reads the images (equal = the answers ignore the image)
+METRICS = ["step", "epoch", "loss", "eval_loss", "eval_loss_swapped", "lr", "tokens_per_s", "seconds"]
 
 
 @dataclass
@@ -114,39 +117,73 @@ def _load_checkpoint(run: Path, model, opt) -> _Position | None:
     return pos
 
 
-def _drop_rows_after(path: Path, step: int) -> None:
-    lines = path.read_text().splitlines()
-    keep = lines[:1] + [ln for ln in lines[1:] if ln.split(",")[0].isdigit() and int(ln.split(",")[0]) <= step]
-    if len(keep) != len(lines):
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("\n".join(keep) + "\n")
-        os.replace(tmp, path)
+def _tidy_metrics(path: Path, step: int) -> None:
+    """Drop rows logged after ``step`` (the checkpoint a kill fell back to); bring an older header up to date."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    header = path.read_text().split("\n", 1)[0].split(",")
+    keep = [r for r in rows if (r.get("step") or "").isdigit() and int(r["step"]) <= step]
+    if len(keep) == len(rows) and header == METRICS:
+        return
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, METRICS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({k: r.get(k) or "" for k in METRICS} for r in keep)
+    os.replace(tmp, path)
+
+
+def swap_prompt_images(batch: dict, token_map) -> dict | None:
+    """``batch`` with the prompt images (image tokens that are not targets) rotated by one between the rows
+    that have them; None if fewer than two rows do. Each image moves whole, so only the pairing changes."""
+    ids, labels = batch["input_ids"], batch["labels"]
+    in_prompt = token_map.is_image_id(ids) & (labels == -100)
+    rows = [i for i in range(ids.shape[0]) if int(in_prompt[i].sum()) == token_map.tokens_per_image]
+    if len(rows) < 2:
+        return None
+    swapped = ids.clone()
+    images = [ids[i][in_prompt[i]] for i in rows]
+    for k, i in enumerate(rows):
+        swapped[i][in_prompt[i]] = images[(k + 1) % len(rows)]
+    return {**batch, "input_ids": swapped}
 
 
 @torch.no_grad()
-def evaluate_loss(model, eval_ds, pad_id: int, cfg: LoopConfig, accelerator) -> float:
-    """Mean response-token loss over up to ``eval_batches`` batches of each process's shard."""
+def evaluate_loss(model, eval_ds, pad_id: int, cfg: LoopConfig, accelerator, token_map=None) -> tuple[float, float]:
+    """Mean response-token loss over up to ``eval_batches`` batches of each process's shard, and (with a
+    ``token_map``) the same loss over the examples with a prompt image when those images are swapped
+    between examples; (nan, nan) where there is nothing to measure."""
     if eval_ds is None or len(eval_ds) == 0:
-        return float("nan")
+        return float("nan"), float("nan")
     sampler = LengthGroupedBatches(lengths_of(eval_ds), cfg.batch_size, seed=0, rank=accelerator.process_index,
                                    world=accelerator.num_processes)
     model.eval()
-    total = torch.zeros(2, device=accelerator.device)
+    total = torch.zeros(4, device=accelerator.device)  # loss sum, tokens; swapped loss sum, tokens
+
+    def summed(b):
+        with accelerator.autocast():
+            loss = model(**b).loss.float()
+        n = (b["labels"][:, 1:] != -100).sum()
+        return torch.stack([loss * n, n.float()])
+
     for i, (_, _, batch) in enumerate(iterate_batches(eval_ds, sampler, pad_id)):
         if i >= min(cfg.eval_batches, len(sampler)):
             break
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        with accelerator.autocast():
-            loss = model(**batch).loss.float()
-        n = (batch["labels"][:, 1:] != -100).sum()
-        total += torch.stack([loss * n, n.float()])
+        total[:2] += summed(batch)
+        swapped = swap_prompt_images(batch, token_map) if token_map is not None else None
+        if swapped is not None:
+            keep = token_map.is_image_id(batch["input_ids"]) & (batch["labels"] == -100)
+            rows = keep.sum(1) == token_map.tokens_per_image
+            total[2:] += summed({k: v[rows] for k, v in swapped.items()})
     model.train()
     total = accelerator.reduce(total, reduction="sum")
-    return float(total[0] / total[1].clamp(min=1))
+    swapped_loss = float(total[2] / total[3]) if float(total[3]) > 0 else float("nan")
+    return float(total[0] / total[1].clamp(min=1)), swapped_loss
 
 
 def train_loop(model, train_ds, eval_ds, pad_id: int, cfg: LoopConfig, run: Path, accelerator,
-               desc: str = "train") -> _Position:
+               desc: str = "train", token_map=None) -> _Position:
     """Train ``model`` (its ``requires_grad`` parameters) on tokenised examples; resumable from ``run``."""
     from tqdm.auto import tqdm
 
@@ -172,7 +209,7 @@ def train_loop(model, train_ds, eval_ds, pad_id: int, cfg: LoopConfig, run: Path
     metrics_path = run / "metrics.csv"
     main = accelerator.is_main_process
     if main and metrics_path.exists():
-        _drop_rows_after(metrics_path, pos.step)  # rows logged after the checkpoint a kill fell back to
+        _tidy_metrics(metrics_path, pos.step)  # rows logged after the checkpoint a kill fell back to
     new_file = main and not metrics_path.exists()
     bar = tqdm(total=cfg.steps, initial=pos.step, desc=desc, disable=not (cfg.progress and main))
     t0 = time.monotonic()
@@ -204,16 +241,16 @@ def train_loop(model, train_ds, eval_ds, pad_id: int, cfg: LoopConfig, run: Path
             pos.step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.3f}", epoch=pos.epoch)
-            eval_loss = float("nan")
+            eval_loss = swapped_loss = float("nan")
             if cfg.eval_every and (pos.step % cfg.eval_every == 0 or pos.step == cfg.steps):
-                eval_loss = evaluate_loss(model, eval_ds, pad_id, cfg, accelerator)
-                log.info("step %d: eval loss %.4f", pos.step, eval_loss)
+                eval_loss, swapped_loss = evaluate_loss(model, eval_ds, pad_id, cfg, accelerator, token_map)
+                log.info("step %d: eval loss %.4f (prompt images swapped: %.4f)", pos.step, eval_loss, swapped_loss)
             if main and (pos.step % cfg.log_every == 0 or pos.step == cfg.steps or not math.isnan(eval_loss)):
                 now = time.monotonic()
                 tps = tokens * accelerator.num_processes / max(now - t_log, 1e-9)
                 tokens, t_log = 0, now
-                writer.writerow([pos.step, pos.epoch, f"{loss_sum:.5g}", "" if math.isnan(eval_loss) else
-                                 f"{eval_loss:.5g}", f"{lr:.3g}", f"{tps:.0f}", f"{now - t0:.1f}"])
+                writer.writerow([pos.step, pos.epoch, f"{loss_sum:.5g}", _num(eval_loss), _num(swapped_loss),
+                                 f"{lr:.3g}", f"{tps:.0f}", f"{now - t0:.1f}"])
                 mf.flush()
             out_of_time = cfg.max_minutes is not None and time.monotonic() - t0 > 60 * cfg.max_minutes
             if pos.step % cfg.save_every == 0 or pos.step == cfg.steps or out_of_time:
@@ -227,6 +264,10 @@ def train_loop(model, train_ds, eval_ds, pad_id: int, cfg: LoopConfig, run: Path
         _record_cost(run, time.monotonic() - t0, pos.step)
     accelerator.wait_for_everyone()
     return pos
+
+
+def _num(x: float) -> str:
+    return "" if math.isnan(x) else f"{x:.5g}"
 
 
 def _record_cost(run: Path, seconds: float, step: int) -> None:
@@ -260,6 +301,9 @@ class LMTrainConfig:
     # how new image-token rows start: "mean" of the text rows, or "codebook" (mean + a projection of
     # the VQ-GAN's codebook, so similar codes start similar; needs the VQ-GAN the data was encoded with)
     image_init: str = "mean"
+    # "2d": a learned table of H*W position embeddings added to image tokens (where a code sits in the
+    # grid; see llm_cxr/imagepos.py), saved with the run; "none": the LM's own sequence positions only
+    image_positions: str = "2d"
     # transformers' attention kernel: "auto" (eager for bf16 on CPU, where it is faster; SDPA elsewhere),
     # or any name transformers accepts ("sdpa", "eager", "flash_attention_2")
     attn_implementation: str = "auto"
@@ -279,6 +323,8 @@ class LMTrainConfig:
             self.lora = from_dict_strict(LoraSettings, self.lora, "lora")
         if (self.base is None) == (self.init_from is None):
             raise ConfigError("give exactly one of base (a model to start from) and init_from (a previous stage run)")
+        if self.image_positions not in ("2d", "none"):
+            raise ConfigError(f"image_positions must be '2d' or 'none', got {self.image_positions!r}")
         if self.image_init not in ("mean", "codebook"):
             raise ConfigError(f"image_init must be 'mean' or 'codebook', got {self.image_init!r}")
         if not self.full_finetune and self.lora is None and self.init_from is None:
@@ -328,15 +374,20 @@ def _start_model(cfg: LMTrainConfig, codes_info: dict, attn: str | None = None):
                                    source=f"the VQ-GAN of {cfg.data}")
         if prev.info.kind == "full":
             prev.model.requires_grad_(True)
+        if cfg.image_positions == "2d" and imagepos.find(prev.model) is None:
+            imagepos.attach(prev.model, prev.token_map)  # the previous stage had none: start the table here
         return prev.model, prev.tokenizer, prev.token_map, prev.info.kind, prev.info.base
     model, tok = load_causal_lm(cfg.base, attn_implementation=attn)
     token_map = add_image_tokens(tok, model, codes_info["n_embed"], codes_info["grid_size"],
                                  codes_info["fingerprint"])
     if cfg.image_init == "codebook":
         init_image_rows_from_codebook(model, token_map, _codebook(codes_info, cfg.data), seed=cfg.loop.seed)
-    if cfg.full_finetune:
-        return model, tok, token_map, "full", cfg.base
-    return apply_lora(model, token_map, cfg.lora), tok, token_map, "lora", cfg.base
+    kind = "full" if cfg.full_finetune else "lora"
+    if kind == "lora":
+        model = apply_lora(model, token_map, cfg.lora)
+    if cfg.image_positions == "2d":
+        imagepos.attach(model, token_map)  # after peft, so its embedding wrapper sits inside ours
+    return model, tok, token_map, kind, cfg.base
 
 
 def _codebook(codes_info: dict, data: str) -> torch.Tensor:
@@ -383,7 +434,8 @@ def train_lm(cfg: LMTrainConfig, accelerator=None) -> Path:
     if len(train) == 0:
         raise ConfigError(f"{cfg.data} has no rows in split {cfg.split!r}")
     log.info("%s: %d training examples, %s", run, len(train), summary)
-    pos = train_loop(model, train, ev, tok.pad_token_id, loop, run, accelerator, desc=f"train {run.name}")
+    pos = train_loop(model, train, ev, tok.pad_token_id, loop, run, accelerator, desc=f"train {run.name}",
+                     token_map=token_map)
     if accelerator.is_main_process:
         vq = codes_info.get("model_path")
         info = RunInfo(kind=kind, base=_abs(base), vqgan=_abs(vq) if vq else None, template=cfg.template,

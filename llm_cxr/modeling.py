@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from llm_cxr import imagepos
 from llm_cxr.errors import ConfigError
 from llm_cxr.tokens import ImageTokenMap, add_image_tokens
 
@@ -233,7 +234,13 @@ def save_model(model, tokenizer, token_map: ImageTokenMap | None, info: RunInfo,
     """Write adapter or full weights, tokenizer, token map and run.json into ``folder`` (replacing it)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
+    with imagepos.detached(model) as positions:  # transformers/peft see the plain model's parameter names
+        model.save_pretrained(folder)
+    stale = folder / imagepos.POSITIONS_FILE
+    if positions is not None:
+        imagepos.save_positions(positions, folder)
+    elif stale.exists():
+        stale.unlink()
     tokenizer.save_pretrained(folder)
     if token_map is not None:
         token_map.save(folder)
@@ -284,6 +291,9 @@ def load_run(run: str | Path, dtype: torch.dtype | None = None, merge: bool = Fa
     if len(tok) != token_map.vocab_size:
         raise ConfigError(f"{folder}: the tokenizer has {len(tok)} tokens, image_tokens.json expects "
                           f"{token_map.vocab_size}")
+    table = imagepos.load_positions(folder)
+    if table is not None:
+        imagepos.attach(model, token_map, table)
     if not trainable:
         model.eval()
     if device is not None:

@@ -8,9 +8,10 @@ import shutil
 import pytest
 import torch
 
+from llm_cxr import imagepos
 from llm_cxr.cli import main
 from llm_cxr.errors import ConfigError
-from llm_cxr.lm_train import CHECKPOINT, METRICS, LMTrainConfig, load_lm_config, train_lm
+from llm_cxr.lm_train import CHECKPOINT, METRICS, LMTrainConfig, load_lm_config, swap_prompt_images, train_lm
 from llm_cxr.modeling import load_causal_lm, load_run
 
 from test_modeling import N_CODES, make_base, make_codes_dataset, write_codes_info
@@ -62,12 +63,15 @@ def test_two_step_cli_run_is_a_loadable_run(two_step_run, base):
     header, rows = _metrics(run)
     assert header == METRICS and [int(r["step"]) for r in rows] == [1, 2]
     assert all(float(r["loss"]) > 0 for r in rows)
+    # the final evaluation also measures the loss with prompt images swapped between examples
+    assert float(rows[-1]["eval_loss"]) > 0 and float(rows[-1]["eval_loss_swapped"]) > 0
     trainable = json.loads((run / "trainable.json").read_text())
     assert 0 < trainable["trainable"] < trainable["total"] and 0 < trainable["share"] < 1
     assert json.loads((run / "DONE").read_text()) == {"steps": 2}
     assert json.loads((run / "config.json").read_text())["lora"]["r"] == 4
     loaded = load_run(run)
     assert loaded.token_map.n_codes == N_CODES and len(loaded.tokenizer) == loaded.token_map.vocab_size
+    assert (run / "model" / imagepos.POSITIONS_FILE).exists() and imagepos.find(loaded.model) is not None
     # what was saved is what was trained: the checkpoint's adapter is the loaded one
     params = dict(loaded.model.named_parameters())
     state = _adapter_state(run)
@@ -176,3 +180,26 @@ def test_codebook_init_needs_the_vqgan_that_encoded_the_data(data, base, tmp_pat
     assert not (tmp_path / "r" / "model").exists()
     with pytest.raises(ConfigError, match="image_init must be"):
         LMTrainConfig(data=str(data), out=str(tmp_path / "r"), base=str(base), image_init="zeros")
+
+
+def test_swapping_prompt_images_moves_whole_images_between_rows_only(tmp_path):
+    from llm_cxr.instruct import collate
+    from llm_cxr.tokens import ImageTokenMap
+
+    m = ImageTokenMap(first_id=100, n_codes=16, begin_id=116, end_id=117, grid_size=2, vqgan_fingerprint="fp",
+                      vocab_size=118)
+
+    def row(codes, image_in_prompt=True):
+        span = [m.begin_id, *[m.first_id + c for c in codes], m.end_id]
+        return ({"input_ids": [5, *span, 6, 7, 1], "n_prompt": 7} if image_in_prompt else
+                {"input_ids": [5, 6, *span, 1], "n_prompt": 3})
+
+    rows = [row([0, 1, 2, 3]), row([4, 5, 6, 7]), row([8, 8, 8, 8], image_in_prompt=False), row([9, 9, 9, 9])]
+    batch = collate(rows, pad_id=0, pad_to_multiple=1)
+    out = swap_prompt_images(batch, m)
+    ids = out["input_ids"]
+    assert ids[0, 2:6].tolist() == [104, 105, 106, 107] and ids[1, 2:6].tolist() == [109] * 4
+    assert ids[3, 2:6].tolist() == [100, 101, 102, 103]
+    assert torch.equal(ids[2], batch["input_ids"][2])  # the image that is a target is left alone
+    assert torch.equal(out["labels"], batch["labels"]) and torch.equal(ids[:, 6:], batch["input_ids"][:, 6:])
+    assert swap_prompt_images(collate(rows[:1] + rows[2:3], pad_id=0), m) is None  # one prompt image: no pairing

@@ -1,0 +1,114 @@
+"""2D image position embeddings: slots, training, saving/loading/merging, and incremental decoding."""
+
+import torch
+from safetensors.torch import load_file
+
+from llm_cxr import imagepos
+from llm_cxr.generation import LLMCXR, Sampling
+from llm_cxr.modeling import LoraSettings, RunInfo, apply_lora, load_causal_lm, load_run, merge_run, save_model
+from llm_cxr.tokens import add_image_tokens
+from test_modeling import GRID, N_CODES, make_base
+
+
+def _map(tmp_path):
+    model, tok = load_causal_lm(str(make_base(tmp_path / "base")))
+    return model, tok, add_image_tokens(tok, model, N_CODES, GRID, "fp")
+
+
+def test_slots_count_inside_each_image_span(tmp_path):
+    _, _, m = _map(tmp_path)
+    img = [m.first_id + c for c in (3, 3, 0, 15)]
+    ids = torch.tensor([[7, m.begin_id, *img, m.end_id, 8, m.begin_id, *img[:2]],
+                        [m.begin_id, *img, m.end_id, 9, 9, 9, 9, 9]])
+    assert imagepos.image_slots(ids, m).tolist() == [[-1, -1, 0, 1, 2, 3, -1, -1, -1, 0, 1],
+                                                     [-1, 0, 1, 2, 3, -1, -1, -1, -1, -1, -1]]
+
+
+def test_sincos_table_has_distinct_rows():
+    t = imagepos.sincos_2d(16, 64)
+    assert t.shape == (256, 64) and abs(float(t.std()) - 1) < 1e-4
+    d = torch.cdist(t, t) + torch.eye(256) * 1e9
+    assert float(d.min()) > 0.1  # no two grid cells share a code
+
+
+def test_positions_change_image_tokens_only_and_train_with_lora(tmp_path):
+    model, tok, m = _map(tmp_path)
+    model = apply_lora(model, m, LoraSettings(r=4, alpha=8, dropout=0.0))
+    text = tok("No pleural effusion.")["input_ids"]
+    img = [m.first_id + c for c in (1, 2, 3, 4)]
+    ids = torch.tensor([text + [m.begin_id] + img + [m.end_id] + text])
+    plain = model.get_input_embeddings()(ids)
+    wrapper = imagepos.attach(model, m)
+    assert imagepos.find(model) is wrapper and model.get_input_embeddings() is wrapper
+    assert imagepos.attach(model, m) is wrapper  # idempotent
+    e = model.get_input_embeddings()(ids)
+    changed = (e - plain).abs().sum(-1)[0] > 0
+    assert changed.tolist() == [i in range(len(text) + 1, len(text) + 5) for i in range(ids.shape[1])]
+    assert torch.allclose(e[0, len(text) + 1] - plain[0, len(text) + 1], wrapper.pos[0])
+
+    before = wrapper.pos.detach().clone()
+    assert wrapper.pos.requires_grad
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert not torch.equal(wrapper.pos.detach(), before)
+
+
+def test_runs_save_the_table_apart_and_reload_merge_exactly(tmp_path):
+    base = make_base(tmp_path / "base")
+    model, tok = load_causal_lm(str(base))
+    m = add_image_tokens(tok, model, N_CODES, GRID, "fp")
+    model = apply_lora(model, m, LoraSettings(r=4, alpha=8, dropout=0.0))
+    wrapper = imagepos.attach(model, m)
+    with torch.no_grad():
+        wrapper.pos.normal_(0, 1.0)
+    ids = torch.tensor([[5, m.begin_id] + [m.first_id + c for c in (0, 5, 9, 15)] + [m.end_id, 6]])
+    model.eval()
+    with torch.no_grad():
+        want = model(ids).logits
+    run = save_model(model, tok, m, RunInfo(kind="lora", base=str(base), vqgan=None, max_length=256), tmp_path / "r")
+    assert model.get_input_embeddings() is wrapper  # saving put the wrapper back
+    adapter = load_file(str(run / "adapter_model.safetensors"))
+    assert not any(".base." in k or k.endswith(".pos") for k in adapter)  # peft's names stay the plain model's
+    assert torch.equal(load_file(str(run / imagepos.POSITIONS_FILE))["pos"], wrapper.pos.detach())
+    loaded = load_run(run)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(ids).logits, want)
+        merged = load_run(merge_run(run, tmp_path / "merged"))
+        torch.testing.assert_close(merged.model(ids).logits, want, atol=1e-5, rtol=0)
+    assert imagepos.find(merged.model) is not None
+
+    # a run without the table loads without it, and re-saving without it removes a stale file
+    plain, ptok = load_causal_lm(str(base))
+    pm = add_image_tokens(ptok, plain, N_CODES, GRID, "fp")
+    save_model(plain, ptok, pm, RunInfo(kind="full", base=str(base), vqgan=None, max_length=256), run)
+    assert not (run / imagepos.POSITIONS_FILE).exists() and imagepos.find(load_run(run).model) is None
+
+
+def test_incremental_image_decoding_sees_the_same_slots_as_a_full_forward(tmp_path):
+    """Greedy image tokens generated one at a time (KV cache, explicit slots) are the argmax of one full
+    forward pass over the finished sequence: the slots agree, so training and decoding agree."""
+    base = make_base(tmp_path / "base")
+    model, tok = load_causal_lm(str(base))
+    m = add_image_tokens(tok, model, N_CODES, GRID, "fp")
+    wrapper = imagepos.attach(model, m)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        wrapper.pos.normal_(0, 3.0)  # large, so a wrong slot changes the choice
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    run = save_model(model, tok, m, RunInfo(kind="full", base=str(base), vqgan=None, max_length=256), tmp_path / "r")
+    gen = LLMCXR(load_run(run), vqgan=None, autocast=False)
+    prompt = [5, 6, 7, m.begin_id]
+    out = gen._decode([prompt], GRID * GRID, gen._image_mask, Sampling(), False, image_span=True)[0].tolist()
+    full = torch.tensor([prompt + out])
+    with torch.no_grad():
+        logits = gen.model(full).logits[0] + gen._image_mask
+    want = logits[len(prompt) - 1:len(prompt) - 1 + GRID * GRID].argmax(-1).tolist()
+    assert out == want
+    # without the explicit slots every generated token would sit in slot 0: a different image
+    gen._positions = None
+    wrong = gen._decode([prompt], GRID * GRID, gen._image_mask, Sampling(), False, image_span=True)[0].tolist()
+    assert wrong != out
