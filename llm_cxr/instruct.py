@@ -25,8 +25,8 @@ import torch
 
 from llm_cxr.data.schema import FINDING_NAMES, findings_from_json
 from llm_cxr.errors import ConfigError, DatasetError, InputError
-from llm_cxr.prompts import (NAMES, Example, ImageSlot, PromptTemplate, get_template, image_prompt, make_vqa,
-                             report_prompt, report_text, vqa_prompt)
+from llm_cxr.prompts import (NAMES, Example, ImageSlot, PromptTemplate, checklist_qa, get_template, image_prompt,
+                             make_vqa, report_prompt, report_text, vqa_prompt)
 from llm_cxr.tokens import ImageTokenMap
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ class StageConfig:
     report: int = 1  # CXR -> report examples per study
     image: int = 1  # report -> CXR examples per study
     vqa: int = 2  # questions per study
+    checklist: int = 0  # checklist examples per study (every finding answered yes/no in one response)
     one_per_patient: bool = False  # stage 2: one study per patient
     instruct_jsonl: str | None = None  # plain instruction data (Dolly/Alpaca JSONL), mixed in
     instruct_ratio: float = 0.0  # plain examples per multimodal example
@@ -48,11 +49,12 @@ class StageConfig:
     def __post_init__(self) -> None:
         if self.sections not in ("findings_impression", "impression"):
             raise ConfigError(f"stage.sections must be 'findings_impression' or 'impression', got {self.sections!r}")
-        for k in ("report", "image", "vqa", "repeats"):
+        for k in ("report", "image", "vqa", "checklist", "repeats"):
             if getattr(self, k) < 0:
                 raise ConfigError(f"stage.{k} must be >= 0, got {getattr(self, k)}")
-        if self.report + self.image + self.vqa == 0 and not self.instruct_jsonl:
-            raise ConfigError("stage makes no examples: report, image and vqa are all 0 and no instruct_jsonl")
+        if self.report + self.image + self.vqa + self.checklist == 0 and not self.instruct_jsonl:
+            raise ConfigError("stage makes no examples: report, image, vqa and checklist are all 0 and no "
+                              "instruct_jsonl")
         if self.instruct_ratio < 0 or (self.instruct_ratio > 0 and not self.instruct_jsonl):
             raise ConfigError("stage.instruct_ratio > 0 needs stage.instruct_jsonl")
 
@@ -72,7 +74,7 @@ def study_examples(row: dict, stage: StageConfig, template: PromptTemplate, seed
         out.append(Example("report", report_prompt(template, rng, stage.sections), report, codes))
     for _ in range(stage.image):
         out.append(Example("image", image_prompt(template, report, rng), None, codes))
-    if stage.vqa:
+    if stage.vqa or stage.checklist:
         findings = findings_from_json(row.get("findings") or "[]")
         labels = row.get("labels") or {}
         if row.get("source", "synthetic") == "synthetic":
@@ -83,6 +85,9 @@ def study_examples(row: dict, stage: StageConfig, template: PromptTemplate, seed
         for qa in make_vqa(findings, rng, stage.vqa, askable, uncertain):
             out.append(Example("vqa", vqa_prompt(template, qa.question), qa.answer, codes,
                                {"kind": qa.kind, "finding": qa.finding}))
+        for _ in range(stage.checklist):
+            qa = checklist_qa(findings, rng, askable, uncertain)
+            out.append(Example("vqa", vqa_prompt(template, qa.question), qa.answer, codes, {"kind": qa.kind}))
     return out
 
 

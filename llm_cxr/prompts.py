@@ -107,6 +107,8 @@ LATERALITY_QUESTIONS = ("Which side is the {name} on?", "On which side is the {n
 SEVERITY_QUESTIONS = ("How severe is the {name}?", "What is the size of the {name}?")
 DEVICE_QUESTIONS = ("Which support devices are present?", "What lines and tubes are seen?")
 LIST_QUESTIONS = ("What abnormalities are seen in this chest X-ray?", "List the findings of this image.")
+CHECKLIST_QUESTIONS = ("Answer yes or no for each finding on the checklist.",
+                       "Go through the findings checklist for this chest X-ray.")
 LATERALITY_ANSWERS = {"left": "left", "right": "right", "bilateral": "both sides"}
 # Classes a presence question may ask about: on synthetic data every finding the generator draws.
 DEFAULT_ASKABLE: tuple[str, ...] = FINDING_NAMES
@@ -116,7 +118,7 @@ DEFAULT_ASKABLE: tuple[str, ...] = FINDING_NAMES
 class QA:
     question: str
     answer: str
-    kind: str  # "presence" | "laterality" | "severity" | "devices" | "list"
+    kind: str  # "presence" | "laterality" | "severity" | "devices" | "list" | "checklist"
     finding: str | None = None
 
 
@@ -172,6 +174,31 @@ def make_vqa(findings: Iterable[Finding], rng: random.Random, n: int = 4, askabl
             seen.add(qa.question)
             out.append(qa)
     return out[:n]
+
+
+def checklist_qa(findings: Iterable[Finding], rng: random.Random, askable: Sequence[str] = DEFAULT_ASKABLE,
+                 uncertain: Iterable[str] = ()) -> QA:
+    """Every askable finding answered at once, in a fixed order: ``"cardiomegaly: no; pleural effusion: yes; ..."``.
+
+    One example carries a label for every finding (a presence question carries one), so the image is
+    read for all of them per pass over its 256 tokens; :func:`parse_checklist` reads an answer back.
+    """
+    present = {f.name for f in findings}
+    skip = set(uncertain)
+    items = [f"{NAMES[a]}: {'yes' if a in present else 'no'}" for a in askable if a in NAMES and a not in skip]
+    return QA(rng.choice(CHECKLIST_QUESTIONS), "; ".join(items), "checklist")
+
+
+def parse_checklist(text: str) -> dict[str, bool]:
+    """A checklist answer -> {finding: present} for the items it states (unknown names are skipped)."""
+    by_name = {v: k for k, v in NAMES.items()}
+    out: dict[str, bool] = {}
+    for item in text.split(";"):
+        name, _, value = item.partition(":")
+        key = by_name.get(name.strip().lower())
+        if key is not None and value.strip().lower() in ("yes", "no"):
+            out[key] = value.strip().lower() == "yes"
+    return out
 
 
 def _round_robin(a: list, b: list) -> list:

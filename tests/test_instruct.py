@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from llm_cxr.data.schema import Finding
+from llm_cxr.data.schema import FINDING_NAMES, Finding
 from llm_cxr.errors import ConfigError, InputError
 from llm_cxr.instruct import (LengthGroupedBatches, StageConfig, collate, encode_example, study_examples,
                               text_example)
-from llm_cxr.prompts import IMAGE, TEMPLATES, make_vqa, report_text
+from llm_cxr.prompts import (CHECKLIST_QUESTIONS, IMAGE, TEMPLATES, checklist_qa, get_template, make_vqa,
+                             parse_checklist, report_text)
 from llm_cxr.textlm import train_text_tokenizer
 from llm_cxr.tokens import add_image_tokens
 
@@ -133,3 +134,20 @@ def test_length_grouping_reduces_padding_and_shards():
     r1 = LengthGroupedBatches(lengths, 16, seed=0, rank=1, world=2).epoch(3)
     assert len(r0) == len(r1) and not set(sum(r0, [])) & set(sum(r1, []))
     assert LengthGroupedBatches(lengths, 16, seed=0).epoch(1) != LengthGroupedBatches(lengths, 16, seed=0).epoch(2)
+
+
+def test_checklist_answers_every_finding_in_a_fixed_order_and_parses_back():
+    findings = [Finding("pleural_effusion", "right", "basal", "large"), Finding("endotracheal_tube")]
+    qa = checklist_qa(findings, random.Random(0))
+    assert qa.kind == "checklist" and qa.question in CHECKLIST_QUESTIONS
+    said = parse_checklist(qa.answer)
+    assert list(said) == list(FINDING_NAMES)  # every finding, generator order
+    assert {n for n, v in said.items() if v} == {"pleural_effusion", "endotracheal_tube"}
+    assert checklist_qa([], random.Random(5)).answer == checklist_qa([], random.Random(6)).answer
+    # hedged findings are left out; text that is not a checklist parses to nothing
+    assert "edema" not in parse_checklist(checklist_qa(findings, random.Random(0), uncertain=["edema"]).answer)
+    assert parse_checklist("no acute abnormality") == {} and parse_checklist("Cardiomegaly: YES; foo: no") == {
+        "cardiomegaly": True}
+    # a stage made of checklists only is a valid stage
+    exs = study_examples(_row(findings), StageConfig(report=0, image=0, vqa=0, checklist=1), get_template("compact"), 0)
+    assert [(e.task, e.meta["kind"], e.response) for e in exs] == [("vqa", "checklist", qa.answer)]

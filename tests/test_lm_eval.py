@@ -1,6 +1,11 @@
 """VQA evaluation: per-finding presence accuracy adds up to the presence accuracy."""
 
+import json
+
 import pytest
+
+from llm_cxr.data.schema import FINDING_NAMES
+from llm_cxr.prompts import NAMES
 
 from llm_cxr.evaluation.lm_eval import EvalConfig, evaluate_vqa
 
@@ -8,7 +13,9 @@ from test_modeling import make_codes_dataset
 
 
 class _SaysYes:
-    def answer(self, codes, questions, batch_size=16):
+    def answer(self, codes, questions, batch_size=16, max_new_tokens=24):
+        if isinstance(questions, str):  # the checklist: one question for every image
+            return ["; ".join(f"{NAMES[n]}: yes" for n in FINDING_NAMES)] * len(codes)
         assert len(codes) == len(questions)
         return ["yes"] * len(questions)
 
@@ -25,3 +32,8 @@ def test_presence_by_finding_adds_up(tmp_path):
     assert right / presence["n"] == pytest.approx(presence["accuracy"])
     # questions are balanced yes/no, so a model that always says yes is right on some, not all
     assert 0 < presence["accuracy"] < 1
+    # an all-"yes" checklist is complete, finds every finding, and is wrong on every absent one
+    c = r["checklist"]
+    assert c["n_images"] == 24 and c["complete_rate"] == 1.0
+    n_present = sum(len(json.loads(f)) for f in ds.select(range(24))["findings"])
+    assert c["accuracy"] == pytest.approx(n_present / (24 * len(FINDING_NAMES)))

@@ -22,7 +22,7 @@ import torch
 from llm_cxr.data.schema import FINDING_NAMES, findings_from_json
 from llm_cxr.evaluation.clinical import score_reports
 from llm_cxr.generation import LLMCXR, Sampling
-from llm_cxr.prompts import make_vqa
+from llm_cxr.prompts import CHECKLIST_QUESTIONS, make_vqa, parse_checklist
 
 log = logging.getLogger(__name__)
 
@@ -131,11 +131,33 @@ def evaluate_vqa(model: LLMCXR, ds, cfg: EvalConfig) -> dict[str, Any]:
     for k, f, o in zip(kinds, findings, ok):
         if k == "presence" and f:
             presence.setdefault(f, []).append(o)
+    checklist = _evaluate_checklist(model, sub, codes_all, cfg)
     return {"n_questions": len(qs), "accuracy_yes_no_laterality": sum(core) / max(1, len(core)),
+            "checklist": checklist,
             "accuracy_all": sum(ok) / max(1, len(ok)),
             "by_kind": {k: {"accuracy": sum(v) / len(v), "n": len(v)} for k, v in by_kind.items()},
             "presence_by_finding": {f: {"accuracy": sum(v) / len(v), "n": len(v)} for f, v in sorted(presence.items())},
             "examples": [{"q": q, "answer": a, "got": g} for q, a, g in list(zip(qs, answers, got))[:12]]}
+
+
+def _evaluate_checklist(model: LLMCXR, sub, codes_all, cfg: EvalConfig) -> dict[str, Any]:
+    """Every finding answered at once (the ``checklist`` question) against the ground truth: micro-F1 over
+    (image, finding) pairs; an item the answer leaves out counts as "no", a missing answer as all "no"."""
+    q = CHECKLIST_QUESTIONS[0]
+    codes_t = torch.as_tensor(np.stack(list(codes_all))).long()
+    got = _progress_map(lambda sl: model.answer(codes_t[sl], q, max_new_tokens=96, batch_size=cfg.batch_size),
+                        len(codes_t), cfg.batch_size, "checklists", cfg.progress)
+    tp = fp = fn = agree = total = complete = 0
+    for text, fj in zip(got, sub["findings"]):
+        said = parse_checklist(text)
+        complete += len(said) == len(FINDING_NAMES)
+        present = {f.name for f in findings_from_json(fj)}
+        for name in FINDING_NAMES:
+            p, w = said.get(name, False), name in present
+            tp, fp, fn = tp + (p and w), fp + (p and not w), fn + (w and not p)
+            agree, total = agree + (p == w), total + 1
+    return {"n_images": len(got), "micro_f1": 2 * tp / max(1, 2 * tp + fp + fn), "accuracy": agree / max(1, total),
+            "complete_rate": complete / max(1, len(got)), "example": got[0] if got else None}
 
 
 def _progress_map(fn, n: int, batch: int, desc: str, progress: bool) -> list:
@@ -183,6 +205,7 @@ def evaluate_all(model: LLMCXR, data: str, split: str = "test", classifier: str 
                "report_laterality_accuracy": res["reports"]["laterality_accuracy"],
                "vqa_accuracy": res["vqa"]["accuracy_yes_no_laterality"],
                "vqa_accuracy_all_kinds": res["vqa"]["accuracy_all"],
+               "checklist_micro_f1": res["vqa"]["checklist"]["micro_f1"],
                "reports_per_minute": res["reports"]["n"] / max(t_rep, 1e-9) * 60}
     if "images" in res:
         summary.update({"image_finding_micro_f1": res["images"]["micro_f1"],
