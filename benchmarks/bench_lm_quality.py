@@ -1,7 +1,8 @@
 """Multimodal LM quality on the synthetic test split (issue: multimodal LLM).
 
     python benchmarks/bench_lm_quality.py --run runs/lm-small-s2 --data runs/synth-20k-codes \
-        --classifier runs/classifier-eval [--stage1 runs/lm-small-s1] [--n 200] [--guidance 1,2]
+        --classifier runs/classifier-eval [--stage1 runs/lm-small-s1] [--stage0 runs/lm-small-s0] \
+        [--base runs/lm-base-small] [--n 200] [--guidance 1,2]
 
 CXR -> report: clinical micro-F1 of the labeler on generated against ground-truth findings, and
 laterality accuracy (targets 0.90 / 0.90). report -> CXR: the finding classifier on generated
@@ -39,8 +40,10 @@ def curves_svg(runs: dict[str, Path], out: Path) -> None:
         steps = [int(r["step"]) for r in rows]
         series = {"train loss": [(int(r["step"]), float(r["loss"])) for r in rows],
                   "eval loss": [(int(r["step"]), float(r["eval_loss"])) for r in rows if r["eval_loss"]],
-                  "eval loss, images swapped": [(int(r["step"]), float(r["eval_loss_swapped"])) for r in rows
-                                                if r.get("eval_loss_swapped")]}
+                  "eval loss, image prompts": [(int(r["step"]), float(r["eval_loss_read"])) for r in rows
+                                               if r.get("eval_loss_read")],
+                  "same, images swapped": [(int(r["step"]), float(r["eval_loss_swapped"])) for r in rows
+                                           if r.get("eval_loss_swapped")]}
         ymax = max(v for s in series.values() for _, v in s) * 1.05
         x0 = k * (W + 20)
 
@@ -52,7 +55,7 @@ def curves_svg(runs: dict[str, Path], out: Path) -> None:
              f'<line x1="{x0 + pad}" y1="{pad}" x2="{x0 + pad}" y2="{H - pad}" stroke="#888"/>',
              f'<text x="{x0 + W - pad}" y="{H - pad + 16}" font-size="11" text-anchor="end">step {max(steps)}</text>',
              f'<text x="{x0 + 4}" y="{pad}" font-size="11">{ymax:.2f}</text>']
-        for j, ((label, pts), color) in enumerate(zip(series.items(), ("#4a7ab5", "#d0543c", "#3a9a5b"))):
+        for j, ((label, pts), color) in enumerate(zip(series.items(), ("#4a7ab5", "#d0543c", "#3a9a5b", "#9a6a3a"))):
             if pts:
                 path = " ".join(f"{xy(s, v)[0]:.1f},{xy(s, v)[1]:.1f}" for s, v in pts)
                 g.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{path}"/>')
@@ -85,6 +88,7 @@ def main() -> int:
     ap.add_argument("--run", required=True, help="the trained run to evaluate (e.g. stage 2)")
     ap.add_argument("--stage1", help="the stage-1 run (evaluated too, for the table)")
     ap.add_argument("--base", help="the base-LM run (its cost goes into the table)")
+    ap.add_argument("--stage0", help="the reading-stage run (its curves and cost go into the table)")
     ap.add_argument("--data", required=True, help="dataset with codes and ground-truth findings")
     ap.add_argument("--classifier", required=True, help="finding classifier that judges generated images")
     ap.add_argument("--n", type=int, default=200, help="test studies per direction")
@@ -121,17 +125,19 @@ def main() -> int:
         s = res["summary"]
         row = {"run": name, "report micro-F1": s["report_clinical_micro_f1"],
                "laterality": s["report_laterality_accuracy"], "VQA yes/no+side": s["vqa_accuracy"],
-               "VQA all kinds": s["vqa_accuracy_all_kinds"],
+               "VQA all kinds": s["vqa_accuracy_all_kinds"], "checklist micro-F1": s.get("checklist_micro_f1"),
                f"image micro-F1 (g={guidances[0]:g})": s.get("image_finding_micro_f1"),
                "valid images": s.get("valid_image_rate")}
         for g in guidances[1:]:
             row[f"image micro-F1 (g={g:g})"] = entry[f"image_finding_micro_f1_guidance_{g:g}"]
         rows.append(row)
     svg = RESULTS / f"{args.name}_curves.svg"
-    curve_runs = ({"base LM": Path(args.base)} if args.base else {}) | runs
+    curve_runs = (({"base LM": Path(args.base)} if args.base else {}) |
+                  ({"stage 0 (reading)": Path(args.stage0)} if args.stage0 else {}) | runs)
     curves_svg(curve_runs, svg)
     for name, run in curve_runs.items():
-        shutil.copy(run / "metrics.csv", RESULTS / f"{args.name}_{name.replace(' ', '')}_metrics.csv")
+        slug = name.split(" (")[0].replace(" ", "")
+        shutil.copy(run / "metrics.csv", RESULTS / f"{args.name}_{slug}_metrics.csv")
     costs = [cost(r) for r in curve_runs.values()]
     data["costs"] = costs
     write_results(args.name, "Multimodal LM quality (synthetic test split)", data,

@@ -32,9 +32,11 @@ from llm_cxr.tokens import add_image_tokens, init_image_rows_from_codebook
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoints/last.pt"
-# eval_loss_swapped: the same eval loss with the prompt images rotated between the examples of each batch; it
-# rises above eval_loss once the model reads the images (equal = the answers ignore the image)
-METRICS = ["step", "epoch", "loss", "eval_loss", "eval_loss_swapped", "lr", "tokens_per_s", "seconds"]
+# eval_loss_read: eval loss of the examples with an image in the prompt (reports, answers); eval_loss_swapped: the
+# same examples with their images rotated between the examples of each batch. Swapped rises above read once the
+# model reads the images (equal = the answers ignore the image)
+METRICS = ["step", "epoch", "loss", "eval_loss", "eval_loss_read", "eval_loss_swapped", "lr", "tokens_per_s",
+           "seconds"]
 
 
 @dataclass
@@ -149,16 +151,17 @@ def swap_prompt_images(batch: dict, token_map) -> dict | None:
 
 
 @torch.no_grad()
-def evaluate_loss(model, eval_ds, pad_id: int, cfg: LoopConfig, accelerator, token_map=None) -> tuple[float, float]:
-    """Mean response-token loss over up to ``eval_batches`` batches of each process's shard, and (with a
-    ``token_map``) the same loss over the examples with a prompt image when those images are swapped
-    between examples; (nan, nan) where there is nothing to measure."""
+def evaluate_loss(model, eval_ds, pad_id: int, cfg: LoopConfig, accelerator,
+                  token_map=None) -> tuple[float, float, float]:
+    """Mean response-token loss over up to ``eval_batches`` batches of each process's shard; with a
+    ``token_map`` also the loss of the examples that have an image in the prompt, as they are and with
+    those images swapped between examples; nan where there is nothing to measure."""
     if eval_ds is None or len(eval_ds) == 0:
-        return float("nan"), float("nan")
+        return float("nan"), float("nan"), float("nan")
     sampler = LengthGroupedBatches(lengths_of(eval_ds), cfg.batch_size, seed=0, rank=accelerator.process_index,
                                    world=accelerator.num_processes)
     model.eval()
-    total = torch.zeros(4, device=accelerator.device)  # loss sum, tokens; swapped loss sum, tokens
+    total = torch.zeros(6, device=accelerator.device)  # (loss sum, tokens): all, prompt-image rows, swapped
 
     def summed(b):
         with accelerator.autocast():
@@ -175,11 +178,15 @@ def evaluate_loss(model, eval_ds, pad_id: int, cfg: LoopConfig, accelerator, tok
         if swapped is not None:
             keep = token_map.is_image_id(batch["input_ids"]) & (batch["labels"] == -100)
             rows = keep.sum(1) == token_map.tokens_per_image
-            total[2:] += summed({k: v[rows] for k, v in swapped.items()})
+            total[2:4] += summed({k: v[rows] for k, v in batch.items()})
+            total[4:] += summed({k: v[rows] for k, v in swapped.items()})
     model.train()
     total = accelerator.reduce(total, reduction="sum")
-    swapped_loss = float(total[2] / total[3]) if float(total[3]) > 0 else float("nan")
-    return float(total[0] / total[1].clamp(min=1)), swapped_loss
+
+    def mean(i):
+        return float(total[i] / total[i + 1]) if float(total[i + 1]) > 0 else float("nan")
+
+    return mean(0), mean(2), mean(4)
 
 
 def train_loop(model, train_ds, eval_ds, pad_id: int, cfg: LoopConfig, run: Path, accelerator,
@@ -241,15 +248,16 @@ def train_loop(model, train_ds, eval_ds, pad_id: int, cfg: LoopConfig, run: Path
             pos.step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.3f}", epoch=pos.epoch)
-            eval_loss = swapped_loss = float("nan")
+            eval_loss = read_loss = swapped_loss = float("nan")
             if cfg.eval_every and (pos.step % cfg.eval_every == 0 or pos.step == cfg.steps):
-                eval_loss, swapped_loss = evaluate_loss(model, eval_ds, pad_id, cfg, accelerator, token_map)
-                log.info("step %d: eval loss %.4f (prompt images swapped: %.4f)", pos.step, eval_loss, swapped_loss)
+                eval_loss, read_loss, swapped_loss = evaluate_loss(model, eval_ds, pad_id, cfg, accelerator, token_map)
+                log.info("step %d: eval loss %.4f; examples with a prompt image %.4f, with their images swapped %.4f",
+                         pos.step, eval_loss, read_loss, swapped_loss)
             if main and (pos.step % cfg.log_every == 0 or pos.step == cfg.steps or not math.isnan(eval_loss)):
                 now = time.monotonic()
                 tps = tokens * accelerator.num_processes / max(now - t_log, 1e-9)
                 tokens, t_log = 0, now
-                writer.writerow([pos.step, pos.epoch, f"{loss_sum:.5g}", _num(eval_loss), _num(swapped_loss),
+                writer.writerow([pos.step, pos.epoch, f"{loss_sum:.5g}", _num(eval_loss), _num(read_loss), _num(swapped_loss),
                                  f"{lr:.3g}", f"{tps:.0f}", f"{now - t0:.1f}"])
                 mf.flush()
             out_of_time = cfg.max_minutes is not None and time.monotonic() - t0 > 60 * cfg.max_minutes
