@@ -78,14 +78,6 @@ class ImagePositionEmbedding(nn.Module):
     def weight(self) -> torch.Tensor:  # what code that reads ``get_input_embeddings().weight`` expects
         return self.base.weight
 
-    @property
-    def num_embeddings(self) -> int:
-        return self.base.weight.shape[0]
-
-    @property
-    def embedding_dim(self) -> int:
-        return self.base.weight.shape[1]
-
     def embed(self, input_ids: torch.Tensor, slots: torch.Tensor | None = None) -> torch.Tensor:
         """Embeddings of ``input_ids`` (B, T); ``slots`` (B, T) overrides the slots derived from the ids."""
         e = self.base(input_ids)
@@ -135,24 +127,19 @@ def attach(model, token_map: ImageTokenMap, table: torch.Tensor | None = None) -
     return wrapper
 
 
-def detach(model) -> ImagePositionEmbedding | None:
-    owner = _owner(model)
-    emb = owner.get_input_embeddings()
-    if isinstance(emb, ImagePositionEmbedding):
-        owner.set_input_embeddings(emb.base)
-        return emb
-    return None
-
-
 @contextlib.contextmanager
 def detached(model):
-    """Temporarily put the plain embedding back (saving with transformers/peft, merging LoRA)."""
-    wrapper = detach(model)
+    """Temporarily put the plain embedding back (saving with transformers/peft); yields the wrapper or None."""
+    owner = _owner(model)
+    wrapper = owner.get_input_embeddings()
+    if not isinstance(wrapper, ImagePositionEmbedding):
+        yield None
+        return
+    owner.set_input_embeddings(wrapper.base)
     try:
         yield wrapper
     finally:
-        if wrapper is not None:
-            _owner(model).set_input_embeddings(wrapper)
+        owner.set_input_embeddings(wrapper)
 
 
 def save_positions(wrapper: ImagePositionEmbedding, folder: str | Path) -> Path:
@@ -176,5 +163,5 @@ def load_positions(folder: str | Path) -> torch.Tensor | None:
         raise ConfigError(f"{path} is not a valid image position table: {e}") from e
 
 
-__all__ = ["ImagePositionEmbedding", "POSITIONS_FILE", "attach", "detach", "detached", "find", "image_slots",
+__all__ = ["ImagePositionEmbedding", "POSITIONS_FILE", "attach", "detached", "find", "image_slots",
            "load_positions", "save_positions", "sincos_2d"]

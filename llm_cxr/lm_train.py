@@ -122,32 +122,33 @@ def _load_checkpoint(run: Path, model, opt) -> _Position | None:
 def _tidy_metrics(path: Path, step: int) -> None:
     """Drop rows logged after ``step`` (the checkpoint a kill fell back to); bring an older header up to date."""
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    header = path.read_text().split("\n", 1)[0].split(",")
-    keep = [r for r in rows if (r.get("step") or "").isdigit() and int(r["step"]) <= step]
+        header, *rows = list(csv.reader(f)) or [[]]
+    keep = [dict(zip(header, r)) for r in rows if r and r[0].isdigit() and int(r[0]) <= step]
     if len(keep) == len(rows) and header == METRICS:
         return
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, METRICS, extrasaction="ignore")
+        writer = csv.DictWriter(f, METRICS, extrasaction="ignore", restval="")
         writer.writeheader()
-        writer.writerows({k: r.get(k) or "" for k in METRICS} for r in keep)
+        writer.writerows(keep)
     os.replace(tmp, path)
 
 
-def swap_prompt_images(batch: dict, token_map) -> dict | None:
-    """``batch`` with the prompt images (image tokens that are not targets) rotated by one between the rows
-    that have them; None if fewer than two rows do. Each image moves whole, so only the pairing changes."""
+def swap_prompt_images(batch: dict, token_map) -> tuple[dict, dict] | None:
+    """The rows of ``batch`` that have an image in the prompt (image tokens that are not targets), as they are
+    and with those images rotated by one between them; None if fewer than two rows have one. Each image moves
+    whole, so only the pairing of image and text changes."""
     ids, labels = batch["input_ids"], batch["labels"]
     in_prompt = token_map.is_image_id(ids) & (labels == -100)
-    rows = [i for i in range(ids.shape[0]) if int(in_prompt[i].sum()) == token_map.tokens_per_image]
+    rows = (in_prompt.sum(1) == token_map.tokens_per_image).nonzero().squeeze(1)
     if len(rows) < 2:
         return None
-    swapped = ids.clone()
-    images = [ids[i][in_prompt[i]] for i in rows]
-    for k, i in enumerate(rows):
-        swapped[i][in_prompt[i]] = images[(k + 1) % len(rows)]
-    return {**batch, "input_ids": swapped}
+    sub = {k: v[rows] for k, v in batch.items()}
+    mask = in_prompt[rows]
+    images = sub["input_ids"][mask].view(len(rows), -1)
+    swapped = sub["input_ids"].clone()
+    swapped[mask] = images.roll(1, dims=0).reshape(-1)
+    return sub, {**sub, "input_ids": swapped}
 
 
 @torch.no_grad()
@@ -174,12 +175,10 @@ def evaluate_loss(model, eval_ds, pad_id: int, cfg: LoopConfig, accelerator,
             break
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         total[:2] += summed(batch)
-        swapped = swap_prompt_images(batch, token_map) if token_map is not None else None
-        if swapped is not None:
-            keep = token_map.is_image_id(batch["input_ids"]) & (batch["labels"] == -100)
-            rows = keep.sum(1) == token_map.tokens_per_image
-            total[2:4] += summed({k: v[rows] for k, v in batch.items()})
-            total[4:] += summed({k: v[rows] for k, v in swapped.items()})
+        pair = swap_prompt_images(batch, token_map) if token_map is not None else None
+        if pair is not None:
+            total[2:4] += summed(pair[0])
+            total[4:] += summed(pair[1])
     model.train()
     total = accelerator.reduce(total, reduction="sum")
 

@@ -196,10 +196,24 @@ def test_swapping_prompt_images_moves_whole_images_between_rows_only(tmp_path):
 
     rows = [row([0, 1, 2, 3]), row([4, 5, 6, 7]), row([8, 8, 8, 8], image_in_prompt=False), row([9, 9, 9, 9])]
     batch = collate(rows, pad_id=0, pad_to_multiple=1)
-    out = swap_prompt_images(batch, m)
+    same, out = swap_prompt_images(batch, m)
+    keep = [0, 1, 3]  # row 2's image is the target: not a prompt image, left out
+    assert all(torch.equal(same[k], batch[k][keep]) for k in batch)
     ids = out["input_ids"]
-    assert ids[0, 2:6].tolist() == [104, 105, 106, 107] and ids[1, 2:6].tolist() == [109] * 4
-    assert ids[3, 2:6].tolist() == [100, 101, 102, 103]
-    assert torch.equal(ids[2], batch["input_ids"][2])  # the image that is a target is left alone
-    assert torch.equal(out["labels"], batch["labels"]) and torch.equal(ids[:, 6:], batch["input_ids"][:, 6:])
+    assert ids[0, 2:6].tolist() == [109] * 4 and ids[1, 2:6].tolist() == [100, 101, 102, 103]
+    assert ids[2, 2:6].tolist() == [104, 105, 106, 107]
+    assert torch.equal(out["labels"], same["labels"]) and torch.equal(ids[:, 6:], same["input_ids"][:, 6:])
+    assert torch.equal(ids[:, :2], same["input_ids"][:, :2])
     assert swap_prompt_images(collate(rows[:1] + rows[2:3], pad_id=0), m) is None  # one prompt image: no pairing
+
+
+def test_metrics_of_an_older_run_get_the_new_header_and_lose_rows_after_the_checkpoint(tmp_path):
+    from llm_cxr.lm_train import _tidy_metrics
+
+    path = tmp_path / "metrics.csv"
+    path.write_text("step,epoch,loss,eval_loss,lr,tokens_per_s,seconds\n1,0,2.5,,0.001,900,1.0\n"
+                    "2,0,2.4,2.6,0.001,910,2.0\n3,0,2.3,,0.001,905,3.0\n")
+    _tidy_metrics(path, 2)
+    header, rows = _metrics(tmp_path)
+    assert header == METRICS and [r["step"] for r in rows] == ["1", "2"]
+    assert rows[1]["eval_loss"] == "2.6" and rows[1]["eval_loss_swapped"] == "" and rows[1]["seconds"] == "2.0"
