@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from llm_cxr import imagepos
@@ -165,7 +166,7 @@ def evaluate_loss(model, eval_ds, pad_id: int, cfg: LoopConfig, accelerator,
     total = torch.zeros(6, device=accelerator.device)  # (loss sum, tokens): all, prompt-image rows, swapped
 
     def summed(b):
-        with accelerator.autocast():
+        with accelerator.autocast(), imagepos.responses(model, b["labels"]):
             loss = model(**b).loss.float()
         n = (b["labels"][:, 1:] != -100).sum()
         return torch.stack([loss * n, n.float()])
@@ -236,7 +237,7 @@ def train_loop(model, train_ds, eval_ds, pad_id: int, cfg: LoopConfig, run: Path
                 pos.epoch, pos.batch = epoch, b + 1
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                 tokens += int(batch["attention_mask"].sum())
-                with accelerator.autocast():
+                with accelerator.autocast(), imagepos.responses(model, batch["labels"]):
                     loss = model(**batch).loss
                 accelerator.backward(loss / cfg.grad_accum)
                 loss_sum += float(loss.detach()) / cfg.grad_accum
@@ -311,6 +312,11 @@ class LMTrainConfig:
     # "2d": a learned table of H*W position embeddings added to image tokens (where a code sits in the
     # grid; see llm_cxr/imagepos.py), saved with the run; "none": the LM's own sequence positions only
     image_positions: str = "2d"
+    # "conv": a small CNN over the codebook vectors of each prompt image adds local features to its tokens
+    # (llm_cxr/imagepos.py: CodeReader), first trained for reader_pretrain_epochs as a finding classifier on the
+    # dataset's labels; needs image_positions: 2d and the VQ-GAN that encoded the data. "none": tokens only.
+    image_reader: str = "none"
+    reader_pretrain_epochs: float = 2.0
     # transformers' attention kernel: "auto" (eager for bf16 on CPU, where it is faster; SDPA elsewhere),
     # or any name transformers accepts ("sdpa", "eager", "flash_attention_2")
     attn_implementation: str = "auto"
@@ -332,6 +338,10 @@ class LMTrainConfig:
             raise ConfigError("give exactly one of base (a model to start from) and init_from (a previous stage run)")
         if self.image_positions not in ("2d", "none"):
             raise ConfigError(f"image_positions must be '2d' or 'none', got {self.image_positions!r}")
+        if self.image_reader not in ("conv", "none"):
+            raise ConfigError(f"image_reader must be 'conv' or 'none', got {self.image_reader!r}")
+        if self.image_reader == "conv" and self.image_positions != "2d":
+            raise ConfigError("image_reader: conv needs image_positions: 2d (the reader lives in the same wrapper)")
         if self.image_init not in ("mean", "codebook"):
             raise ConfigError(f"image_init must be 'mean' or 'codebook', got {self.image_init!r}")
         if not self.full_finetune and self.lora is None and self.init_from is None:
@@ -397,6 +407,40 @@ def _start_model(cfg: LMTrainConfig, codes_info: dict, attn: str | None = None):
     return model, tok, token_map, kind, cfg.base
 
 
+def reader_labels(rows) -> tuple[list[str], torch.Tensor]:
+    """Finding names and an (N, L) tensor in {1, 0, -1 unknown} from a dataset's ``labels`` column
+    (labels that never vary are dropped: nothing to learn from them)."""
+    dicts = [r or {} for r in rows]
+    names = sorted({k for d in dicts for k in d})
+    y = torch.tensor([[(-1 if d.get(n) is None else int(d[n])) for n in names] for d in dicts], dtype=torch.long)
+    keep = [i for i in range(len(names)) if (y[:, i] == 1).any() and (y[:, i] == 0).any()]
+    if not keep:
+        raise ConfigError("image_reader: conv is pretrained on the dataset's finding labels, but its `labels` "
+                          "column has no finding that is present in some images and absent in others")
+    return [names[i] for i in keep], y[:, keep]
+
+
+def _add_reader(model, token_map, cfg: LMTrainConfig, codes_info: dict, train_rows, resuming: bool,
+                progress: bool) -> None:
+    """Attach a CodeReader to the image-position wrapper; pretrain it unless a checkpoint will restore it."""
+    wrapper = imagepos.find(model)
+    dim = wrapper.pos.shape[1]
+    reader = imagepos.CodeReader(_codebook(codes_info, cfg.data), token_map.grid_size, dim)
+    if not resuming:
+        if "labels" not in train_rows.column_names:
+            raise ConfigError(f"image_reader: conv needs a `labels` column in {cfg.data} to pretrain on")
+        names, y = reader_labels(train_rows["labels"])
+        codes = torch.as_tensor(np.asarray(train_rows.with_format("numpy")["codes"])).long().reshape(len(y), -1)
+        rows_std = float(wrapper.base.weight.detach()[:token_map.first_id].float().std())
+        torch.manual_seed(cfg.loop.seed)
+        reader = imagepos.CodeReader(reader.codebook, token_map.grid_size, dim)
+        res = imagepos.pretrain_reader(reader, codes, y, epochs=cfg.reader_pretrain_epochs, seed=cfg.loop.seed,
+                                       progress=progress, target_std=rows_std)
+        log.info("image reader pretrained on %d images, %d labels (%s): loss %.4f", len(codes), len(names),
+                 ", ".join(names), res["loss"])
+    imagepos.attach(model, token_map, reader=reader.to(wrapper.pos.device))
+
+
 def _codebook(codes_info: dict, data: str) -> torch.Tensor:
     """The codebook of the VQ-GAN that encoded ``data`` (checked against the recorded weights)."""
     from llm_cxr.vqgan.encode import weights_hash
@@ -440,6 +484,10 @@ def train_lm(cfg: LMTrainConfig, accelerator=None) -> Path:
                                  cfg.num_proc) if len(ev) else None
     if len(train) == 0:
         raise ConfigError(f"{cfg.data} has no rows in split {cfg.split!r}")
+    if cfg.image_reader == "conv" and imagepos.find(model).reader is None:
+        _add_reader(model, token_map, cfg, codes_info, ds.filter(lambda s: s == cfg.split, input_columns="split"),
+                    resuming=(run / CHECKPOINT).exists(), progress=loop.progress and accelerator.is_main_process)
+        summary = trainable_summary(model)
     log.info("%s: %d training examples, %s", run, len(train), summary)
     pos = train_loop(model, train, ev, tok.pad_token_id, loop, run, accelerator, desc=f"train {run.name}",
                      token_map=token_map)

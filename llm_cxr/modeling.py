@@ -291,9 +291,9 @@ def load_run(run: str | Path, dtype: torch.dtype | None = None, merge: bool = Fa
     if len(tok) != token_map.vocab_size:
         raise ConfigError(f"{folder}: the tokenizer has {len(tok)} tokens, image_tokens.json expects "
                           f"{token_map.vocab_size}")
-    table = imagepos.load_positions(folder)
-    if table is not None:
-        imagepos.attach(model, token_map, table)
+    saved = imagepos.load_positions(folder)
+    if saved is not None:
+        imagepos.attach(model, token_map, *saved)
     if not trainable:
         model.eval()
     if device is not None:

@@ -137,7 +137,7 @@ def make_vqa(findings: Iterable[Finding], rng: random.Random, n: int = 4, askabl
              uncertain: Iterable[str] = ()) -> list[QA]:
     """Up to ``n`` distinct questions about a study with known findings.
 
-    Presence questions are balanced (as many "no" as "yes" where possible); laterality and
+    Presence questions are balanced (as many "no" as "yes" where possible, for any ``n``); laterality and
     severity questions are asked about findings that have one; ``uncertain`` names are never
     asked about (real data: the report hedged).
     """
@@ -162,11 +162,12 @@ def make_vqa(findings: Iterable[Finding], rng: random.Random, n: int = 4, askabl
     pathologies = sorted(f.name for f in findings if f.name not in DEVICES)
     extra = [QA(rng.choice(DEVICE_QUESTIONS), _join(devices) if devices else "none", "devices"),
              QA(rng.choice(LIST_QUESTIONS), _join(pathologies) if pathologies else "no acute abnormality", "list")]
-    # Interleave so that a small n still mixes kinds: positives, negatives, then the rest.
-    ordered: list[QA] = []
-    for group in _round_robin(pool, negatives):
-        ordered.append(group)
-    ordered += extra
+    # Interleave "yes" questions, "no" questions and the other kinds, starting from a random one of the
+    # three, so that presence answers stay balanced for any n (with n=1 a fixed start would always ask a
+    # positive, and a model trained on one question per study would learn to answer "yes").
+    groups = [[q for q in pool if q.kind == "presence"], negatives, [q for q in pool if q.kind != "presence"]]
+    k = rng.randrange(3)
+    ordered = _round_robin(groups[k:] + groups[:k]) + extra
     seen: set[str] = set()
     out = []
     for qa in ordered:
@@ -201,10 +202,11 @@ def parse_checklist(text: str) -> dict[str, bool]:
     return out
 
 
-def _round_robin(a: list, b: list) -> list:
+def _round_robin(lists: list[list]) -> list:
     out = []
-    for i in range(max(len(a), len(b))):
-        out += a[i:i + 1] + b[i:i + 1]
+    for i in range(max(map(len, lists))):
+        for part in lists:
+            out += part[i:i + 1]
     return out
 
 

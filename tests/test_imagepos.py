@@ -1,9 +1,11 @@
 """2D image position embeddings: slots, training, saving/loading/merging, and incremental decoding."""
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from llm_cxr import imagepos
+from llm_cxr.errors import ConfigError
 from llm_cxr.generation import LLMCXR, Sampling
 from llm_cxr.modeling import LoraSettings, RunInfo, apply_lora, load_causal_lm, load_run, merge_run, save_model
 from llm_cxr.tokens import add_image_tokens
@@ -112,3 +114,77 @@ def test_incremental_image_decoding_sees_the_same_slots_as_a_full_forward(tmp_pa
     gen._positions = None
     wrong = gen._decode([prompt], GRID * GRID, gen._image_mask, Sampling(), False, image_span=True)[0].tolist()
     assert wrong != out
+
+
+# --------------------------------------------------------------------------- the image reader (CodeReader)
+
+
+def _reader(dim, seed=0):
+    torch.manual_seed(seed)
+    reader = imagepos.CodeReader(torch.randn(N_CODES, 8), GRID, dim, width=8, features=8)
+    with torch.no_grad():
+        reader.proj.weight.normal_(0, 1.0)
+    return reader
+
+
+def test_reader_adds_features_to_whole_prompt_images_only(tmp_path):
+    model, tok, m = _map(tmp_path)
+    wrapper = imagepos.attach(model, m)
+    codes = [(3 + 7 * i) % N_CODES for i in range(GRID * GRID)]
+    img = [m.first_id + c for c in codes]
+    ids = torch.tensor([[7, m.begin_id, *img, m.end_id, 8, m.begin_id, *img[:-1]]])
+    before = wrapper(ids)
+    assert imagepos.attach(model, m, reader=_reader(wrapper.pos.shape[1])) is wrapper and wrapper.reader is not None
+    after = wrapper(ids)
+    changed = ((after - before).abs().sum(-1)[0] > 0).tolist()
+    # the whole image (slots 0..15) gets features; the unfinished second image (being generated) does not
+    assert changed == [i in range(2, 2 + GRID * GRID) for i in range(ids.shape[1])]
+    want = wrapper.reader(torch.tensor([codes]))[0]
+    torch.testing.assert_close(after[0, 2:2 + GRID * GRID] - before[0, 2:2 + GRID * GRID], want)
+    # while training, an image in the response is the model's own output: the reader must not see it
+    labels = torch.full_like(ids, -100)
+    labels[0, 1:2 + GRID * GRID] = ids[0, 1:2 + GRID * GRID]
+    with imagepos.responses(model, labels):
+        torch.testing.assert_close(wrapper(ids), before)
+    assert wrapper._responses is None
+    # explicit slots (incremental decoding) never use the reader
+    slots = imagepos.image_slots(ids, m)
+    torch.testing.assert_close(wrapper.embed(ids, slots), before)
+
+
+def test_reader_pretrains_on_labels_and_saves_with_the_run(tmp_path):
+    base = make_base(tmp_path / "base")
+    model, tok = load_causal_lm(str(base))
+    m = add_image_tokens(tok, model, N_CODES, GRID, "fp")
+    reader = imagepos.CodeReader(torch.randn(N_CODES, 8), GRID, model.config.hidden_size, width=8, features=8)
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, N_CODES, (64, GRID * GRID), generator=gen)
+    labels = torch.stack([(codes == 3).any(1), (codes[:, 0] < 4)], 1).long()
+    labels[::5, 1] = -1  # unknown: masked out
+    res = imagepos.pretrain_reader(reader, codes, labels, epochs=20, batch_size=16, progress=False, target_std=0.02)
+    assert res["loss"] < 0.45  # learned something from the codes (chance is ~0.69)
+    assert abs(float(reader(codes[:8]).std()) - 0.02) < 0.015  # proj rescaled to the requested spread
+    imagepos.attach(model, m, reader=reader)
+    ids = torch.tensor([[5, m.begin_id, *(m.first_id + codes[0]).tolist(), m.end_id, 6]])
+    model.eval()
+    with torch.no_grad():
+        want = model(ids).logits
+    run = save_model(model, tok, m, RunInfo(kind="full", base=str(base), vqgan=None, max_length=256), tmp_path / "r")
+    loaded = load_run(run)
+    assert imagepos.find(loaded.model).reader is not None
+    with torch.no_grad():
+        assert torch.equal(loaded.model(ids).logits, want)
+    # a damaged file is a clear error naming it
+    (run / imagepos.POSITIONS_FILE).write_bytes(b"not safetensors")
+    with pytest.raises(ConfigError, match=imagepos.POSITIONS_FILE):
+        load_run(run)
+
+
+def test_reader_labels_drop_constant_columns_and_keep_unknowns():
+    from llm_cxr.lm_train import reader_labels
+
+    names, y = reader_labels([{"a": 1, "b": 0, "c": -1}, {"a": 0, "b": 0, "c": 1}, None, {"a": None, "c": 0}])
+    assert names == ["a", "c"]
+    assert y.tolist() == [[1, -1], [0, 1], [-1, -1], [-1, 0]]
+    with pytest.raises(ConfigError, match="labels"):
+        reader_labels([{"a": 0}, {"a": 0}])

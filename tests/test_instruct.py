@@ -54,6 +54,17 @@ def test_vqa_is_balanced_and_truthful():
     assert all(q.finding != "edema" for q in make_vqa([], random.Random(2), n=50, uncertain=["edema"]))
 
 
+def test_one_question_per_study_is_not_always_a_yes():
+    """With n=1 (one question per study, as a stage may ask) presence answers stay balanced over studies;
+    a fixed order once asked only positives, and a model trained on them learned to answer "yes"."""
+    findings = [Finding("pleural_effusion", "right", "basal", "large"), Finding("cardiomegaly")]
+    answers = [make_vqa(findings, random.Random(i), n=1)[0] for i in range(300)]
+    yes = sum(q.answer == "yes" for q in answers)
+    no = sum(q.answer == "no" for q in answers)
+    assert yes > 60 and no > 60 and abs(yes - no) < 50
+    assert any(q.kind not in ("presence",) for q in answers)
+
+
 def test_impression_section():
     assert report_text(REPORT, "impression") == "IMPRESSION: Large right pleural effusion."
     assert report_text(REPORT, "findings_impression") == REPORT
