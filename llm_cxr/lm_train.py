@@ -425,15 +425,15 @@ def _add_reader(model, token_map, cfg: LMTrainConfig, codes_info: dict, train_ro
     """Attach a CodeReader to the image-position wrapper; pretrain it unless a checkpoint will restore it."""
     wrapper = imagepos.find(model)
     dim = wrapper.pos.shape[1]
-    reader = imagepos.CodeReader(_codebook(codes_info, cfg.data), token_map.grid_size, dim)
+    codebook = _codebook(codes_info, cfg.data)
+    torch.manual_seed(cfg.loop.seed)
+    reader = imagepos.CodeReader(codebook, token_map.grid_size, dim)
     if not resuming:
         if "labels" not in train_rows.column_names:
             raise ConfigError(f"image_reader: conv needs a `labels` column in {cfg.data} to pretrain on")
         names, y = reader_labels(train_rows["labels"])
         codes = torch.as_tensor(np.asarray(train_rows.with_format("numpy")["codes"])).long().reshape(len(y), -1)
         rows_std = float(wrapper.base.weight.detach()[:token_map.first_id].float().std())
-        torch.manual_seed(cfg.loop.seed)
-        reader = imagepos.CodeReader(reader.codebook, token_map.grid_size, dim)
         res = imagepos.pretrain_reader(reader, codes, y, epochs=cfg.reader_pretrain_epochs, seed=cfg.loop.seed,
                                        progress=progress, target_std=rows_std)
         log.info("image reader pretrained on %d images, %d labels (%s): loss %.4f", len(codes), len(names),
