@@ -217,3 +217,41 @@ def test_metrics_of_an_older_run_get_the_new_header_and_lose_rows_after_the_chec
     header, rows = _metrics(tmp_path)
     assert header == METRICS and [r["step"] for r in rows] == ["1", "2"]
     assert rows[1]["eval_loss"] == "2.6" and rows[1]["eval_loss_swapped"] == "" and rows[1]["seconds"] == "2.0"
+
+
+def test_image_reader_stage_pretrains_trains_and_reloads(data, base, tmp_path):
+    """image_reader: conv end to end on the tiny dataset: the reader is pretrained on the labels, trained with
+    the LM, saved with the run and restored by load_run; a dataset without labels is a clear error."""
+    from llm_cxr.data.dataset import load_dataset
+    from llm_cxr.vqgan.config import VQGANConfig
+    from llm_cxr.vqgan.encode import codes_info
+    from llm_cxr.vqgan.model import VQGAN
+    from test_modeling import GRID, N_CODES
+
+    torch.manual_seed(0)
+    vq = VQGAN(VQGANConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), z_channels=8,
+                           resolution=2 * GRID, in_channels=1, out_ch=1, n_embed=N_CODES, embed_dim=4))
+    assert vq.config.grid_size == GRID
+    vq_dir = vq.save_pretrained(tmp_path / "vq")
+    local = tmp_path / "codes"
+    shutil.copytree(data, local)
+    (local / "vqgan.json").write_text(json.dumps(codes_info(vq, vq_dir)))
+    out = tmp_path / "r"
+    assert _train(local, base, out, 2, "--set", "image_reader=conv", "--set", "reader_pretrain_epochs=1",
+                  "--set", "image_init=codebook") == 0
+    loaded = load_run(out)
+    reader = imagepos.find(loaded.model).reader
+    assert reader is not None and torch.equal(reader.codebook, vq.quantize.embedding.weight.detach().float())
+    trained = torch.load(out / CHECKPOINT, weights_only=True)["trainable"]
+    assert any("reader.trunk" in k for k in trained)  # trained with the LM, and resumable
+
+    ds = load_dataset(local).remove_columns(["labels"])
+    nolabels = tmp_path / "nolabels"
+    ds.save_to_disk(str(nolabels))
+    shutil.copy(local / "vqgan.json", nolabels / "vqgan.json")
+    from llm_cxr.errors import DatasetError
+
+    with pytest.raises(DatasetError, match="labels") as err:  # the loader names the dataset and the column
+        train_lm(LMTrainConfig(data=str(nolabels), out=str(tmp_path / "r2"), base=str(base), image_reader="conv",
+                               max_length=256))
+    assert "labels" in str(err.value) and str(nolabels) in str(err.value)
