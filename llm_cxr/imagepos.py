@@ -288,15 +288,14 @@ def save_positions(wrapper: ImagePositionEmbedding, folder: str | Path) -> Path:
 def load_positions(folder: str | Path) -> tuple[torch.Tensor, CodeReader | None] | None:
     """(table, reader or None) saved with a run, or None if the run has no image position embeddings."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     path = Path(folder) / POSITIONS_FILE
     if not path.exists():
         return None
     try:
-        tensors = load_file(str(path))
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
         reader = None
         if "reader" in meta:
             cfg = json.loads(meta["reader"])
@@ -308,5 +307,5 @@ def load_positions(folder: str | Path) -> tuple[torch.Tensor, CodeReader | None]
         raise ConfigError(f"{path} is not a valid image position table: {e}") from e
 
 
-__all__ = ["CodeReader", "ImagePositionEmbedding", "pretrain_reader", "responses", "POSITIONS_FILE", "attach", "detached", "find", "image_slots",
-           "load_positions", "save_positions", "sincos_2d"]
+__all__ = ["CodeReader", "ImagePositionEmbedding", "POSITIONS_FILE", "attach", "detached", "find", "image_slots",
+           "load_positions", "pretrain_reader", "responses", "save_positions", "sincos_2d"]

@@ -10,6 +10,7 @@ learning rate and tokens/s; ``model/`` is what inference loads.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 import math
@@ -384,7 +385,20 @@ def load_lm_config(path: str | None, sets: dict | None = None, **overrides: Any)
 
 
 def _start_model(cfg: LMTrainConfig, codes_info: dict, attn: str | None = None):
-    """(model, tokenizer, token_map, RunInfo): the base extended with image tokens, or the previous stage."""
+    """(model, tokenizer, token_map, kind, base, new reader): the base extended with image tokens, or the
+    previous stage; with ``image_reader: conv`` a reader the run does not have yet is attached (untrained)
+    and returned, so that the caller pretrains it."""
+    codebook = functools.cache(lambda: _codebook(codes_info, cfg.data))  # the VQ-GAN is loaded at most once
+    model, tok, token_map, kind, base = _start_lm(cfg, codes_info, codebook, attn)
+    reader = None
+    if cfg.image_reader == "conv" and imagepos.find(model).reader is None:
+        torch.manual_seed(cfg.loop.seed)
+        reader = imagepos.CodeReader(codebook(), token_map.grid_size, imagepos.find(model).pos.shape[1])
+        imagepos.attach(model, token_map, reader=reader)
+    return model, tok, token_map, kind, base, reader
+
+
+def _start_lm(cfg: LMTrainConfig, codes_info: dict, codebook, attn: str | None = None):
     if cfg.init_from:
         prev = load_run(cfg.init_from, trainable=True, attn_implementation=attn)
         prev.token_map.check_vqgan(codes_info["n_embed"], codes_info["grid_size"], codes_info["fingerprint"],
@@ -398,7 +412,7 @@ def _start_model(cfg: LMTrainConfig, codes_info: dict, attn: str | None = None):
     token_map = add_image_tokens(tok, model, codes_info["n_embed"], codes_info["grid_size"],
                                  codes_info["fingerprint"])
     if cfg.image_init == "codebook":
-        init_image_rows_from_codebook(model, token_map, _codebook(codes_info, cfg.data), seed=cfg.loop.seed)
+        init_image_rows_from_codebook(model, token_map, codebook(), seed=cfg.loop.seed)
     kind = "full" if cfg.full_finetune else "lora"
     if kind == "lora":
         model = apply_lora(model, token_map, cfg.lora)
@@ -420,25 +434,16 @@ def reader_labels(rows) -> tuple[list[str], torch.Tensor]:
     return [names[i] for i in keep], y[:, keep]
 
 
-def _add_reader(model, token_map, cfg: LMTrainConfig, codes_info: dict, train_rows, resuming: bool,
-                progress: bool) -> None:
-    """Attach a CodeReader to the image-position wrapper; pretrain it unless a checkpoint will restore it."""
+def _pretrain_reader(model, token_map, cfg: LMTrainConfig, train_rows, progress: bool) -> None:
+    """Train a new CodeReader as a finding classifier on the training split's labels before the LM stage."""
     wrapper = imagepos.find(model)
-    dim = wrapper.pos.shape[1]
-    codebook = _codebook(codes_info, cfg.data)
-    torch.manual_seed(cfg.loop.seed)
-    reader = imagepos.CodeReader(codebook, token_map.grid_size, dim)
-    if not resuming:
-        if "labels" not in train_rows.column_names:
-            raise ConfigError(f"image_reader: conv needs a `labels` column in {cfg.data} to pretrain on")
-        names, y = reader_labels(train_rows["labels"])
-        codes = torch.as_tensor(np.asarray(train_rows.with_format("numpy")["codes"])).long().reshape(len(y), -1)
-        rows_std = float(wrapper.base.weight.detach()[:token_map.first_id].float().std())
-        res = imagepos.pretrain_reader(reader, codes, y, epochs=cfg.reader_pretrain_epochs, seed=cfg.loop.seed,
-                                       progress=progress, target_std=rows_std)
-        log.info("image reader pretrained on %d images, %d labels (%s): loss %.4f", len(codes), len(names),
-                 ", ".join(names), res["loss"])
-    imagepos.attach(model, token_map, reader=reader.to(wrapper.pos.device))
+    names, y = reader_labels(train_rows["labels"])
+    codes = torch.as_tensor(np.asarray(train_rows.with_format("numpy")["codes"])).long().reshape(len(y), -1)
+    rows_std = float(wrapper.base.weight.detach()[:token_map.first_id].float().std())
+    res = imagepos.pretrain_reader(wrapper.reader, codes, y, epochs=cfg.reader_pretrain_epochs, seed=cfg.loop.seed,
+                                   progress=progress, target_std=rows_std)
+    log.info("image reader pretrained on %d images, %d labels (%s): loss %.4f", len(codes), len(names),
+             ", ".join(names), res["loss"])
 
 
 def _codebook(codes_info: dict, data: str) -> torch.Tensor:
@@ -468,7 +473,7 @@ def train_lm(cfg: LMTrainConfig, accelerator=None) -> Path:
     codes_info = read_codes_info(cfg.data)
     run = Path(cfg.out)
     attn = pick_attention(cfg.attn_implementation, accelerator.device, loop.mixed_precision)
-    model, tok, token_map, kind, base = _start_model(cfg, codes_info, attn)
+    model, tok, token_map, kind, base, new_reader = _start_model(cfg, codes_info, attn)
     context = getattr(model.config, "max_position_embeddings", None)
     if context is not None and context < cfg.max_length:
         raise ConfigError(f"max_length={cfg.max_length} exceeds the model's context "
@@ -477,17 +482,16 @@ def train_lm(cfg: LMTrainConfig, accelerator=None) -> Path:
     _init_run(run, cfg, summary, accelerator)
     with accelerator.main_process_first():
         ds = load_dataset(cfg.data)
-        train = build_stage_dataset(ds.filter(lambda s: s == cfg.split, input_columns="split"), tok, token_map,
-                                    cfg.stage, cfg.template, cfg.max_length, loop.seed, cfg.num_proc)
+        train_rows = ds.filter(lambda s: s == cfg.split, input_columns="split")
+        train = build_stage_dataset(train_rows, tok, token_map, cfg.stage, cfg.template, cfg.max_length, loop.seed,
+                                    cfg.num_proc)
         ev = ds.filter(lambda s: s == cfg.eval_split, input_columns="split")
         ev = build_stage_dataset(ev, tok, token_map, cfg.stage, cfg.template, cfg.max_length, loop.seed + 1,
                                  cfg.num_proc) if len(ev) else None
     if len(train) == 0:
         raise ConfigError(f"{cfg.data} has no rows in split {cfg.split!r}")
-    if cfg.image_reader == "conv" and imagepos.find(model).reader is None:
-        _add_reader(model, token_map, cfg, codes_info, ds.filter(lambda s: s == cfg.split, input_columns="split"),
-                    resuming=(run / CHECKPOINT).exists(), progress=loop.progress and accelerator.is_main_process)
-        summary = trainable_summary(model)
+    if new_reader is not None and not (run / CHECKPOINT).exists():  # on resume the checkpoint restores it
+        _pretrain_reader(model, token_map, cfg, train_rows, progress=loop.progress and accelerator.is_main_process)
     log.info("%s: %d training examples, %s", run, len(train), summary)
     pos = train_loop(model, train, ev, tok.pad_token_id, loop, run, accelerator, desc=f"train {run.name}",
                      token_map=token_map)

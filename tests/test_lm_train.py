@@ -244,6 +244,8 @@ def test_image_reader_stage_pretrains_trains_and_reloads(data, base, tmp_path):
     assert reader is not None and torch.equal(reader.codebook, vq.quantize.embedding.weight.detach().float())
     trained = torch.load(out / CHECKPOINT, weights_only=True)["trainable"]
     assert any("reader.trunk" in k for k in trained)  # trained with the LM, and resumable
+    counted = json.loads((out / "trainable.json").read_text())["trainable"]
+    assert counted == sum(t.numel() for t in trained.values())  # the reader is in the reported count
 
     ds = load_dataset(local).remove_columns(["labels"])
     nolabels = tmp_path / "nolabels"
