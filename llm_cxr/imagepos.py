@@ -78,22 +78,43 @@ def image_slots(ids: torch.Tensor, token_map: ImageTokenMap) -> torch.Tensor:
 
 
 class CodeReader(nn.Module):
-    """A CNN over the codebook vectors of a whole image: codes (N, H*W) -> (N, H*W, dim) to add to its tokens."""
+    """A CNN over the codebook vectors of a whole image: codes (N, H*W) -> (N, H*W, dim) to add to its tokens.
 
-    def __init__(self, codebook: torch.Tensor, grid: int, dim: int, width: int = 64, features: int = 128):
+    With ``summary`` it also gives one (N, dim) vector per image, its features max-pooled over a
+    ``regions`` (rows, columns) grid of the image, added to the ``</image>`` token that closes it: what the
+    image shows, and roughly where, at one position. Measured on the small preset's stage 0 (1,000 steps,
+    teacher-forced checklist over 300 test images): micro-F1 0.35 -> 0.53, mean per-finding AUC 0.80 -> 0.91.
+    The same summary added to every token after the image instead was never used (no gap between real and
+    swapped images after 1,000 steps)."""
+
+    def __init__(self, codebook: torch.Tensor, grid: int, dim: int, width: int = 64, features: int = 128,
+                 summary: bool = False, regions: tuple[int, int] = (3, 2)):
         super().__init__()
         codebook = torch.as_tensor(codebook, dtype=torch.float32)
         self.grid, self.width, self.n_features = grid, width, features
+        self.regions = (int(regions[0]), int(regions[1]))
         self.register_buffer("codebook", codebook.detach().clone())
         c = codebook.shape[1]
         self.trunk = nn.Sequential(nn.Conv2d(c, width, 3, padding=1), nn.GELU(), nn.Conv2d(width, width, 3, padding=1),
                                    nn.GELU(), nn.Conv2d(width, features, 3, padding=1), nn.GELU())
         self.proj = nn.Linear(features, dim)
+        self.sum_proj = nn.Linear(features * self.regions[0] * self.regions[1], dim) if summary else None
 
     @property
     def config(self) -> dict:
         return {"grid": self.grid, "width": self.width, "features": self.n_features,
-                "codebook": list(self.codebook.shape), "dim": self.proj.out_features}
+                "codebook": list(self.codebook.shape), "dim": self.proj.out_features,
+                "summary": self.sum_proj is not None, "regions": list(self.regions)}
+
+    def pooled(self, maps: torch.Tensor) -> torch.Tensor:
+        """Feature maps (N, features, H, W) -> (N, features * rows * columns), max over each region."""
+        return nn.functional.adaptive_max_pool2d(maps, self.regions).flatten(1)
+
+    def read(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """codes (N, H*W) -> (per-slot features (N, H*W, dim), summary (N, dim) or None)."""
+        maps = self.features(codes)
+        slots = self.proj(maps.flatten(2).transpose(1, 2))
+        return slots, (self.sum_proj(self.pooled(maps)) if self.sum_proj is not None else None)
 
     def features(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (N, H*W) -> feature maps (N, features, H, W)."""
@@ -101,8 +122,7 @@ class CodeReader(nn.Module):
         return self.trunk(x)
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
-        f = self.features(codes).flatten(2).transpose(1, 2)  # (N, H*W, features)
-        return self.proj(f)
+        return self.read(codes)[0]
 
 
 def pretrain_reader(reader: CodeReader, codes: torch.Tensor, labels: torch.Tensor, epochs: float = 2.0,
@@ -137,10 +157,13 @@ def pretrain_reader(reader: CodeReader, codes: torch.Tensor, labels: torch.Tenso
         opt.step()
     if target_std is not None:
         with torch.no_grad():
-            f = reader.features(codes[:256].to(device)).flatten(2)
-            rms = float(f.pow(2).mean().sqrt().clamp(min=1e-6))
-            nn.init.normal_(reader.proj.weight, std=target_std / (rms * reader.n_features ** 0.5))
-            nn.init.zeros_(reader.proj.bias)
+            maps = reader.features(codes[:256].to(device))
+            for proj, f in ((reader.proj, maps.flatten(2)), (reader.sum_proj, reader.pooled(maps))):
+                if proj is None:
+                    continue
+                rms = float(f.pow(2).mean().sqrt().clamp(min=1e-6))
+                nn.init.normal_(proj.weight, std=target_std / (rms * proj.in_features ** 0.5))
+                nn.init.zeros_(proj.bias)
     return {"loss": float(loss), "steps": steps}
 
 
@@ -176,7 +199,8 @@ class ImagePositionEmbedding(nn.Module):
         return e + add
 
     def _read(self, ids: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Reader features at the slots of every complete prompt image span; zeros elsewhere."""
+        """Reader features at the slots of every complete prompt image span, and its summary on the
+        ``</image>`` that closes it; zeros elsewhere."""
         hw = self.token_map.tokens_per_image
         out = torch.zeros(*ids.shape, self.pos.shape[1], dtype=dtype, device=ids.device)
         spans = []
@@ -190,9 +214,11 @@ class ImagePositionEmbedding(nn.Module):
         if not spans:
             return out
         codes = torch.stack([ids[b, s:s + hw] for b, s in spans]) - self.token_map.first_id
-        feats = self.reader(codes).to(dtype)
+        feats, summary = self.reader.read(codes)
         for i, (b, s) in enumerate(spans):
-            out[b, s:s + hw] = feats[i]
+            out[b, s:s + hw] = feats[i].to(dtype)
+            if summary is not None and s + hw < ids.shape[1] and int(ids[b, s + hw]) == self.token_map.end_id:
+                out[b, s + hw] = summary[i].to(dtype)
         return out
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -300,7 +326,8 @@ def load_positions(folder: str | Path) -> tuple[torch.Tensor, CodeReader | None]
         if "reader" in meta:
             cfg = json.loads(meta["reader"])
             state = {k[len("reader."):]: v for k, v in tensors.items() if k.startswith("reader.")}
-            reader = CodeReader(state["codebook"], cfg["grid"], cfg["dim"], cfg["width"], cfg["features"])
+            reader = CodeReader(state["codebook"], cfg["grid"], cfg["dim"], cfg["width"], cfg["features"],
+                                summary=cfg.get("summary", False), regions=tuple(cfg.get("regions", (3, 2))))
             reader.load_state_dict(state)
         return tensors["pos"], reader
     except Exception as e:  # a truncated or foreign file

@@ -318,6 +318,9 @@ class LMTrainConfig:
     # dataset's labels; needs image_positions: 2d and the VQ-GAN that encoded the data. "none": tokens only.
     image_reader: str = "none"
     reader_pretrain_epochs: float = 2.0
+    # the reader also adds a summary of the whole image (its features max-pooled over 3x2 regions) to the
+    # </image> token, where the text that follows finds it at one position
+    reader_summary: bool = True
     # transformers' attention kernel: "auto" (eager for bf16 on CPU, where it is faster; SDPA elsewhere),
     # or any name transformers accepts ("sdpa", "eager", "flash_attention_2")
     attn_implementation: str = "auto"
@@ -393,7 +396,8 @@ def _start_model(cfg: LMTrainConfig, codes_info: dict, attn: str | None = None):
     reader = None
     if cfg.image_reader == "conv" and imagepos.find(model).reader is None:
         torch.manual_seed(cfg.loop.seed)
-        reader = imagepos.CodeReader(codebook(), token_map.grid_size, imagepos.find(model).pos.shape[1])
+        reader = imagepos.CodeReader(codebook(), token_map.grid_size, imagepos.find(model).pos.shape[1],
+                                     summary=cfg.reader_summary)
         imagepos.attach(model, token_map, reader=reader)
     return model, tok, token_map, kind, base, reader
 

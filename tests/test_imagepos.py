@@ -152,11 +152,70 @@ def test_reader_adds_features_to_whole_prompt_images_only(tmp_path):
     torch.testing.assert_close(wrapper.embed(ids, slots), before)
 
 
+def test_reader_summary_goes_on_the_closing_image_token_only(tmp_path):
+    model, tok, m = _map(tmp_path)
+    wrapper = imagepos.attach(model, m)
+    codes = [(5 + 3 * i) % N_CODES for i in range(GRID * GRID)]
+    img = [m.first_id + c for c in codes]
+    ids = torch.tensor([[7, m.begin_id, *img, m.end_id, 8, 9, m.begin_id, *img[:2], 4],
+                        [7, 7, m.begin_id, *img, 8, 9, 9, 9, 9, 9]])  # row 1: no </image> after the codes
+    before = wrapper(ids)
+    reader = _reader(wrapper.pos.shape[1])
+    reader.sum_proj = torch.nn.Linear(8 * 6, wrapper.pos.shape[1])
+    imagepos.attach(model, m, reader=reader)
+    after = wrapper(ids)
+    feats, summary = reader.read(torch.tensor([codes]))
+    hw = GRID * GRID
+    delta = after - before
+    torch.testing.assert_close(delta[0, 2:2 + hw], feats[0])
+    torch.testing.assert_close(delta[0, 2 + hw], summary[0])
+    changed = (delta.abs().sum(-1) > 0).tolist()
+    assert changed[0] == [i in range(2, 3 + hw) for i in range(ids.shape[1])]
+    assert changed[1] == [i in range(3, 3 + hw) for i in range(ids.shape[1])]
+    # while training, the image the model generates is not read, so it gets no summary either
+    labels = torch.full_like(ids, -100)
+    labels[0, 1:] = ids[0, 1:]
+    with imagepos.responses(model, labels):
+        torch.testing.assert_close(wrapper(ids)[0], before[0])
+
+
+def test_text_decoding_with_a_reader_summary_matches_a_full_forward(tmp_path):
+    """Greedy text generated one token at a time (KV cache) after a prompt image read with a summary is the
+    argmax of one full forward pass over the finished sequence, and the summary changes what is said."""
+    base = make_base(tmp_path / "base")
+    model, tok = load_causal_lm(str(base))
+    m = add_image_tokens(tok, model, N_CODES, GRID, "fp")
+    reader = _reader(model.config.hidden_size)
+    reader.sum_proj = torch.nn.Linear(8 * 6, model.config.hidden_size)
+    with torch.no_grad():
+        reader.sum_proj.weight.normal_(0, 3.0)
+    imagepos.attach(model, m, reader=reader)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    run = save_model(model, tok, m, RunInfo(kind="full", base=str(base), vqgan=None, max_length=256), tmp_path / "r")
+    gen = LLMCXR(load_run(run), vqgan=None, autocast=False)
+    assert imagepos.find(gen.model).reader.sum_proj is not None  # the summary came back with the run
+    codes = [(5 + 3 * i) % N_CODES for i in range(GRID * GRID)]
+    prompt = [5, m.begin_id, *[m.first_id + c for c in codes], m.end_id, 6, 7]
+    out = gen._decode([prompt], 12, gen._text_mask, Sampling(), False)[0].tolist()
+    with torch.no_grad():
+        logits = gen.model(torch.tensor([prompt + out])).logits[0] + gen._text_mask
+    assert out == logits[len(prompt) - 1:len(prompt) - 1 + 12].argmax(-1).tolist()
+    # the summary matters: with it zeroed the same prompt decodes differently
+    with torch.no_grad():
+        gen._positions.reader.sum_proj.weight.zero_()
+        gen._positions.reader.sum_proj.bias.zero_()
+    assert gen._decode([prompt], 12, gen._text_mask, Sampling(), False)[0].tolist() != out
+
+
 def test_reader_pretrains_on_labels_and_saves_with_the_run(tmp_path):
     base = make_base(tmp_path / "base")
     model, tok = load_causal_lm(str(base))
     m = add_image_tokens(tok, model, N_CODES, GRID, "fp")
-    reader = imagepos.CodeReader(torch.randn(N_CODES, 8), GRID, model.config.hidden_size, width=8, features=8)
+    reader = imagepos.CodeReader(torch.randn(N_CODES, 8), GRID, model.config.hidden_size, width=8, features=8,
+                                 summary=True)
     gen = torch.Generator().manual_seed(0)
     codes = torch.randint(0, N_CODES, (64, GRID * GRID), generator=gen)
     labels = torch.stack([(codes == 3).any(1), (codes[:, 0] < 4)], 1).long()
@@ -164,6 +223,7 @@ def test_reader_pretrains_on_labels_and_saves_with_the_run(tmp_path):
     res = imagepos.pretrain_reader(reader, codes, labels, epochs=20, batch_size=16, progress=False, target_std=0.02)
     assert res["loss"] < 0.45  # learned something from the codes (chance is ~0.69)
     assert abs(float(reader(codes[:8]).std()) - 0.02) < 0.015  # proj rescaled to the requested spread
+    assert abs(float(reader.read(codes[:8])[1].std()) - 0.02) < 0.015  # and so was the summary's
     imagepos.attach(model, m, reader=reader)
     ids = torch.tensor([[5, m.begin_id, *(m.first_id + codes[0]).tolist(), m.end_id, 6]])
     model.eval()
