@@ -42,7 +42,7 @@ def machine() -> dict[str, Any]:
 def md_table(rows: Sequence[dict[str, Any]]) -> str:
     if not rows:
         return ""
-    cols = list(rows[0])
+    cols = list(dict.fromkeys(k for r in rows for k in r))  # every row's keys, first-seen order
 
     def fmt(v: Any) -> str:
         if isinstance(v, float):

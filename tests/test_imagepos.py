@@ -119,9 +119,9 @@ def test_incremental_image_decoding_sees_the_same_slots_as_a_full_forward(tmp_pa
 # --------------------------------------------------------------------------- the image reader (CodeReader)
 
 
-def _reader(dim, seed=0):
+def _reader(dim, seed=0, summary=False):
     torch.manual_seed(seed)
-    reader = imagepos.CodeReader(torch.randn(N_CODES, 8), GRID, dim, width=8, features=8)
+    reader = imagepos.CodeReader(torch.randn(N_CODES, 8), GRID, dim, width=8, features=8, summary=summary)
     with torch.no_grad():
         reader.proj.weight.normal_(0, 1.0)
     return reader
@@ -160,8 +160,7 @@ def test_reader_summary_goes_on_the_closing_image_token_only(tmp_path):
     ids = torch.tensor([[7, m.begin_id, *img, m.end_id, 8, 9, m.begin_id, *img[:2], 4],
                         [7, 7, m.begin_id, *img, 8, 9, 9, 9, 9, 9]])  # row 1: no </image> after the codes
     before = wrapper(ids)
-    reader = _reader(wrapper.pos.shape[1])
-    reader.sum_proj = torch.nn.Linear(8 * 6, wrapper.pos.shape[1])
+    reader = _reader(wrapper.pos.shape[1], summary=True)
     imagepos.attach(model, m, reader=reader)
     after = wrapper(ids)
     feats, summary = reader.read(torch.tensor([codes]))
@@ -185,8 +184,7 @@ def test_text_decoding_with_a_reader_summary_matches_a_full_forward(tmp_path):
     base = make_base(tmp_path / "base")
     model, tok = load_causal_lm(str(base))
     m = add_image_tokens(tok, model, N_CODES, GRID, "fp")
-    reader = _reader(model.config.hidden_size)
-    reader.sum_proj = torch.nn.Linear(8 * 6, model.config.hidden_size)
+    reader = _reader(model.config.hidden_size, summary=True)
     with torch.no_grad():
         reader.sum_proj.weight.normal_(0, 3.0)
     imagepos.attach(model, m, reader=reader)
