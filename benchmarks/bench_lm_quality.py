@@ -123,7 +123,8 @@ def main() -> int:
                 pic.save(RESULTS / f"{args.name}_{name.replace(' ', '')}_g{g:g}_{i:02d}.png")
         data["runs"][name] = entry
         s = res["summary"]
-        row = {"run": name, "report micro-F1": s["report_clinical_micro_f1"],
+        row = {"run": name, "reports": "checklist-guided" if s.get("report_guided") else "plain",
+               "report micro-F1": s["report_clinical_micro_f1"],
                "laterality": s["report_laterality_accuracy"], "VQA yes/no+side": s["vqa_accuracy"],
                "VQA all kinds": s["vqa_accuracy_all_kinds"], "checklist micro-F1": s.get("checklist_micro_f1"),
                f"image micro-F1 (g={guidances[0]:g})": s.get("image_finding_micro_f1"),

@@ -57,6 +57,11 @@ def add_generation_commands(sub) -> None:
     p.add_argument("--limit", type=int, help="at most this many dataset rows")
     p.add_argument("--out", type=Path, help="write JSONL (or .csv) here instead of stdout")
     p.add_argument("--max-new-tokens", type=int, default=160, help="longest report in tokens (default 160)")
+    p.add_argument("--findings", help="comma-separated finding names (e.g. pleural_effusion,chest_tube) the report "
+                                      "must state, for every image, instead of the model's own checklist reading")
+    p.add_argument("--plain", action="store_true", help="a model trained for checklist-guided reports "
+                                                        "(stage.report_guided) writes without reading the "
+                                                        "checklist first")
     _sampling_args(p, 0.0, 1.0)
     p.set_defaults(func=_cmd_report)
 
@@ -131,9 +136,20 @@ def _cmd_report(args) -> int:
         ids, inputs = [str(p) for p in args.images], [str(p) for p in args.images]
     else:
         raise InputError("give image files or --data")
-    texts = model.generate_report(inputs, _sampling(args), max_new_tokens=args.max_new_tokens,
-                                  batch_size=args.batch_size)
-    _write_rows([{"id": i, "report": t} for i, t in zip(ids, texts)], args.out)
+    if args.findings and args.plain:
+        raise InputError("--findings and --plain exclude each other")
+    codes = model.codes_of(inputs)
+    findings = None
+    if args.findings:
+        findings = [[f.strip() for f in args.findings.split(",") if f.strip()]] * len(codes)
+    elif model.guided_reports and not args.plain:
+        findings = model.read_findings(codes, args.batch_size)
+    texts = model.generate_report(codes, _sampling(args), max_new_tokens=args.max_new_tokens,
+                                  batch_size=args.batch_size, guided=False if args.plain else None,
+                                  findings=findings)
+    rows = [{"id": i, "report": t} | ({"findings": f} if findings is not None else {})
+            for i, t, f in zip(ids, texts, findings or [None] * len(texts))]
+    _write_rows(rows, args.out)
     return 0
 
 

@@ -25,7 +25,8 @@ from llm_cxr import imagepos
 from llm_cxr.errors import ConfigError, InputError
 from llm_cxr.instruct import encode_prompt
 from llm_cxr.modeling import LoadedRun, load_run
-from llm_cxr.prompts import get_template, image_prompt, report_prompt, vqa_prompt
+from llm_cxr.prompts import (CHECKLIST_QUESTIONS, NAMES, get_template, guided_report_prompt, image_prompt,
+                             parse_checklist, report_prompt, vqa_prompt)
 
 log = logging.getLogger(__name__)
 
@@ -204,12 +205,44 @@ class LLMCXR:
         for i in range(0, n, batch_size):
             yield slice(i, min(n, i + batch_size))
 
+    @property
+    def guided_reports(self) -> bool:
+        """Whether the run was trained to write reports from its own checklist (``stage.report_guided``)."""
+        return bool(self.run.info.extra.get("guided_reports"))
+
+    def read_findings(self, images, batch_size: int = 16, max_new_tokens: int = 160) -> list[list[str]]:
+        """The findings the model's checklist answer calls present, per image (greedy: a reading is not sampled)."""
+        answers = self.answer(images, CHECKLIST_QUESTIONS[0], Sampling(), max_new_tokens, batch_size)
+        return [[k for k, v in parse_checklist(a).items() if v] for a in answers]
+
     def generate_report(self, images, sampling: Sampling | None = None, max_new_tokens: int = 160,
-                        batch_size: int = 16, sections: str = "findings_impression") -> list[str]:
-        """Reports for images (paths, PIL images, or codes (B, H*W))."""
+                        batch_size: int = 16, sections: str = "findings_impression", guided: bool | None = None,
+                        findings: Sequence[Sequence[str]] | None = None) -> list[str]:
+        """Reports for images (paths, PIL images, or codes (B, H*W)).
+
+        ``guided`` (default: what the run was trained for, :attr:`guided_reports`): first read the image
+        with the checklist (:meth:`read_findings`), then write the report with those findings in its
+        prompt. ``findings`` gives that list per image instead (finding names, e.g. ``"pleural_effusion"``):
+        a reader's own findings, for a report that states them.
+        """
         codes = self.codes_of(images)
-        parts = report_prompt(self.template, None, sections)
-        prompts = [encode_prompt(self.tok, self.map, parts, c.tolist())[0] for c in codes]
+        if findings is not None:
+            if len(findings) != len(codes):
+                raise InputError(f"got {len(codes)} images and {len(findings)} finding lists; give one per image")
+            unknown = sorted({f for fs in findings for f in fs} - set(NAMES))
+            if unknown:
+                raise InputError(f"unknown finding names {unknown}; known: {', '.join(NAMES)}")
+            guided = True
+        elif guided is None:
+            guided = self.guided_reports
+        if guided and findings is None:
+            findings = self.read_findings(codes, batch_size)
+        if guided:
+            prompts = [encode_prompt(self.tok, self.map, guided_report_prompt(self.template, f, None, sections),
+                                     c.tolist())[0] for f, c in zip(findings, codes)]
+        else:
+            parts = report_prompt(self.template, None, sections)
+            prompts = [encode_prompt(self.tok, self.map, parts, c.tolist())[0] for c in codes]
         out: list[str] = []
         for sl in self._batched(len(prompts), batch_size):
             out += self._text(prompts[sl], sampling or Sampling(), self._room(prompts[sl], max_new_tokens))

@@ -25,8 +25,8 @@ import torch
 
 from llm_cxr.data.schema import FINDING_NAMES, findings_from_json
 from llm_cxr.errors import ConfigError, DatasetError, InputError
-from llm_cxr.prompts import (NAMES, Example, ImageSlot, PromptTemplate, checklist_qa, get_template, image_prompt,
-                             make_vqa, report_prompt, report_text, vqa_prompt)
+from llm_cxr.prompts import (NAMES, Example, ImageSlot, PromptTemplate, checklist_qa, get_template,
+                             guided_report_prompt, image_prompt, make_vqa, report_prompt, report_text, vqa_prompt)
 from llm_cxr.tokens import ImageTokenMap
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,10 @@ class StageConfig:
     image: int = 1  # report -> CXR examples per study
     vqa: int = 2  # questions per study
     checklist: int = 0  # checklist examples per study (every finding answered yes/no in one response)
+    report_guided: int = 0  # CXR -> report examples whose prompt also lists the findings present (the
+    #                         checklist's positives); inference fills it from the model's own checklist
+    report_from_findings: int = 0  # text-only examples: the same findings list, no image -> the report. Cheap
+    #                                (no image tokens); teaches the writer to state the findings it is given
     one_per_patient: bool = False  # stage 2: one study per patient
     instruct_jsonl: str | None = None  # plain instruction data (Dolly/Alpaca JSONL), mixed in
     instruct_ratio: float = 0.0  # plain examples per multimodal example
@@ -49,12 +53,14 @@ class StageConfig:
     def __post_init__(self) -> None:
         if self.sections not in ("findings_impression", "impression"):
             raise ConfigError(f"stage.sections must be 'findings_impression' or 'impression', got {self.sections!r}")
-        for k in ("report", "image", "vqa", "checklist", "repeats"):
+        for k in ("report", "image", "vqa", "checklist", "report_guided", "report_from_findings",
+                  "repeats"):
             if getattr(self, k) < 0:
                 raise ConfigError(f"stage.{k} must be >= 0, got {getattr(self, k)}")
-        if self.report + self.image + self.vqa + self.checklist == 0 and not self.instruct_jsonl:
-            raise ConfigError("stage makes no examples: report, image, vqa and checklist are all 0 and no "
-                              "instruct_jsonl")
+        if (self.report + self.image + self.vqa + self.checklist + self.report_guided + self.report_from_findings == 0
+                and not self.instruct_jsonl):
+            raise ConfigError("stage makes no examples: report, report_guided, image, vqa and checklist are all 0 "
+                              "and no instruct_jsonl")
         if self.instruct_ratio < 0 or (self.instruct_ratio > 0 and not self.instruct_jsonl):
             raise ConfigError("stage.instruct_ratio > 0 needs stage.instruct_jsonl")
 
@@ -74,7 +80,7 @@ def study_examples(row: dict, stage: StageConfig, template: PromptTemplate, seed
         out.append(Example("report", report_prompt(template, rng, stage.sections), report, codes))
     for _ in range(stage.image):
         out.append(Example("image", image_prompt(template, report, rng), None, codes))
-    if stage.vqa or stage.checklist:
+    if stage.vqa or stage.checklist or stage.report_guided or stage.report_from_findings:
         findings = findings_from_json(row.get("findings") or "[]")
         labels = row.get("labels") or {}
         if row.get("source", "synthetic") == "synthetic":
@@ -82,6 +88,14 @@ def study_examples(row: dict, stage: StageConfig, template: PromptTemplate, seed
         else:  # real data: ask only about what the labeler could read, never about hedged findings
             askable = tuple(n for n in NAMES if labels.get(n) in (0, 1))
             uncertain = tuple(n for n, v in labels.items() if v == -1)
+        # the checklist's positives, in its order (what parse_checklist gives back at inference)
+        present = [a for a in askable if a in NAMES and a not in uncertain and a in {f.name for f in findings}]
+        for _ in range(stage.report_guided):
+            out.append(Example("report", guided_report_prompt(template, present, rng, stage.sections), report, codes,
+                               {"guided": True}))
+        for _ in range(stage.report_from_findings):
+            out.append(Example("text", guided_report_prompt(template, present, rng, stage.sections, image=False),
+                               report, None, {"guided": True}))
         for qa in make_vqa(findings, rng, stage.vqa, askable, uncertain):
             out.append(Example("vqa", vqa_prompt(template, qa.question), qa.answer, codes,
                                {"kind": qa.kind, "finding": qa.finding}))

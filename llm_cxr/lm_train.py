@@ -29,6 +29,7 @@ from llm_cxr.errors import ConfigError
 from llm_cxr.instruct import LengthGroupedBatches, StageConfig, build_stage_dataset, iterate_batches, lengths_of
 from llm_cxr.modeling import (LoraSettings, RunInfo, apply_lora, load_causal_lm, load_run, pick_attention,
                               save_model, trainable_summary)
+from llm_cxr.modeling import model_dir as run_model_dir
 from llm_cxr.tokens import add_image_tokens, init_image_rows_from_codebook
 
 log = logging.getLogger(__name__)
@@ -504,12 +505,23 @@ def train_lm(cfg: LMTrainConfig, accelerator=None) -> Path:
         info = RunInfo(kind=kind, base=_abs(base), vqgan=_abs(vq) if vq else None, template=cfg.template,
                        max_length=cfg.max_length, extra={"vqgan_weights": codes_info.get("weights"),
                                                          "trainable": asdict(summary) | {"share": summary.share},
+                                                         "guided_reports": _guided_reports(cfg),
                                                          **_relative_refs(run / "model", base, vq)})
         save_model(accelerator.unwrap_model(model), tok, token_map, info, run / "model")
         if pos.step >= loop.steps:
             (run / "DONE").write_text(json.dumps({"steps": pos.step}) + "\n")
     accelerator.wait_for_everyone()
     return run
+
+
+def _guided_reports(cfg: LMTrainConfig) -> bool:
+    """Whether the run writes reports from its checklist: this stage trains it, or continues a stage that did
+    and trains no plain reports."""
+    if cfg.stage.report_guided:
+        return True
+    if cfg.stage.report or not cfg.init_from:
+        return False
+    return bool(RunInfo.load(run_model_dir(cfg.init_from)).extra.get("guided_reports"))
 
 
 def _relative_refs(model_folder: Path, base: str, vqgan: str | None) -> dict[str, str]:

@@ -85,6 +85,10 @@ IMAGE_INSTRUCTIONS = (
     "Create a chest X-ray image matching the following report.",
     "Synthesize a frontal chest X-ray consistent with this report.",
 )
+# Checklist-guided reports (as in diagnosis-driven report generation, e.g. PromptMRG, Jin et al., AAAI 2024):
+# the findings the model itself read from the image (its checklist answer) go into the report prompt, so
+# the free text states what the image was read to show instead of the most frequent report.
+GUIDE_PREFIX = "\nChecklist findings: "
 IMPRESSION_INSTRUCTIONS = (
     "Write the impression section of the radiology report for this chest X-ray.",
     "Summarize the most important findings of this chest radiograph.",
@@ -234,6 +238,22 @@ class Example:
 def report_prompt(template: PromptTemplate, rng: random.Random | None = None, sections: str = "findings_impression"):
     pool = IMPRESSION_INSTRUCTIONS if sections == "impression" else REPORT_INSTRUCTIONS
     return template.parts(rng.choice(pool) if rng else pool[0], [IMAGE])
+
+
+def guide_text(present: Iterable[str]) -> str:
+    """The checklist's positive findings as a prompt input: ``"pleural effusion and chest tube"`` or ``"none"``."""
+    present = [n for n in present if n in NAMES]
+    return _join(present) if present else "none"
+
+
+def guided_report_prompt(template: PromptTemplate, present: Iterable[str], rng: random.Random | None = None,
+                         sections: str = "findings_impression", image: bool = True):
+    """A report prompt that also gives the findings a checklist found (ground truth in training, the
+    model's own checklist answer at inference: :meth:`llm_cxr.generation.LLMCXR.generate_report`).
+    ``image=False``: the same prompt without the image (text-only training of the writer)."""
+    pool = IMPRESSION_INSTRUCTIONS if sections == "impression" else REPORT_INSTRUCTIONS
+    hint = GUIDE_PREFIX + guide_text(present)
+    return template.parts(rng.choice(pool) if rng else pool[0], [IMAGE, hint] if image else [hint])
 
 
 def image_prompt(template: PromptTemplate, report: str, rng: random.Random | None = None):

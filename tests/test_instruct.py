@@ -10,7 +10,7 @@ from llm_cxr.data.schema import FINDING_NAMES, Finding
 from llm_cxr.errors import ConfigError, InputError
 from llm_cxr.instruct import (LengthGroupedBatches, StageConfig, collate, encode_example, study_examples,
                               text_example)
-from llm_cxr.prompts import (CHECKLIST_QUESTIONS, IMAGE, TEMPLATES, checklist_qa, get_template, make_vqa,
+from llm_cxr.prompts import (CHECKLIST_QUESTIONS, GUIDE_PREFIX, IMAGE, TEMPLATES, checklist_qa, get_template, make_vqa,
                              parse_checklist, report_text)
 from llm_cxr.textlm import train_text_tokenizer
 from llm_cxr.tokens import add_image_tokens
@@ -162,3 +162,29 @@ def test_checklist_answers_every_finding_in_a_fixed_order_and_parses_back():
     # a stage made of checklists only is a valid stage
     exs = study_examples(_row(findings), StageConfig(report=0, image=0, vqa=0, checklist=1), get_template("compact"), 0)
     assert [(e.task, e.meta["kind"], e.response) for e in exs] == [("vqa", "checklist", qa.answer)]
+
+
+def test_guided_report_prompt_lists_the_checklist_positives():
+    findings = [Finding("endotracheal_tube"), Finding("pleural_effusion", "right", "basal", "large")]
+    stage = StageConfig(report=0, image=0, vqa=0, checklist=0, report_guided=1)
+    (ex,) = study_examples(_row(findings), stage, get_template("compact"), 0)
+    hint = [p for p in ex.prompt if isinstance(p, str) and p.startswith(GUIDE_PREFIX)]
+    assert ex.task == "report" and ex.response == REPORT and IMAGE in ex.prompt
+    # in checklist order (what parse_checklist of a checklist answer gives back), not the findings' order
+    assert hint == [GUIDE_PREFIX + "pleural effusion and endotracheal tube"]
+    (normal,) = study_examples(_row([]), stage, get_template("compact"), 0)
+    assert GUIDE_PREFIX + "none" in normal.prompt
+    # real data: a hedged finding is neither asked about nor stated in the hint
+    row = _row([Finding("edema"), Finding("cardiomegaly")]) | {"source": "mimic", "labels": {
+        "edema": -1, "cardiomegaly": 1, "pneumothorax": 0}}
+    (real,) = study_examples(row, stage, get_template("compact"), 0)
+    assert GUIDE_PREFIX + "cardiomegaly" in real.prompt
+    # the writer's text-only examples: the same hint and report, no image
+    text_stage = StageConfig(report=0, image=0, vqa=0, checklist=0, report_from_findings=1)
+    (txt,) = study_examples(_row(findings), text_stage, get_template("compact"), 0)
+    assert txt.task == "text" and txt.codes is None and IMAGE not in txt.prompt and txt.response == REPORT
+    assert GUIDE_PREFIX + "pleural effusion and endotracheal tube" in txt.prompt
+    with pytest.raises(ConfigError, match="report_guided"):
+        StageConfig(report_guided=-1)
+    with pytest.raises(ConfigError, match="report_from_findings"):
+        StageConfig(report_from_findings=-1)

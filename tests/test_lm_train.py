@@ -257,3 +257,16 @@ def test_image_reader_stage_pretrains_trains_and_reloads(data, base, tmp_path):
         train_lm(LMTrainConfig(data=str(nolabels), out=str(tmp_path / "r2"), base=str(base), image_reader="conv",
                                max_length=256))
     assert "labels" in str(err.value) and str(nolabels) in str(err.value)
+
+
+def test_guided_report_runs_are_marked_and_later_stages_inherit_it(two_step_run, data, base, tmp_path):
+    def stage(out, report, guided, **src):
+        cfg = load_lm_config(None, {"stage": {"report": report, "report_guided": guided, "image": 0},
+                                    "loop": {"progress": False}}, data=str(data), out=str(tmp_path / out), steps=1,
+                             batch_size=2, mixed_precision="no", max_length=256, **src)
+        return load_run(train_lm(cfg)).info.extra["guided_reports"]
+
+    assert load_run(two_step_run).info.extra.get("guided_reports") is False  # plain reports (the default)
+    assert stage("g1", 0, 1, base=str(base)) is True
+    assert stage("g2", 0, 0, init_from=str(tmp_path / "g1")) is True  # continues it, no plain reports
+    assert stage("g3", 1, 0, init_from=str(tmp_path / "g1")) is False  # trained back to plain reports

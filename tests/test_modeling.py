@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from llm_cxr.cli import main
-from llm_cxr.errors import ConfigError
+from llm_cxr.errors import ConfigError, InputError
 from llm_cxr.generation import LLMCXR, Sampling
 from llm_cxr.instruct import collate, encode_prompt
 from llm_cxr.modeling import (LoraSettings, RunInfo, apply_lora, auto_lora_targets, ensure_pad_token,
                               load_causal_lm, load_run, merge_run, save_model, trainable_summary)
-from llm_cxr.prompts import vqa_prompt
+from llm_cxr.prompts import CHECKLIST_QUESTIONS, guided_report_prompt, report_prompt, vqa_prompt
 from llm_cxr.tokens import add_image_tokens
 
 N_CODES, GRID = 16, 2
@@ -362,3 +362,59 @@ def test_batched_left_padded_decoding_matches_one_at_a_time(arch, request):
     assert torch.equal(torch.cat(singles), batched)
     assert gen.generate_report(CODES, max_new_tokens=6) == [gen.generate_report(CODES[i:i + 1], max_new_tokens=6)[0]
                                                             for i in range(3)]
+
+
+def test_guided_reports_read_the_checklist_first_and_state_its_findings(gen, monkeypatch):
+    prompts, asked = [], []
+    real_text = gen._text
+    monkeypatch.setattr(gen, "_text", lambda p, s, n: prompts.extend(p) or real_text(p, s, n))
+
+    def expect(findings, i):
+        return encode_prompt(gen.tok, gen.map, guided_report_prompt(gen.template, findings), CODES[i].tolist())[0]
+
+    # a run not trained for it: one pass, the plain report prompt
+    assert not gen.guided_reports
+    gen.generate_report(CODES[:2], max_new_tokens=3)
+    assert prompts == [encode_prompt(gen.tok, gen.map, report_prompt(gen.template), CODES[i].tolist())[0]
+                       for i in range(2)]
+    # findings given: each image's own list goes into its prompt, in one pass
+    prompts.clear()
+    gen.generate_report(CODES[:2], max_new_tokens=3, findings=[["pleural_effusion", "chest_tube"], []])
+    assert prompts == [expect(["pleural_effusion", "chest_tube"], 0), expect([], 1)]
+
+    # a run trained for it: the checklist is read first, greedily even when the report is sampled
+    def fake_answer(images, question, sampling=None, max_new_tokens=24, batch_size=16):
+        asked.append((question, sampling))
+        return ["cardiomegaly: yes; pneumothorax: no; chest tube: yes", "not a checklist"]
+
+    monkeypatch.setattr(gen, "answer", fake_answer)
+    monkeypatch.setitem(gen.run.info.extra, "guided_reports", True)
+    prompts.clear()
+    texts = gen.generate_report(CODES[:2], sampling=Sampling(temperature=1.0, seed=0), max_new_tokens=3)
+    assert len(texts) == 2 and asked == [(CHECKLIST_QUESTIONS[0], Sampling())]
+    assert prompts == [expect(["cardiomegaly", "chest_tube"], 0), expect([], 1)]
+    prompts.clear()
+    gen.generate_report(CODES[:2], max_new_tokens=3, guided=False)
+    assert len(asked) == 1 and "Checklist" not in gen.tok.decode(prompts[0])
+    with pytest.raises(InputError, match="unknown finding names"):
+        gen.generate_report(CODES[:1], findings=[["effusion"]])
+    with pytest.raises(InputError, match="one per image"):
+        gen.generate_report(CODES[:2], findings=[["cardiomegaly"]])
+
+
+def test_cli_report_writes_the_findings_it_was_guided_by(gen, tmp_path, capsys):
+    data = make_codes_dataset(tmp_path / "codes", n=8)
+    run = str(gen.run.folder)
+    out = tmp_path / "reports.jsonl"
+    base = ["-q", "generate", "report", "--model", run, "--data", str(data), "--split", "train", "--limit", "2",
+            "--max-new-tokens", "4"]
+    assert main(base + ["--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 2 and all(set(r) == {"id", "report"} for r in rows)  # a plain run: no checklist pass
+    assert main(base + ["--findings", "pleural_effusion, chest_tube", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["findings"] for r in rows] == [["pleural_effusion", "chest_tube"]] * 2
+    assert main(base + ["--findings", "effusion"]) != 0
+    assert "unknown finding names ['effusion']" in capsys.readouterr().err
+    assert main(base + ["--findings", "edema", "--plain"]) != 0
+    assert "exclude each other" in capsys.readouterr().err

@@ -54,7 +54,7 @@ def evaluate_reports(model: LLMCXR, ds, cfg: EvalConfig) -> dict[str, Any]:
                           cfg.batch_size, "reports", cfg.progress)
     refs = [findings_from_json(f) for f in sub["findings"]]
     scores = score_reports(texts, refs)
-    return {"n": len(sub), "micro_f1": scores.micro_f1, "macro_f1": scores.macro_f1,
+    return {"n": len(sub), "guided": model.guided_reports, "micro_f1": scores.micro_f1, "macro_f1": scores.macro_f1,
             "exact_match": scores.exact_match, "laterality_accuracy": scores.laterality_accuracy,
             "per_class": {k: {"f1": v.f1, "support": v.support} for k, v in scores.per_class.items()},
             "examples": [{"id": i, "generated": t, "reference": r} for i, t, r in
@@ -201,7 +201,7 @@ def evaluate_all(model: LLMCXR, data: str, split: str = "test", classifier: str 
         t = time.monotonic()
         res["images"] = evaluate_images(model, ds, classifier, cfg)
         t_img = time.monotonic() - t
-    summary = {"report_clinical_micro_f1": res["reports"]["micro_f1"],
+    summary = {"report_guided": res["reports"]["guided"], "report_clinical_micro_f1": res["reports"]["micro_f1"],
                "report_laterality_accuracy": res["reports"]["laterality_accuracy"],
                "vqa_accuracy": res["vqa"]["accuracy_yes_no_laterality"],
                "vqa_accuracy_all_kinds": res["vqa"]["accuracy_all"],
