@@ -139,14 +139,11 @@ def _cmd_report(args) -> int:
     if args.findings and args.plain:
         raise InputError("--findings and --plain exclude each other")
     codes = model.codes_of(inputs)
-    findings = None
-    if args.findings:
-        findings = [[f.strip() for f in args.findings.split(",") if f.strip()]] * len(codes)
-    elif model.guided_reports and not args.plain:
-        findings = model.read_findings(codes, args.batch_size)
+    given = [[f.strip() for f in args.findings.split(",") if f.strip()]] * len(codes) if args.findings else None
+    guided = False if args.plain else None
+    findings = model.report_findings(codes, guided, given, args.batch_size)  # read once, written beside the report
     texts = model.generate_report(codes, _sampling(args), max_new_tokens=args.max_new_tokens,
-                                  batch_size=args.batch_size, guided=False if args.plain else None,
-                                  findings=findings)
+                                  batch_size=args.batch_size, guided=guided, findings=findings)
     rows = [{"id": i, "report": t} | ({"findings": f} if findings is not None else {})
             for i, t, f in zip(ids, texts, findings or [None] * len(texts))]
     _write_rows(rows, args.out)

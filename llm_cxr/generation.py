@@ -25,8 +25,8 @@ from llm_cxr import imagepos
 from llm_cxr.errors import ConfigError, InputError
 from llm_cxr.instruct import encode_prompt
 from llm_cxr.modeling import LoadedRun, load_run
-from llm_cxr.prompts import (CHECKLIST_QUESTIONS, NAMES, get_template, guided_report_prompt, image_prompt,
-                             parse_checklist, report_prompt, vqa_prompt)
+from llm_cxr.prompts import (CHECKLIST_QUESTIONS, NAMES, get_template, image_prompt, parse_checklist, report_prompt,
+                             vqa_prompt)
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +215,21 @@ class LLMCXR:
         answers = self.answer(images, CHECKLIST_QUESTIONS[0], Sampling(), max_new_tokens, batch_size)
         return [[k for k, v in parse_checklist(a).items() if v] for a in answers]
 
+    def report_findings(self, images, guided: bool | None = None, findings: Sequence[Sequence[str]] | None = None,
+                        batch_size: int = 16) -> list[list[str]] | None:
+        """What a report's prompt will state per image, or None for a plain report: ``findings`` checked, or
+        the model's own checklist when ``guided`` (default: :attr:`guided_reports`)."""
+        if findings is not None:
+            if len(findings) != len(images):
+                raise InputError(f"got {len(images)} images and {len(findings)} finding lists; give one per image")
+            unknown = sorted({f for fs in findings for f in fs} - set(NAMES))
+            if unknown:
+                raise InputError(f"unknown finding names {unknown}; known: {', '.join(NAMES)}")
+            return [list(fs) for fs in findings]
+        if self.guided_reports if guided is None else guided:
+            return self.read_findings(images, batch_size)
+        return None
+
     def generate_report(self, images, sampling: Sampling | None = None, max_new_tokens: int = 160,
                         batch_size: int = 16, sections: str = "findings_impression", guided: bool | None = None,
                         findings: Sequence[Sequence[str]] | None = None) -> list[str]:
@@ -226,23 +241,11 @@ class LLMCXR:
         a reader's own findings, for a report that states them.
         """
         codes = self.codes_of(images)
-        if findings is not None:
-            if len(findings) != len(codes):
-                raise InputError(f"got {len(codes)} images and {len(findings)} finding lists; give one per image")
-            unknown = sorted({f for fs in findings for f in fs} - set(NAMES))
-            if unknown:
-                raise InputError(f"unknown finding names {unknown}; known: {', '.join(NAMES)}")
-            guided = True
-        elif guided is None:
-            guided = self.guided_reports
-        if guided and findings is None:
-            findings = self.read_findings(codes, batch_size)
-        if guided:
-            prompts = [encode_prompt(self.tok, self.map, guided_report_prompt(self.template, f, None, sections),
-                                     c.tolist())[0] for f, c in zip(findings, codes)]
-        else:
-            parts = report_prompt(self.template, None, sections)
-            prompts = [encode_prompt(self.tok, self.map, parts, c.tolist())[0] for c in codes]
+        stated = self.report_findings(codes, guided, findings, batch_size)
+        if stated is None:  # a plain report
+            stated = [None] * len(codes)
+        prompts = [encode_prompt(self.tok, self.map, report_prompt(self.template, None, sections, f), c.tolist())[0]
+                   for f, c in zip(stated, codes)]
         out: list[str] = []
         for sl in self._batched(len(prompts), batch_size):
             out += self._text(prompts[sl], sampling or Sampling(), self._room(prompts[sl], max_new_tokens))

@@ -25,8 +25,8 @@ import torch
 
 from llm_cxr.data.schema import FINDING_NAMES, findings_from_json
 from llm_cxr.errors import ConfigError, DatasetError, InputError
-from llm_cxr.prompts import (NAMES, Example, ImageSlot, PromptTemplate, checklist_qa, get_template,
-                             guided_report_prompt, image_prompt, make_vqa, report_prompt, report_text, vqa_prompt)
+from llm_cxr.prompts import (NAMES, Example, ImageSlot, PromptTemplate, checklist_items, checklist_qa, get_template,
+                             image_prompt, make_vqa, report_prompt, report_text, vqa_prompt)
 from llm_cxr.tokens import ImageTokenMap
 
 log = logging.getLogger(__name__)
@@ -89,13 +89,13 @@ def study_examples(row: dict, stage: StageConfig, template: PromptTemplate, seed
             askable = tuple(n for n in NAMES if labels.get(n) in (0, 1))
             uncertain = tuple(n for n, v in labels.items() if v == -1)
         # the checklist's positives, in its order (what parse_checklist gives back at inference)
-        present = [a for a in askable if a in NAMES and a not in uncertain and a in {f.name for f in findings}]
+        present = [a for a, yes in checklist_items(findings, askable, uncertain) if yes]
         for _ in range(stage.report_guided):
-            out.append(Example("report", guided_report_prompt(template, present, rng, stage.sections), report, codes,
+            out.append(Example("report", report_prompt(template, rng, stage.sections, present), report, codes,
                                {"guided": True}))
         for _ in range(stage.report_from_findings):
-            out.append(Example("text", guided_report_prompt(template, present, rng, stage.sections, image=False),
-                               report, None, {"guided": True}))
+            out.append(Example("text", report_prompt(template, rng, stage.sections, present, image=False), report,
+                               None, {"guided": True}))
         for qa in make_vqa(findings, rng, stage.vqa, askable, uncertain):
             out.append(Example("vqa", vqa_prompt(template, qa.question), qa.answer, codes,
                                {"kind": qa.kind, "finding": qa.finding}))

@@ -188,10 +188,16 @@ def checklist_qa(findings: Iterable[Finding], rng: random.Random, askable: Seque
     One example carries a label for every finding (a presence question carries one), so the image is
     read for all of them per pass over its 256 tokens; :func:`parse_checklist` reads an answer back.
     """
+    items = [f"{NAMES[a]}: {'yes' if yes else 'no'}" for a, yes in checklist_items(findings, askable, uncertain)]
+    return QA(rng.choice(CHECKLIST_QUESTIONS), "; ".join(items), "checklist")
+
+
+def checklist_items(findings: Iterable[Finding], askable: Sequence[str] = DEFAULT_ASKABLE,
+                    uncertain: Iterable[str] = ()) -> list[tuple[str, bool]]:
+    """(finding, present) for every item of the checklist, in its order: askable, nameable, not hedged."""
     present = {f.name for f in findings}
     skip = set(uncertain)
-    items = [f"{NAMES[a]}: {'yes' if a in present else 'no'}" for a in askable if a in NAMES and a not in skip]
-    return QA(rng.choice(CHECKLIST_QUESTIONS), "; ".join(items), "checklist")
+    return [(a, a in present) for a in askable if a in NAMES and a not in skip]
 
 
 def parse_checklist(text: str) -> dict[str, bool]:
@@ -235,25 +241,18 @@ class Example:
     meta: dict = field(default_factory=dict)
 
 
-def report_prompt(template: PromptTemplate, rng: random.Random | None = None, sections: str = "findings_impression"):
+def report_prompt(template: PromptTemplate, rng: random.Random | None = None, sections: str = "findings_impression",
+                  findings: Iterable[str] | None = None, image: bool = True):
+    """A CXR -> report prompt. ``findings`` (names) makes it checklist-guided: the findings present are stated
+    after the image (the truth in training, the model's own checklist at inference:
+    :meth:`llm_cxr.generation.LLMCXR.generate_report`). ``image=False``: the guided prompt without the image
+    (text-only training of the writer)."""
     pool = IMPRESSION_INSTRUCTIONS if sections == "impression" else REPORT_INSTRUCTIONS
-    return template.parts(rng.choice(pool) if rng else pool[0], [IMAGE])
-
-
-def guide_text(present: Iterable[str]) -> str:
-    """The checklist's positive findings as a prompt input: ``"pleural effusion and chest tube"`` or ``"none"``."""
-    present = [n for n in present if n in NAMES]
-    return _join(present) if present else "none"
-
-
-def guided_report_prompt(template: PromptTemplate, present: Iterable[str], rng: random.Random | None = None,
-                         sections: str = "findings_impression", image: bool = True):
-    """A report prompt that also gives the findings a checklist found (ground truth in training, the
-    model's own checklist answer at inference: :meth:`llm_cxr.generation.LLMCXR.generate_report`).
-    ``image=False``: the same prompt without the image (text-only training of the writer)."""
-    pool = IMPRESSION_INSTRUCTIONS if sections == "impression" else REPORT_INSTRUCTIONS
-    hint = GUIDE_PREFIX + guide_text(present)
-    return template.parts(rng.choice(pool) if rng else pool[0], [IMAGE, hint] if image else [hint])
+    inputs: list = [IMAGE] if image else []
+    if findings is not None:
+        findings = list(findings)
+        inputs.append(GUIDE_PREFIX + (_join(findings) if findings else "none"))
+    return template.parts(rng.choice(pool) if rng else pool[0], inputs)
 
 
 def image_prompt(template: PromptTemplate, report: str, rng: random.Random | None = None):

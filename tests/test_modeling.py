@@ -14,7 +14,7 @@ from llm_cxr.generation import LLMCXR, Sampling
 from llm_cxr.instruct import collate, encode_prompt
 from llm_cxr.modeling import (LoraSettings, RunInfo, apply_lora, auto_lora_targets, ensure_pad_token,
                               load_causal_lm, load_run, merge_run, save_model, trainable_summary)
-from llm_cxr.prompts import CHECKLIST_QUESTIONS, guided_report_prompt, report_prompt, vqa_prompt
+from llm_cxr.prompts import CHECKLIST_QUESTIONS, report_prompt, vqa_prompt
 from llm_cxr.tokens import add_image_tokens
 
 N_CODES, GRID = 16, 2
@@ -370,7 +370,7 @@ def test_guided_reports_read_the_checklist_first_and_state_its_findings(gen, mon
     monkeypatch.setattr(gen, "_text", lambda p, s, n: prompts.extend(p) or real_text(p, s, n))
 
     def expect(findings, i):
-        return encode_prompt(gen.tok, gen.map, guided_report_prompt(gen.template, findings), CODES[i].tolist())[0]
+        return encode_prompt(gen.tok, gen.map, report_prompt(gen.template, findings=findings), CODES[i].tolist())[0]
 
     # a run not trained for it: one pass, the plain report prompt
     assert not gen.guided_reports
