@@ -57,8 +57,9 @@ def add_generation_commands(sub) -> None:
     p.add_argument("--limit", type=int, help="at most this many dataset rows")
     p.add_argument("--out", type=Path, help="write JSONL (or .csv) here instead of stdout")
     p.add_argument("--max-new-tokens", type=int, default=160, help="longest report in tokens (default 160)")
-    p.add_argument("--findings", help="comma-separated finding names (e.g. pleural_effusion,chest_tube) the report "
-                                      "must state, for every image, instead of the model's own checklist reading")
+    p.add_argument("--findings", help="comma-separated finding names, optionally with a side (e.g. "
+                                      "pleural_effusion:right,chest_tube) the report must state, for every image, "
+                                      "instead of the model's own reading")
     p.add_argument("--plain", action="store_true", help="a model trained for checklist-guided reports "
                                                         "(stage.report_guided) writes without reading the "
                                                         "checklist first")
@@ -78,6 +79,9 @@ def add_generation_commands(sub) -> None:
     p.add_argument("--out", required=True, type=Path, help="folder for PNGs and images.jsonl")
     p.add_argument("--guidance", type=float, default=1.0,
                    help="classifier-free guidance scale; 1 = off, e.g. 2-3 for images closer to the report")
+    p.add_argument("--candidates", type=int, default=1,
+                   help="draw this many images per report and keep the one the run's finding head finds closest "
+                        "to the findings the report states (needs a run trained with finding_head: conv)")
     _sampling_args(p, 1.0, 0.95)
     p.set_defaults(func=_cmd_image)
 
@@ -166,13 +170,20 @@ def _cmd_image(args) -> int:
     model = _load(args)
     if model.vqgan is None:
         raise InputError("no VQ-GAN to draw with: pass --vqgan RUN")
-    out = model.generate_image(reports, _sampling(args), guidance=args.guidance, batch_size=args.batch_size)
+    asked = None
+    if args.candidates > 1:
+        from llm_cxr.evaluation.labeler import requested_findings
+
+        asked = [requested_findings(r) for r in reports]
+    out = model.generate_image(reports, _sampling(args), guidance=args.guidance, batch_size=args.batch_size,
+                               candidates=args.candidates, findings=asked)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for i, (rid, rep, im, codes) in enumerate(zip(ids, reports, out.images, out.codes)):
         name = f"{i:04d}.png"
         im.save(args.out / name)
-        rows.append({"id": rid, "report": rep, "image": name, "codes": codes.flatten().tolist()})
+        rows.append({"id": rid, "report": rep, "image": name, "codes": codes.flatten().tolist()}
+                    | ({"asked": asked[i]} if asked else {}))
     _write_rows(rows, args.out / "images.jsonl")
     return 0
 

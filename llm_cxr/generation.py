@@ -21,12 +21,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from llm_cxr import imagepos
+from llm_cxr import diagnosis, imagepos
 from llm_cxr.errors import ConfigError, InputError
 from llm_cxr.instruct import encode_prompt
 from llm_cxr.modeling import LoadedRun, load_run
-from llm_cxr.prompts import (CHECKLIST_QUESTIONS, NAMES, get_template, image_prompt, parse_checklist, report_prompt,
-                             vqa_prompt)
+from llm_cxr.prompts import (CHECKLIST_QUESTIONS, check_items, get_template, image_prompt, parse_checklist,
+                             report_prompt, vqa_prompt)
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,8 @@ class LLMCXR:
         self.device = torch.device(device)
         self.vqgan = vqgan
         self._positions = imagepos.find(self.model)  # 2D image position embeddings, if the run has them
+        # the run's finding classifier (finding_head: conv), whose reading a guided report states; None if it has none
+        self.finding_head = diagnosis.load_head(run.folder, self.device)
         if vqgan is not None:
             c = vqgan.config
             self.map.check_vqgan(c.n_embed, c.grid_size, c.fingerprint(), source="the VQ-GAN given")
@@ -210,22 +212,33 @@ class LLMCXR:
         """Whether the run was trained to write reports from its own checklist (``stage.report_guided``)."""
         return bool(self.run.info.extra.get("guided_reports"))
 
+    @property
+    def guide_sides(self) -> bool:
+        """Whether the guided report prompt gives sides (``stage.guide_sides``)."""
+        return bool(self.run.info.extra.get("guide_sides"))
+
     def read_findings(self, images, batch_size: int = 16, max_new_tokens: int = 160) -> list[list[str]]:
-        """The findings the model's checklist answer calls present, per image (greedy: a reading is not sampled)."""
-        answers = self.answer(images, CHECKLIST_QUESTIONS[0], Sampling(), max_new_tokens, batch_size)
+        """The findings present per image, in the checklist's order: the run's finding head's reading
+        (``"pleural_effusion:right"`` when the run was trained with sides), or, for a run without one, what the
+        model's checklist answer calls present (greedy: a reading is not sampled)."""
+        codes = self.codes_of(images)
+        if self.finding_head is not None:
+            return self.finding_head.predict(codes.to(self.device), sides=self.guide_sides)
+        if self.guide_sides:
+            log.warning("%s was trained on guided prompts with sides but has no finding head; its checklist answer "
+                        "gives none, so the prompt names the findings only", self.run.folder)
+        answers = self.answer(codes, CHECKLIST_QUESTIONS[0], Sampling(), max_new_tokens, batch_size)
         return [[k for k, v in parse_checklist(a).items() if v] for a in answers]
 
     def report_findings(self, images, guided: bool | None = None, findings: Sequence[Sequence[str]] | None = None,
                         batch_size: int = 16) -> list[list[str]] | None:
-        """What a report's prompt will state per image, or None for a plain report: ``findings`` checked, or
-        the model's own checklist when ``guided`` (default: :attr:`guided_reports`)."""
+        """What a report's prompt will state per image, or None for a plain report: ``findings`` checked (names,
+        or ``name:side``), or the run's own reading (:meth:`read_findings`) when ``guided`` (default:
+        :attr:`guided_reports`)."""
         if findings is not None:
             if len(findings) != len(images):
                 raise InputError(f"got {len(images)} images and {len(findings)} finding lists; give one per image")
-            unknown = sorted({f for fs in findings for f in fs} - set(NAMES))
-            if unknown:
-                raise InputError(f"unknown finding names {unknown}; known: {', '.join(NAMES)}")
-            return [list(fs) for fs in findings]
+            return [check_items(fs) for fs in findings]
         if self.guided_reports if guided is None else guided:
             return self.read_findings(images, batch_size)
         return None
@@ -237,8 +250,8 @@ class LLMCXR:
 
         ``guided`` (default: what the run was trained for, :attr:`guided_reports`): first read the image
         with the checklist (:meth:`read_findings`), then write the report with those findings in its
-        prompt. ``findings`` gives that list per image instead (finding names, e.g. ``"pleural_effusion"``):
-        a reader's own findings, for a report that states them.
+        prompt. ``findings`` gives that list per image instead (finding names, e.g. ``"pleural_effusion"``, or
+        with a side, ``"pleural_effusion:right"``): a reader's own findings, for a report that states them.
         """
         codes = self.codes_of(images)
         stated = self.report_findings(codes, guided, findings, batch_size)
@@ -267,21 +280,43 @@ class LLMCXR:
         return out
 
     def generate_image(self, reports: Sequence[str], sampling: Sampling | None = None, guidance: float = 1.0,
-                       batch_size: int = 16) -> GeneratedImages:
-        """Images for reports: always exactly H*W image tokens, decoded by the VQ-GAN."""
+                       batch_size: int = 16, candidates: int = 1,
+                       findings: Sequence[Sequence[str]] | None = None) -> GeneratedImages:
+        """Images for reports: always exactly H*W image tokens, decoded by the VQ-GAN.
+
+        ``candidates > 1`` draws that many images per report and keeps the one the run's finding head
+        (``finding_head: conv``) finds most likely to show ``findings`` (per report: guide items, ``name`` or
+        ``name:side``, e.g. what :func:`llm_cxr.evaluation.labeler.requested_findings` reads in the report) and
+        nothing else: reranking, as DALL-E did with CLIP. It costs ``candidates`` times the decoding."""
         if isinstance(reports, str):
             reports = [reports]
+        if candidates < 1:
+            raise ConfigError(f"candidates must be >= 1, got {candidates}")
+        if candidates > 1:
+            if self.finding_head is None:
+                raise ConfigError(f"{self.run.folder} has no finding head to rank candidate images with "
+                                  f"(train a stage with finding_head: conv), so candidates must be 1")
+            if findings is None or len(findings) != len(reports):
+                raise InputError(f"ranking {candidates} candidate images needs the findings each of the "
+                                 f"{len(reports)} reports asks for (findings=[[...], ...], one list per report)")
+            findings = [check_items(fs) for fs in findings]
         sampling = sampling or Sampling(temperature=1.0, top_k=0, top_p=0.95)
         begin = [self.map.begin_id]
         room = self.max_length - self.map.tokens_per_image - 4
+        asked = [r for r in reports for _ in range(candidates)]  # each report's candidates side by side
         prompts = [encode_prompt(self.tok, self.map, image_prompt(self.template, r), max_text=room)[0] + begin
-                   for r in reports]
-        uncond = [encode_prompt(self.tok, self.map, image_prompt(self.template, ""))[0] + begin] * len(reports)
+                   for r in asked]
+        uncond = [encode_prompt(self.tok, self.map, image_prompt(self.template, ""))[0] + begin] * len(asked)
         ids = []
         for sl in self._batched(len(prompts), batch_size):
             ids.append(self._decode(prompts[sl], self.map.tokens_per_image, self._image_mask, sampling, False,
                                     uncond[sl] if guidance != 1.0 else None, guidance, image_span=True))
-        codes = self.map.ids_to_codes(torch.cat(ids)).reshape(-1, self.map.grid_size, self.map.grid_size)
+        codes = self.map.ids_to_codes(torch.cat(ids))  # (B * candidates, H*W)
+        if candidates > 1:
+            score = self.finding_head.agreement(codes.to(self.device), [f for f in findings for _ in range(candidates)])
+            best = score.view(len(reports), candidates).argmax(1).cpu()
+            codes = codes.view(len(reports), candidates, -1)[torch.arange(len(reports)), best]
+        codes = codes.reshape(-1, self.map.grid_size, self.map.grid_size)  # (B, H, W)
         images = []
         if self.vqgan is not None:
             for sl in self._batched(len(codes), 32):

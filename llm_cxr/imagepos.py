@@ -77,6 +77,17 @@ def image_slots(ids: torch.Tensor, token_map: ImageTokenMap) -> torch.Tensor:
     return slot
 
 
+def conv_trunk(channels: int, width: int, features: int) -> nn.Sequential:
+    """Three 3x3 convolutions over a grid of codebook vectors: (N, channels, H, W) -> (N, features, H, W)."""
+    return nn.Sequential(nn.Conv2d(channels, width, 3, padding=1), nn.GELU(), nn.Conv2d(width, width, 3, padding=1),
+                         nn.GELU(), nn.Conv2d(width, features, 3, padding=1), nn.GELU())
+
+
+def code_maps(codebook: torch.Tensor, codes: torch.Tensor, grid: int) -> torch.Tensor:
+    """codes (N, H*W) -> their codebook vectors as an image (N, C, H, W)."""
+    return codebook[codes.long()].reshape(codes.shape[0], grid, grid, -1).permute(0, 3, 1, 2)
+
+
 class CodeReader(nn.Module):
     """A CNN over the codebook vectors of a whole image: codes (N, H*W) -> (N, H*W, dim) to add to its tokens.
 
@@ -94,9 +105,7 @@ class CodeReader(nn.Module):
         self.grid, self.width, self.n_features = grid, width, features
         self.regions = (int(regions[0]), int(regions[1]))
         self.register_buffer("codebook", codebook.detach().clone())
-        c = codebook.shape[1]
-        self.trunk = nn.Sequential(nn.Conv2d(c, width, 3, padding=1), nn.GELU(), nn.Conv2d(width, width, 3, padding=1),
-                                   nn.GELU(), nn.Conv2d(width, features, 3, padding=1), nn.GELU())
+        self.trunk = conv_trunk(codebook.shape[1], width, features)
         self.proj = nn.Linear(features, dim)
         self.sum_proj = nn.Linear(features * self.regions[0] * self.regions[1], dim) if summary else None
 
@@ -118,8 +127,7 @@ class CodeReader(nn.Module):
 
     def features(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (N, H*W) -> feature maps (N, features, H, W)."""
-        x = self.codebook[codes.long()].reshape(codes.shape[0], self.grid, self.grid, -1).permute(0, 3, 1, 2)
-        return self.trunk(x)
+        return self.trunk(code_maps(self.codebook, codes, self.grid))
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         return self.read(codes)[0]
@@ -334,5 +342,5 @@ def load_positions(folder: str | Path) -> tuple[torch.Tensor, CodeReader | None]
         raise ConfigError(f"{path} is not a valid image position table: {e}") from e
 
 
-__all__ = ["CodeReader", "ImagePositionEmbedding", "POSITIONS_FILE", "attach", "detached", "find", "image_slots",
-           "load_positions", "pretrain_reader", "responses", "save_positions", "sincos_2d"]
+__all__ = ["CodeReader", "ImagePositionEmbedding", "POSITIONS_FILE", "attach", "code_maps", "conv_trunk", "detached",
+           "find", "image_slots", "load_positions", "pretrain_reader", "responses", "save_positions", "sincos_2d"]

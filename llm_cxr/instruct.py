@@ -25,7 +25,7 @@ import torch
 
 from llm_cxr.data.schema import FINDING_NAMES, findings_from_json
 from llm_cxr.errors import ConfigError, DatasetError, InputError
-from llm_cxr.prompts import (NAMES, Example, ImageSlot, PromptTemplate, checklist_items, checklist_qa, get_template,
+from llm_cxr.prompts import (NAMES, Example, ImageSlot, PromptTemplate, checklist_qa, get_template, guide_items,
                              image_prompt, make_vqa, report_prompt, report_text, vqa_prompt)
 from llm_cxr.tokens import ImageTokenMap
 
@@ -45,6 +45,8 @@ class StageConfig:
     #                         checklist's positives); inference fills it from the model's own checklist
     report_from_findings: int = 0  # text-only examples: the same findings list, no image -> the report. Cheap
     #                                (no image tokens); teaches the writer to state the findings it is given
+    guide_sides: bool = False  # the guided prompt gives each finding's side ("right pleural effusion"), as the
+    #                            run's finding head reads it (finding_head: conv)
     one_per_patient: bool = False  # stage 2: one study per patient
     instruct_jsonl: str | None = None  # plain instruction data (Dolly/Alpaca JSONL), mixed in
     instruct_ratio: float = 0.0  # plain examples per multimodal example
@@ -81,15 +83,9 @@ def study_examples(row: dict, stage: StageConfig, template: PromptTemplate, seed
     for _ in range(stage.image):
         out.append(Example("image", image_prompt(template, report, rng), None, codes))
     if stage.vqa or stage.checklist or stage.report_guided or stage.report_from_findings:
-        findings = findings_from_json(row.get("findings") or "[]")
-        labels = row.get("labels") or {}
-        if row.get("source", "synthetic") == "synthetic":
-            askable, uncertain = FINDING_NAMES, ()
-        else:  # real data: ask only about what the labeler could read, never about hedged findings
-            askable = tuple(n for n in NAMES if labels.get(n) in (0, 1))
-            uncertain = tuple(n for n, v in labels.items() if v == -1)
-        # the checklist's positives, in its order (what parse_checklist gives back at inference)
-        present = [a for a, yes in checklist_items(findings, askable, uncertain) if yes]
+        findings, askable, uncertain = checklist_scope(row)
+        # the checklist's positives, in its order (what the model's checklist or finding head gives at inference)
+        present = guide_items(findings, askable, uncertain, stage.guide_sides)
         for _ in range(stage.report_guided):
             out.append(Example("report", report_prompt(template, rng, stage.sections, present), report, codes,
                                {"guided": True}))
@@ -103,6 +99,17 @@ def study_examples(row: dict, stage: StageConfig, template: PromptTemplate, seed
             qa = checklist_qa(findings, rng, askable, uncertain)
             out.append(Example("vqa", vqa_prompt(template, qa.question), qa.answer, codes, {"kind": qa.kind}))
     return out
+
+
+def checklist_scope(row: dict) -> tuple[list, tuple[str, ...], tuple[str, ...]]:
+    """(findings, askable, uncertain) of a study: on synthetic data every finding the generator draws is
+    askable; on real data only what the labeler could read, never a hedged finding."""
+    findings = findings_from_json(row.get("findings") or "[]")
+    if row.get("source", "synthetic") == "synthetic":
+        return findings, FINDING_NAMES, ()
+    labels = row.get("labels") or {}
+    return (findings, tuple(n for n in NAMES if labels.get(n) in (0, 1)),
+            tuple(n for n, v in labels.items() if v == -1))
 
 
 def text_example(item: dict, template: PromptTemplate) -> Example:

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,11 +26,13 @@ import torch
 
 from llm_cxr import imagepos
 from llm_cxr.configs import from_dict_strict, read_yaml_config, run_versions
+from llm_cxr.diagnosis import HEAD_FILE
 from llm_cxr.errors import ConfigError
 from llm_cxr.instruct import LengthGroupedBatches, StageConfig, build_stage_dataset, iterate_batches, lengths_of
 from llm_cxr.modeling import (LoraSettings, RunInfo, apply_lora, load_causal_lm, load_run, pick_attention,
                               save_model, trainable_summary)
 from llm_cxr.modeling import model_dir as run_model_dir
+from llm_cxr.prompts import NAMES
 from llm_cxr.tokens import add_image_tokens, init_image_rows_from_codebook
 
 log = logging.getLogger(__name__)
@@ -322,6 +325,11 @@ class LMTrainConfig:
     # the reader also adds a summary of the whole image (its features max-pooled over 3x2 regions) to the
     # </image> token, where the text that follows finds it at one position
     reader_summary: bool = True
+    # "conv": a finding classifier over the codes (llm_cxr/diagnosis.py), trained for finding_head_epochs before the
+    # LM and frozen; a checklist-guided report's prompt then states what it reads, with sides. A stage inherits its
+    # init_from's head. "none": guided reports read the LM's own checklist answer.
+    finding_head: str = "none"
+    finding_head_epochs: float = 8.0
     # transformers' attention kernel: "auto" (eager for bf16 on CPU, where it is faster; SDPA elsewhere),
     # or any name transformers accepts ("sdpa", "eager", "flash_attention_2")
     attn_implementation: str = "auto"
@@ -347,6 +355,8 @@ class LMTrainConfig:
             raise ConfigError(f"image_reader must be 'conv' or 'none', got {self.image_reader!r}")
         if self.image_reader == "conv" and self.image_positions != "2d":
             raise ConfigError("image_reader: conv needs image_positions: 2d (the reader lives in the same wrapper)")
+        if self.finding_head not in ("conv", "none"):
+            raise ConfigError(f"finding_head must be 'conv' or 'none', got {self.finding_head!r}")
         if self.image_init not in ("mean", "codebook"):
             raise ConfigError(f"image_init must be 'mean' or 'codebook', got {self.image_init!r}")
         if not self.full_finetune and self.lora is None and self.init_from is None:
@@ -495,6 +505,9 @@ def train_lm(cfg: LMTrainConfig, accelerator=None) -> Path:
                                  cfg.num_proc) if len(ev) else None
     if len(train) == 0:
         raise ConfigError(f"{cfg.data} has no rows in split {cfg.split!r}")
+    if accelerator.is_main_process:  # the head is not part of the LM: one process trains it, the others never use it
+        _prepare_finding_head(cfg, run, train_rows, ds.filter(lambda s: s == cfg.eval_split, input_columns="split"),
+                              codes_info, token_map.grid_size, accelerator.device, loop.progress)
     if new_reader is not None and not (run / CHECKPOINT).exists():  # on resume the checkpoint restores it
         _pretrain_reader(model, token_map, cfg, train_rows, progress=loop.progress and accelerator.is_main_process)
     log.info("%s: %d training examples, %s", run, len(train), summary)
@@ -506,22 +519,61 @@ def train_lm(cfg: LMTrainConfig, accelerator=None) -> Path:
                        max_length=cfg.max_length, extra={"vqgan_weights": codes_info.get("weights"),
                                                          "trainable": asdict(summary) | {"share": summary.share},
                                                          "guided_reports": _guided_reports(cfg),
+                                                         "guide_sides": _guided_reports(cfg, "guide_sides"),
                                                          **_relative_refs(run / "model", base, vq)})
         save_model(accelerator.unwrap_model(model), tok, token_map, info, run / "model")
+        if (run / HEAD_FILE).exists():
+            shutil.copyfile(run / HEAD_FILE, run / "model" / HEAD_FILE)
         if pos.step >= loop.steps:
             (run / "DONE").write_text(json.dumps({"steps": pos.step}) + "\n")
     accelerator.wait_for_everyone()
     return run
 
 
-def _guided_reports(cfg: LMTrainConfig) -> bool:
-    """Whether the run writes reports from its checklist: this stage trains it, or continues a stage that did
-    and trains no plain reports."""
+def _guided_reports(cfg: LMTrainConfig, key: str = "guided_reports") -> bool:
+    """Whether the run writes reports from its checklist (``key="guide_sides"``: with sides): this stage trains
+    it, or continues a stage that did and trains no plain reports."""
     if cfg.stage.report_guided:
-        return True
+        return True if key == "guided_reports" else cfg.stage.guide_sides
     if cfg.stage.report or not cfg.init_from:
         return False
-    return bool(RunInfo.load(run_model_dir(cfg.init_from)).extra.get("guided_reports"))
+    return bool(RunInfo.load(run_model_dir(cfg.init_from)).extra.get(key))
+
+
+def _prepare_finding_head(cfg: LMTrainConfig, run: Path, train_rows, val_rows, codes_info: dict, grid: int, device,
+                          progress: bool) -> None:
+    """``run/finding_head.safetensors``: kept on resume, inherited from init_from, or trained (finding_head: conv)
+    on the training split, its thresholds chosen on the evaluation split."""
+    from llm_cxr import diagnosis
+
+    if (run / HEAD_FILE).exists():
+        return
+    if cfg.init_from and (run_model_dir(cfg.init_from) / HEAD_FILE).exists():
+        shutil.copyfile(run_model_dir(cfg.init_from) / HEAD_FILE, run / HEAD_FILE)
+        return
+    if cfg.finding_head != "conv":
+        return
+    cols = [c for c in ("findings", "labels", "source") if c in train_rows.column_names]
+    if "findings" not in cols:
+        raise ConfigError(f"finding_head: conv trains on the findings of {cfg.data}, which has no `findings` column")
+
+    def codes_of(rows) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(rows.with_format("numpy")["codes"])).long().reshape(len(rows), -1)
+
+    names, targets = diagnosis.usable(diagnosis.finding_targets(train_rows.select_columns(cols), list(NAMES)),
+                                      list(NAMES))
+    torch.manual_seed(cfg.loop.seed)
+    head = diagnosis.FindingHead(_codebook(codes_info, cfg.data), grid, names).to(device)
+    res = diagnosis.train_finding_head(head, codes_of(train_rows), targets, cfg.finding_head_epochs,
+                                       seed=cfg.loop.seed, progress=progress,
+                                       autocast=cfg.loop.mixed_precision == "bf16")
+    metrics = {"train_loss": res["loss"], "steps": res["steps"], "epochs": cfg.finding_head_epochs}
+    if len(val_rows):
+        metrics |= diagnosis.tune_thresholds(head, codes_of(val_rows),
+                                             diagnosis.finding_targets(val_rows.select_columns(cols), names))
+    diagnosis.save_head(head.cpu(), run, metrics)
+    log.info("finding head trained on %d images (%s): held-out micro-F1 %s, side accuracy %s", len(targets.present),
+             ", ".join(names), metrics.get("micro_f1"), metrics.get("side_accuracy"))
 
 
 def _relative_refs(model_folder: Path, base: str, vqgan: str | None) -> dict[str, str]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 
 from llm_cxr import imagepos
+from llm_cxr.diagnosis import HEAD_FILE
 from llm_cxr.errors import ConfigError
 from llm_cxr.tokens import ImageTokenMap, add_image_tokens
 
@@ -308,4 +310,7 @@ def merge_run(run: str | Path, out: str | Path) -> Path:
         raise ConfigError(f"{loaded.folder} holds full weights already; nothing to merge")
     info = RunInfo(**{**asdict(loaded.info), "kind": "full", "extra": {**loaded.info.extra,
                                                                        "merged_from": str(loaded.folder)}})
-    return save_model(loaded.model, loaded.tokenizer, loaded.token_map, info, out)
+    folder = save_model(loaded.model, loaded.tokenizer, loaded.token_map, info, out)
+    if (loaded.folder / HEAD_FILE).exists():  # the finding head is not part of the LM's weights: it travels beside them
+        shutil.copyfile(loaded.folder / HEAD_FILE, folder / HEAD_FILE)
+    return folder

@@ -18,7 +18,7 @@ from typing import Iterable, Sequence
 
 from llm_cxr.data.reports import parse_sections
 from llm_cxr.data.schema import DEVICES, FINDING_NAMES, LATERALITIES, Finding
-from llm_cxr.errors import ConfigError
+from llm_cxr.errors import ConfigError, InputError
 
 TASKS = ("report", "image", "vqa")
 
@@ -133,8 +133,52 @@ def _article(name: str) -> str:
 
 
 def _join(names: list[str]) -> str:
-    names = [NAMES.get(n, n.replace("_", " ")) for n in names]
+    names = [_phrase(n) for n in names]
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def _phrase(item: str) -> str:
+    """``"pleural_effusion:right"`` -> ``"right pleural effusion"``; a bare name -> its plain name."""
+    name, side = split_item(item)
+    text = NAMES.get(name, name.replace("_", " "))
+    return f"{side} {text}" if side else text
+
+
+def split_item(item: str) -> tuple[str, str | None]:
+    """A guide item ``"name"`` or ``"name:side"`` -> (name, side or None)."""
+    name, _, side = item.partition(":")
+    return name.strip(), (side.strip() or None)
+
+
+def check_items(items: Iterable[str]) -> list[str]:
+    """Guide items a user gave (``"pleural_effusion"``, ``"pleural_effusion:right"``), validated."""
+    items = [str(i).strip() for i in items if str(i).strip()]
+    bad_names = sorted({split_item(i)[0] for i in items} - set(NAMES))
+    if bad_names:
+        raise InputError(f"unknown finding names {bad_names}; known: {', '.join(NAMES)}")
+    bad_sides = sorted({s for _, s in map(split_item, items) if s is not None and s not in LATERALITIES})
+    if bad_sides:
+        raise InputError(f"unknown sides {bad_sides} (write name:side, side one of {', '.join(LATERALITIES)})")
+    return items
+
+
+def guide_items(findings: Iterable[Finding], askable: Sequence[str] = DEFAULT_ASKABLE, uncertain: Iterable[str] = (),
+                sides: bool = False) -> list[str]:
+    """The checklist's positives in its order, as a guided report prompt states them: ``"pleural_effusion"``, or
+    with ``sides`` ``"pleural_effusion:right"`` where the side is known (two of a kind on both sides: bilateral)."""
+    findings = list(findings)
+    found: dict[str, set[str]] = {}
+    for f in findings:
+        if f.laterality in LATERALITIES:
+            found.setdefault(f.name, set()).update(("left", "right") if f.laterality == "bilateral" else (f.laterality,))
+    out = []
+    for name, yes in checklist_items(findings, askable, uncertain):
+        if not yes:
+            continue
+        s = found.get(name, set())
+        side = "bilateral" if len(s) == 2 else next(iter(s), None)
+        out.append(f"{name}:{side}" if sides and side else name)
+    return out
 
 
 def make_vqa(findings: Iterable[Finding], rng: random.Random, n: int = 4, askable: Sequence[str] = DEFAULT_ASKABLE,

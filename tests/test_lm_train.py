@@ -10,9 +10,11 @@ import torch
 
 from llm_cxr import imagepos
 from llm_cxr.cli import main
+from llm_cxr.diagnosis import HEAD_FILE, head_metrics, load_head
 from llm_cxr.errors import ConfigError
 from llm_cxr.lm_train import CHECKPOINT, METRICS, LMTrainConfig, load_lm_config, swap_prompt_images, train_lm
 from llm_cxr.modeling import load_causal_lm, load_run
+from llm_cxr.prompts import NAMES
 
 from test_modeling import N_CODES, make_base, make_codes_dataset, write_codes_info
 
@@ -238,8 +240,16 @@ def test_image_reader_stage_pretrains_trains_and_reloads(data, base, tmp_path):
     (local / "vqgan.json").write_text(json.dumps(codes_info(vq, vq_dir)))
     out = tmp_path / "r"
     assert _train(local, base, out, 2, "--set", "image_reader=conv", "--set", "reader_pretrain_epochs=1",
-                  "--set", "image_init=codebook") == 0
+                  "--set", "image_init=codebook", "--set", "finding_head=conv", "--set", "finding_head_epochs=1") == 0
     loaded = load_run(out)
+    # the finding head: trained on the findings before the LM, saved beside the model, inherited by the next stage
+    head = load_head(out / "model")
+    assert head is not None and torch.equal(head.codebook, vq.quantize.embedding.weight.detach().float())
+    assert head.names and set(head.names) <= set(NAMES) and head_metrics(out / "model")["steps"] >= 1
+    nxt = tmp_path / "next"
+    assert main(["-q", "train", "--data", str(local), "--out", str(nxt), "--init-from", str(out), "--steps", "1",
+                 *FAST]) == 0
+    assert (nxt / "model" / HEAD_FILE).read_bytes() == (out / "model" / HEAD_FILE).read_bytes()
     reader = imagepos.find(loaded.model).reader
     assert reader is not None and torch.equal(reader.codebook, vq.quantize.embedding.weight.detach().float())
     trained = torch.load(out / CHECKPOINT, weights_only=True)["trainable"]
@@ -260,13 +270,16 @@ def test_image_reader_stage_pretrains_trains_and_reloads(data, base, tmp_path):
 
 
 def test_guided_report_runs_are_marked_and_later_stages_inherit_it(two_step_run, data, base, tmp_path):
-    def stage(out, report, guided, **src):
-        cfg = load_lm_config(None, {"stage": {"report": report, "report_guided": guided, "image": 0},
-                                    "loop": {"progress": False}}, data=str(data), out=str(tmp_path / out), steps=1,
-                             batch_size=2, mixed_precision="no", max_length=256, **src)
-        return load_run(train_lm(cfg)).info.extra["guided_reports"]
+    def stage(out, report, guided, sides=False, **src):
+        cfg = load_lm_config(None, {"stage": {"report": report, "report_guided": guided, "image": 0,
+                                              "guide_sides": sides}, "loop": {"progress": False}},
+                             data=str(data), out=str(tmp_path / out), steps=1, batch_size=2, mixed_precision="no",
+                             max_length=256, **src)
+        extra = load_run(train_lm(cfg)).info.extra
+        return extra["guided_reports"], extra["guide_sides"]
 
     assert load_run(two_step_run).info.extra.get("guided_reports") is False  # plain reports (the default)
-    assert stage("g1", 0, 1, base=str(base)) is True
-    assert stage("g2", 0, 0, init_from=str(tmp_path / "g1")) is True  # continues it, no plain reports
-    assert stage("g3", 1, 0, init_from=str(tmp_path / "g1")) is False  # trained back to plain reports
+    assert stage("g1", 0, 1, True, base=str(base)) == (True, True)
+    assert stage("g2", 0, 0, init_from=str(tmp_path / "g1")) == (True, True)  # continues it, no plain reports
+    assert stage("g3", 1, 0, init_from=str(tmp_path / "g1")) == (False, False)  # trained back to plain reports
+    assert stage("g4", 0, 1, init_from=str(tmp_path / "g1")) == (True, False)  # guided again, names only

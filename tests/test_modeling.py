@@ -402,6 +402,65 @@ def test_guided_reports_read_the_checklist_first_and_state_its_findings(gen, mon
         gen.generate_report(CODES[:2], findings=[["cardiomegaly"]])
 
 
+def test_guided_reports_state_the_finding_heads_reading_with_sides(gen, monkeypatch):
+    """A run with a finding head (finding_head: conv) reads with it, not with the LM's checklist answer, and
+    loads it from its folder; sides go into the prompt when the run was trained with them."""
+    from llm_cxr.diagnosis import HEAD_FILE, FindingHead, save_head
+
+    head = FindingHead(torch.randn(N_CODES, 4), GRID, ["cardiomegaly", "pleural_effusion", "chest_tube"], width=4,
+                       features=4, regions=(1, 1))
+    with torch.no_grad():  # fixed logits: (present, left, right) x (cardiomegaly, effusion, chest tube)
+        head.head.weight.zero_()
+        head.head.bias.copy_(torch.tensor([[5.0, 5.0, -5.0], [0.0, 5.0, -5.0], [0.0, -5.0, 5.0]]).flatten())
+    head.sided.copy_(torch.tensor([False, True, True]))
+    path = save_head(head, gen.run.folder)
+    try:
+        model = LLMCXR(gen.run)
+    finally:
+        path.unlink()
+    assert model.finding_head is not None and not (gen.run.folder / HEAD_FILE).exists()
+    monkeypatch.setattr(model, "answer", lambda *a, **k: pytest.fail("the LM's checklist was asked"))
+    monkeypatch.setitem(gen.run.info.extra, "guided_reports", True)
+    assert model.read_findings(CODES[:2]) == [["cardiomegaly", "pleural_effusion"]] * 2
+    monkeypatch.setitem(gen.run.info.extra, "guide_sides", True)
+    assert model.read_findings(CODES[:1]) == [["cardiomegaly", "pleural_effusion:left"]]
+    prompts = []
+    real_text = model._text
+    monkeypatch.setattr(model, "_text", lambda p, s, n: prompts.extend(p) or real_text(p, s, n))
+    model.generate_report(CODES[:1], max_new_tokens=2)
+    assert "Checklist findings: cardiomegaly and left pleural effusion" in gen.tok.decode(prompts[0])
+    prompts.clear()
+    model.generate_report(CODES[:1], max_new_tokens=2, findings=[["chest_tube:right"]])
+    assert "Checklist findings: right chest tube" in gen.tok.decode(prompts[0])
+    with pytest.raises(InputError, match="unknown sides"):
+        model.generate_report(CODES[:1], findings=[["chest_tube:middle"]])
+
+
+def test_image_candidates_are_reranked_by_the_finding_head(gen, monkeypatch):
+    from llm_cxr.diagnosis import FindingHead
+
+    report = "Small left pleural effusion."
+    with pytest.raises(ConfigError, match="no finding head"):
+        gen.generate_image([report], candidates=2, findings=[[]])
+    monkeypatch.setattr(gen, "finding_head", FindingHead(torch.randn(N_CODES, 4), GRID, ["pleural_effusion"],
+                                                         width=4, features=4, regions=(1, 1)))
+    with pytest.raises(InputError, match="one list per report"):
+        gen.generate_image([report], candidates=2)
+    seen = []
+
+    def agreement(codes, wanted):  # prefer the candidate with the largest code sum
+        seen.append(list(wanted))
+        return codes.sum(1).float()
+
+    monkeypatch.setattr(gen.finding_head, "agreement", agreement)
+    s = Sampling(temperature=1.0, seed=0)
+    drawn = gen.generate_image([report] * 3, s).codes  # the same batch of three draws, unranked
+    best = gen.generate_image([report], s, candidates=3, findings=[["pleural_effusion:left"]])
+    assert best.codes.shape == (1, GRID, GRID)  # one image per report (this fixture has no VQ-GAN to decode it)
+    assert torch.equal(best.codes[0], drawn[drawn.flatten(1).sum(1).argmax()])
+    assert seen == [[["pleural_effusion:left"]] * 3]
+
+
 def test_cli_report_writes_the_findings_it_was_guided_by(gen, tmp_path, capsys):
     data = make_codes_dataset(tmp_path / "codes", n=8)
     run = str(gen.run.folder)

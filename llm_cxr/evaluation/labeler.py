@@ -521,6 +521,14 @@ def label_report(text: str) -> LabelResult:
     return LabelResult(labels=labels, findings=findings, mentions=mentions)
 
 
+def requested_findings(text: str) -> list[str]:
+    """What a report asks an image to show, as guide items in checklist order: its positive (not hedged)
+    findings, with their sides (``["pleural_effusion:right", "chest_tube"]``)."""
+    from llm_cxr.prompts import guide_items
+
+    return guide_items([f for f in label_report(text).findings if not f.extra.get("uncertain")], sides=True)
+
+
 def label_reports(texts: Iterable[str], progress: bool = False) -> list[LabelResult]:
     """:func:`label_report` for each text, in order."""
     from tqdm.auto import tqdm

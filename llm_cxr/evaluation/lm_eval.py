@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,8 +22,9 @@ import torch
 
 from llm_cxr.data.schema import FINDING_NAMES, findings_from_json
 from llm_cxr.evaluation.clinical import score_reports
+from llm_cxr.evaluation.labeler import requested_findings
 from llm_cxr.generation import LLMCXR, Sampling
-from llm_cxr.prompts import CHECKLIST_QUESTIONS, make_vqa, parse_checklist
+from llm_cxr.prompts import CHECKLIST_QUESTIONS, guide_items, make_vqa, parse_checklist, split_item
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,7 @@ class EvalConfig:
     guidance: float = 1.0
     image_temperature: float = 1.0
     image_top_p: float = 0.95
+    candidates: int = 1  # images drawn per report, the finding head keeps the best (LLMCXR.generate_image)
     seed: int = 0
     progress: bool = True
 
@@ -48,17 +51,53 @@ def _take(ds, n: int, seed: int):
 
 
 def evaluate_reports(model: LLMCXR, ds, cfg: EvalConfig) -> dict[str, Any]:
+    """Reports against the reference findings. For a checklist-guided run also what its reading stated (micro-F1,
+    sides) and the writer alone: reports written from the *true* findings (what the reading would give if perfect)."""
     sub = _take(ds, cfg.n_reports, cfg.seed)
     codes = torch.as_tensor(sub.with_format("numpy")[:]["codes"]).long()
-    texts = _progress_map(lambda sl: model.generate_report(codes[sl], batch_size=cfg.batch_size), len(sub),
-                          cfg.batch_size, "reports", cfg.progress)
     refs = [findings_from_json(f) for f in sub["findings"]]
+    t = time.monotonic()
+    stated = model.report_findings(codes, batch_size=cfg.batch_size)  # None: plain reports
+    texts = _progress_map(lambda sl: model.generate_report(codes[sl], batch_size=cfg.batch_size,
+                                                           findings=stated[sl] if stated else None),
+                          len(sub), cfg.batch_size, "reports", cfg.progress)
+    seconds = time.monotonic() - t  # reading and writing, as a user gets them
     scores = score_reports(texts, refs)
-    return {"n": len(sub), "guided": model.guided_reports, "micro_f1": scores.micro_f1, "macro_f1": scores.macro_f1,
-            "exact_match": scores.exact_match, "laterality_accuracy": scores.laterality_accuracy,
-            "per_class": {k: {"f1": v.f1, "support": v.support} for k, v in scores.per_class.items()},
-            "examples": [{"id": i, "generated": t, "reference": r} for i, t, r in
-                         list(zip(sub["id"], texts, sub["report"]))[:8]]}
+    out = {"n": len(sub), "guided": model.guided_reports, "seconds": seconds, "micro_f1": scores.micro_f1, "macro_f1": scores.macro_f1,
+           "exact_match": scores.exact_match, "laterality_accuracy": scores.laterality_accuracy,
+           "per_class": {k: {"f1": v.f1, "support": v.support} for k, v in scores.per_class.items()},
+           "examples": [{"id": i, "generated": t, "reference": r} | ({"stated": f} if stated else {}) for i, t, r, f
+                        in list(zip(sub["id"], texts, sub["report"], stated or [None] * len(texts)))[:8]]}
+    if stated is not None:
+        out["reading"] = score_reading(stated, refs)
+        truth = [guide_items(r, sides=model.guide_sides) for r in refs]
+        oracle = _progress_map(lambda sl: model.generate_report(codes[sl], batch_size=cfg.batch_size,
+                                                                findings=truth[sl]),
+                               len(sub), cfg.batch_size, "reports from the true findings", cfg.progress)
+        given = score_reports(oracle, refs)
+        out["writer_given_truth"] = {"micro_f1": given.micro_f1, "laterality_accuracy": given.laterality_accuracy}
+    return out
+
+
+def score_reading(stated: list[list[str]], refs: list[list]) -> dict[str, Any]:
+    """What a guided report's prompt stated (``name`` or ``name:side`` items) against the true findings:
+    micro-F1 over (image, finding) pairs, and the share of found lateralised findings whose side is right."""
+    tp = fp = fn = side_ok = side_n = 0
+    for items, ref in zip(stated, refs):
+        said = dict(split_item(i) for i in items)
+        truth: dict[str, set] = {}
+        for f in ref:
+            truth.setdefault(f.name, set()).update({"left", "right"} if f.laterality == "bilateral" else
+                                                   {f.laterality} if f.laterality else set())
+        tp += len(said.keys() & truth.keys())
+        fp += len(said.keys() - truth.keys())
+        fn += len(truth.keys() - said.keys())
+        for name in said.keys() & truth.keys():
+            if said[name] and truth[name]:
+                want = "bilateral" if len(truth[name]) == 2 else next(iter(truth[name]))
+                side_ok, side_n = side_ok + (said[name] == want), side_n + 1
+    return {"micro_f1": 2 * tp / max(1, 2 * tp + fp + fn), "side_accuracy": side_ok / side_n if side_n else None,
+            "n_sided": side_n}
 
 
 def evaluate_images(model: LLMCXR, ds, classifier_dir: str, cfg: EvalConfig) -> dict[str, Any]:
@@ -71,8 +110,11 @@ def evaluate_images(model: LLMCXR, ds, classifier_dir: str, cfg: EvalConfig) -> 
     sampling = Sampling(temperature=cfg.image_temperature, top_p=cfg.image_top_p, seed=cfg.seed)
     gens = []
 
+    asked = [requested_findings(r) for r in reports] if cfg.candidates > 1 else None
+
     def run(sl):
-        g = model.generate_image(reports[sl], sampling=sampling, guidance=cfg.guidance, batch_size=cfg.batch_size)
+        g = model.generate_image(reports[sl], sampling=sampling, guidance=cfg.guidance, batch_size=cfg.batch_size,
+                                 candidates=cfg.candidates, findings=asked[sl] if asked else None)
         gens.append(g)
         return [None] * len(g.codes)
 
@@ -180,7 +222,6 @@ def evaluate_all(model: LLMCXR, data: str, split: str = "test", classifier: str 
     With ``out`` (a .json path) the results are written there and sample images beside it.
     """
     import json
-    import time
     from pathlib import Path
 
     from llm_cxr.data.dataset import load_dataset
@@ -192,9 +233,7 @@ def evaluate_all(model: LLMCXR, data: str, split: str = "test", classifier: str 
         raise DatasetError(f"{data} has no codes column: encode it with the model's VQ-GAN first")
     cfg = EvalConfig(n_reports=n, n_images=n, n_vqa_images=n, batch_size=batch_size, guidance=guidance, seed=seed,
                      progress=progress)
-    t = time.monotonic()
     res: dict[str, Any] = {"reports": evaluate_reports(model, ds, cfg)}
-    t_rep = time.monotonic() - t
     res["vqa"] = evaluate_vqa(model, ds, cfg)
     t_img = 0.0
     if classifier and model.vqgan is not None:
@@ -206,7 +245,10 @@ def evaluate_all(model: LLMCXR, data: str, split: str = "test", classifier: str 
                "vqa_accuracy": res["vqa"]["accuracy_yes_no_laterality"],
                "vqa_accuracy_all_kinds": res["vqa"]["accuracy_all"],
                "checklist_micro_f1": res["vqa"]["checklist"]["micro_f1"],
-               "reports_per_minute": res["reports"]["n"] / max(t_rep, 1e-9) * 60}
+               "report_reading_micro_f1": res["reports"].get("reading", {}).get("micro_f1"),
+               "report_reading_side_accuracy": res["reports"].get("reading", {}).get("side_accuracy"),
+               "report_writer_micro_f1_given_truth": res["reports"].get("writer_given_truth", {}).get("micro_f1"),
+               "reports_per_minute": res["reports"]["n"] / max(res["reports"]["seconds"], 1e-9) * 60}
     if "images" in res:
         summary.update({"image_finding_micro_f1": res["images"]["micro_f1"],
                         "valid_image_rate": res["images"]["valid_image_rate"],

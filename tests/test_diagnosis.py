@@ -1,0 +1,131 @@
+"""The finding head (llm_cxr/diagnosis.py): targets, training on a separable toy task, sides, thresholds,
+save/load, and the guided prompt's items with sides."""
+
+import json
+
+import pytest
+import torch
+
+from llm_cxr import diagnosis
+from llm_cxr.data.schema import Finding, findings_from_json
+from llm_cxr.diagnosis import FindingHead, finding_targets, load_head, save_head, train_finding_head, tune_thresholds
+from llm_cxr.errors import ConfigError, InputError
+from llm_cxr.prompts import _join, check_items, get_template, guide_items, report_prompt
+
+GRID = 4
+
+
+def _row(findings, source="synthetic", labels=None):
+    return {"findings": json.dumps([f.to_dict() for f in findings]), "source": source, "labels": labels or {}}
+
+
+def test_targets_follow_findings_sides_and_hedges():
+    rows = [_row([Finding("pleural_effusion", laterality="right"), Finding("cardiomegaly")]),
+            _row([Finding("nodule", laterality="left"), Finding("nodule", laterality="right")]),
+            _row([]),
+            _row([Finding("pneumothorax", laterality="left")], source="mimic",
+                 labels={"pneumothorax": 1, "pleural_effusion": -1, "cardiomegaly": 0})]
+    names = ["cardiomegaly", "pleural_effusion", "pneumothorax", "nodule"]
+    t = finding_targets(rows, names)
+    assert t.present.tolist() == [[1, 1, 0, 0], [0, 0, 0, 1], [0, 0, 0, 0], [0, -1, 1, -1]]
+    # a side is known only where the finding is present and lateralised; two nodules: both sides
+    assert t.left.tolist() == [[-1, 0, -1, -1], [-1, -1, -1, 1], [-1] * 4, [-1, -1, 1, -1]]
+    assert t.right.tolist() == [[-1, 1, -1, -1], [-1, -1, -1, 1], [-1] * 4, [-1, -1, 0, -1]]
+    names2, t2 = diagnosis.usable(t, names)
+    assert names2 == ["cardiomegaly", "pleural_effusion", "pneumothorax", "nodule"]
+    never = finding_targets([_row([])] * 3, names)
+    with pytest.raises(ConfigError, match="present in some training images"):
+        diagnosis.usable(never, names)
+
+
+def _toy(n, seed):
+    """Codes on a 4x4 grid: code 1 in the left half = a 'left' finding A, in the right half = 'right' A; code 2
+    anywhere = finding B (no side). Background codes 3..7."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(3, 8, (n, GRID, GRID), generator=g)
+    side = torch.randint(0, 3, (n,), generator=g)  # 0 none, 1 left, 2 right
+    has_b = torch.rand(n, generator=g) < 0.4
+    rows = []
+    for i in range(n):
+        fs = []
+        if side[i] == 1:
+            codes[i, 1, 0] = 1
+            fs.append(Finding("pleural_effusion", laterality="left"))
+        elif side[i] == 2:
+            codes[i, 2, 3] = 1
+            fs.append(Finding("pleural_effusion", laterality="right"))
+        if has_b[i]:
+            codes[i, 0, 2] = 2
+            fs.append(Finding("cardiomegaly"))
+        rows.append(_row(fs))
+    return codes.reshape(n, -1), rows
+
+
+def test_head_learns_findings_and_sides_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    names = ["cardiomegaly", "pleural_effusion"]
+    codes, rows = _toy(600, 0)
+    vcodes, vrows = _toy(200, 1)
+    head = FindingHead(torch.randn(8, 4), GRID, names, width=16, features=16, regions=(1, 2))
+    res = train_finding_head(head, codes, finding_targets(rows, names), epochs=15, batch_size=32, lr=1e-2,
+                             progress=False, autocast=False)
+    assert res["steps"] == int(15 * 600 / 32)
+    assert head.sided.tolist() == [False, True]  # cardiomegaly never has a side
+    m = tune_thresholds(head, vcodes, finding_targets(vrows, names))
+    assert m["micro_f1"] > 0.95 and m["side_accuracy"] > 0.95 and set(m["thresholds"]) == set(names)
+    tcodes, trows = _toy(50, 2)
+    want = [guide_items(findings_from_json(r["findings"]), names, sides=True) for r in trows]
+    got = head.predict(tcodes)
+    assert sum(g == w for g, w in zip(got, want)) >= 45
+    assert any("pleural_effusion:left" in g for g in got) and any("pleural_effusion:right" in g for g in got)
+    assert head.predict(tcodes, sides=False) == [[i.split(":")[0] for i in g] for g in got]
+
+    save_head(head, tmp_path, m)
+    back = load_head(tmp_path)
+    assert torch.equal(back.probabilities(tcodes), head.probabilities(tcodes))
+    assert torch.equal(back.thresholds, head.thresholds) and torch.equal(back.sided, head.sided)
+    assert diagnosis.head_metrics(tmp_path)["micro_f1"] == m["micro_f1"]
+    assert load_head(tmp_path / "nowhere") is None
+    (tmp_path / diagnosis.HEAD_FILE).write_bytes(b"not a safetensors file")
+    with pytest.raises(ConfigError, match="not a valid finding head"):
+        load_head(tmp_path)
+
+
+def test_guide_items_with_sides_and_their_phrases():
+    fs = [Finding("pleural_effusion", laterality="left"), Finding("pleural_effusion", laterality="right"),
+          Finding("cardiomegaly"), Finding("chest_tube", laterality="right")]
+    assert guide_items(fs) == ["cardiomegaly", "pleural_effusion", "chest_tube"]  # checklist order, names only
+    items = guide_items(fs, sides=True)
+    assert items == ["cardiomegaly", "pleural_effusion:bilateral", "chest_tube:right"]
+    assert _join(items) == "cardiomegaly, bilateral pleural effusion and right chest tube"
+    text = "".join(p for p in report_prompt(get_template("compact"), findings=items) if isinstance(p, str))
+    assert "Checklist findings: cardiomegaly, bilateral pleural effusion and right chest tube" in text
+    assert check_items([" pleural_effusion:right", "chest_tube", ""]) == ["pleural_effusion:right", "chest_tube"]
+    with pytest.raises(InputError, match="unknown sides"):
+        check_items(["pleural_effusion:up"])
+    with pytest.raises(InputError, match="unknown finding names"):
+        check_items(["effusion:left"])
+
+
+def test_agreement_prefers_images_that_show_what_was_asked():
+    head = FindingHead(torch.randn(8, 4), GRID, ["cardiomegaly", "pleural_effusion"], width=4, features=4,
+                       regions=(1, 1))
+    with torch.no_grad():  # every image: cardiomegaly unlikely, a left effusion likely
+        head.head.weight.zero_()
+        head.head.bias.copy_(torch.tensor([[-3.0, 3.0], [0.0, 3.0], [0.0, -3.0]]).flatten())
+    head.sided.copy_(torch.tensor([False, True]))
+    codes = torch.zeros(4, GRID * GRID, dtype=torch.long)
+    score = head.agreement(codes, [["pleural_effusion:left"], ["pleural_effusion:right"], ["pleural_effusion"],
+                                   ["cardiomegaly", "pleural_effusion:left", "unknown_thing"]])
+    # no side asked: the side logits do not count; the right side asked of a left effusion costs ~3 per side logit
+    assert score[2] > score[0] > score[3] and score[0] > score[1]
+    assert torch.allclose(score[0] - score[1], torch.tensor(6.0), atol=0.01)
+    assert torch.allclose(score[0] - score[3], torch.tensor(3.0), atol=0.01)  # cardiomegaly asked, unlikely
+
+
+def test_requested_findings_reads_positive_findings_with_sides():
+    from llm_cxr.evaluation.labeler import requested_findings
+
+    assert requested_findings("FINDINGS: Small right pleural effusion. Possible pneumothorax. No consolidation.\n"
+                              "IMPRESSION: Right pleural effusion.") == ["pleural_effusion:right"]
+    assert requested_findings("IMPRESSION: No acute cardiopulmonary process.") == []
