@@ -17,6 +17,7 @@ import argparse
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -93,6 +94,9 @@ def main() -> int:
     ap.add_argument("--classifier", required=True, help="finding classifier that judges generated images")
     ap.add_argument("--n", type=int, default=200, help="test studies per direction")
     ap.add_argument("--guidance", default="1", help="comma-separated guidance scales for report -> image")
+    ap.add_argument("--candidates", default="",
+                    help="comma-separated numbers of images drawn per report and reranked by the run's finding head "
+                         "(measured beside the plain draw, for runs with a finding head)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--name", default="lm_quality")
     args = ap.parse_args()
@@ -121,16 +125,33 @@ def main() -> int:
             entry[f"image_finding_micro_f1_guidance_{g:g}"] = im["micro_f1"]
             for i, pic in enumerate(im["images"][:8]):
                 pic.save(RESULTS / f"{args.name}_{name.replace(' ', '')}_g{g:g}_{i:02d}.png")
+        ranked = [int(c) for c in args.candidates.split(",") if c.strip()] if model.finding_head is not None else []
+        for c in ranked:
+            ds = load_dataset(args.data, split="test")
+            cfg = EvalConfig(n_images=args.n, batch_size=args.batch_size, guidance=guidances[0], candidates=c,
+                             progress=True)
+            t0 = time.monotonic()
+            im = evaluate_images(model, ds, args.classifier, cfg)
+            entry[f"image_finding_micro_f1_best_of_{c}"] = im["micro_f1"]
+            entry[f"images_per_minute_best_of_{c}"] = im["n"] / max(time.monotonic() - t0, 1e-9) * 60
+            for i, pic in enumerate(im["images"][:8]):
+                pic.save(RESULTS / f"{args.name}_{name.replace(' ', '')}_best{c}_{i:02d}.png")
         data["runs"][name] = entry
         s = res["summary"]
-        row = {"run": name, "reports": "checklist-guided" if s.get("report_guided") else "plain",
+        row = {"run": name, "reports": ("checklist-guided" + (" (finding head)" if model.finding_head is not None
+                                                                else "")) if s.get("report_guided") else "plain",
                "report micro-F1": s["report_clinical_micro_f1"],
                "laterality": s["report_laterality_accuracy"], "VQA yes/no+side": s["vqa_accuracy"],
                "VQA all kinds": s["vqa_accuracy_all_kinds"], "checklist micro-F1": s.get("checklist_micro_f1"),
+               "reading micro-F1 / sides": _pair(s.get("report_reading_micro_f1"),
+                                                 s.get("report_reading_side_accuracy")),
+               "writer given truth": s.get("report_writer_micro_f1_given_truth"),
                f"image micro-F1 (g={guidances[0]:g})": s.get("image_finding_micro_f1"),
                "valid images": s.get("valid_image_rate")}
         for g in guidances[1:]:
             row[f"image micro-F1 (g={g:g})"] = entry[f"image_finding_micro_f1_guidance_{g:g}"]
+        for c in ranked:
+            row[f"image micro-F1 (best of {c})"] = entry[f"image_finding_micro_f1_best_of_{c}"]
         rows.append(row)
     svg = RESULTS / f"{args.name}_curves.svg"
     curve_runs = (({"base LM": Path(args.base)} if args.base else {}) |
@@ -148,6 +169,13 @@ def main() -> int:
                   notes=f"Training curves: {svg.name}; per-run metrics CSVs beside it.")
     print(json.dumps({k: v["summary"] for k, v in data["runs"].items()}, indent=2))
     return 0
+
+
+def _pair(a, b) -> str | None:
+    """Two shares in one cell ("0.93 / 0.99"), or None when the run does not have them."""
+    if a is None:
+        return None
+    return f"{a:.2f} / {b:.2f}" if b is not None else f"{a:.2f}"
 
 
 if __name__ == "__main__":
