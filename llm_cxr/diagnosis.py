@@ -28,12 +28,13 @@ import torch
 from torch import nn
 
 from llm_cxr.errors import ConfigError
-from llm_cxr.imagepos import conv_trunk, code_maps
+from llm_cxr.imagepos import code_maps, conv_trunk
+from llm_cxr.instruct import checklist_scope
+from llm_cxr.prompts import guide_items, split_item
 
 log = logging.getLogger(__name__)
 
 HEAD_FILE = "finding_head.safetensors"
-SIDES = ("left", "right", "bilateral")
 
 
 @dataclass
@@ -61,6 +62,7 @@ class FindingHead(nn.Module):
         # decision thresholds on the presence probability (chosen on held-out data), and which findings have a side
         self.register_buffer("thresholds", torch.full((len(self.names),), 0.5))
         self.register_buffer("sided", torch.zeros(len(self.names), dtype=torch.bool))
+        self.metrics: dict = {}  # held-out metrics from training (saved with it, see load_head)
 
     @property
     def config(self) -> dict:
@@ -75,13 +77,10 @@ class FindingHead(nn.Module):
     @torch.no_grad()
     def probabilities(self, codes: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         """(N, 3, K) probabilities: present, left, right."""
-        was = self.training
-        self.eval()
         dev = self.codebook.device
-        out = torch.cat([self(codes[i:i + batch_size].to(dev)).float().sigmoid().cpu()
-                         for i in range(0, len(codes), batch_size)]) if len(codes) else torch.zeros(0, 3, len(self.names))
-        self.train(was)
-        return out
+        parts = [self(codes[i:i + batch_size].to(dev)).float().sigmoid().cpu()
+                 for i in range(0, len(codes), batch_size)]
+        return torch.cat(parts) if parts else torch.zeros(0, 3, len(self.names))
 
     def predict(self, codes: torch.Tensor, sides: bool = True) -> list[list[str]]:
         """The findings present per image, in ``names`` order: ``"pleural_effusion:right"`` (``sides``) or
@@ -98,13 +97,10 @@ class FindingHead(nn.Module):
             out.append(items)
         return out
 
-
     def agreement(self, codes: torch.Tensor, wanted: Sequence[Sequence[str]]) -> torch.Tensor:
         """(N,) log-likelihood, under the head, that image i shows exactly ``wanted[i]`` (guide items, ``name`` or
         ``name:side``): each of its findings present or absent as asked, and on the side asked. Names the head
         does not know are ignored."""
-        from llm_cxr.prompts import split_item
-
         p = self.probabilities(codes).clamp(1e-4, 1 - 1e-4)  # (N, 3, K)
         want = torch.zeros(len(codes), 3, len(self.names))  # 1 = asked for, 0 = asked to be absent, -1 = no view
         want[:, 1:] = -1
@@ -116,10 +112,14 @@ class FindingHead(nn.Module):
                 k = index[name]
                 want[i, 0, k] = 1
                 if side and bool(self.sided[k]):
-                    want[i, 1, k] = float(side in ("left", "bilateral"))
-                    want[i, 2, k] = float(side in ("right", "bilateral"))
+                    want[i, 1:, k] = torch.tensor(side_bits(side), dtype=want.dtype)
         ll = torch.where(want == 1, p.log(), (1 - p).log())
         return torch.where(want >= 0, ll, torch.zeros_like(ll)).sum((1, 2))
+
+
+def side_bits(side: str) -> tuple[int, int]:
+    """``"left"`` / ``"right"`` / ``"bilateral"`` -> (on the left, on the right)."""
+    return int(side in ("left", "bilateral")), int(side in ("right", "bilateral"))
 
 
 def _side(left: float, right: float) -> str:
@@ -130,9 +130,8 @@ def _side(left: float, right: float) -> str:
 
 def finding_targets(rows, names: Sequence[str]) -> FindingTargets:
     """Targets from a dataset's ``findings`` (and, for real data, ``labels``: hedged or unread findings are
-    unknown) columns. A side is known only for a present finding whose laterality was recorded."""
-    from llm_cxr.instruct import checklist_scope
-
+    unknown) columns: what the checklist asks and a guided prompt states (:func:`llm_cxr.prompts.guide_items`).
+    A side is known only for a present finding whose laterality was recorded."""
     K = len(names)
     index = {n: k for k, n in enumerate(names)}
     present = torch.full((len(rows), K), -1, dtype=torch.long)
@@ -142,15 +141,11 @@ def finding_targets(rows, names: Sequence[str]) -> FindingTargets:
         for n in askable:
             if n in index and n not in uncertain:
                 present[i, index[n]] = 0
-        for f in findings:
-            k = index.get(f.name)
-            if k is None or f.name in uncertain:
-                continue
-            present[i, k] = 1
-            if f.laterality in SIDES:
-                was_l, was_r = left[i, k] == 1, right[i, k] == 1  # two findings of a kind: sides add up
-                left[i, k] = int(f.laterality in ("left", "bilateral") or bool(was_l))
-                right[i, k] = int(f.laterality in ("right", "bilateral") or bool(was_r))
+        for name, side in map(split_item, guide_items(findings, askable, uncertain, sides=True)):
+            if name in index:
+                present[i, index[name]] = 1
+                if side:
+                    left[i, index[name]], right[i, index[name]] = side_bits(side)
     return FindingTargets(present, left, right)
 
 
@@ -264,7 +259,9 @@ def load_head(folder: str | Path, device: str | torch.device | None = None) -> F
         return None
     try:
         with safe_open(str(path), framework="pt") as f:
-            cfg = json.loads((f.metadata() or {})["config"])
+            meta = f.metadata() or {}
+            cfg = json.loads(meta["config"])
+            meta_metrics = json.loads(meta.get("metrics", "{}"))
             state = {k: f.get_tensor(k) for k in f.keys()}
         head = FindingHead(state["codebook"], cfg["grid"], cfg["names"], cfg["width"], cfg["features"],
                            tuple(cfg["regions"]))
@@ -272,21 +269,10 @@ def load_head(folder: str | Path, device: str | torch.device | None = None) -> F
         head.load_state_dict(state)
     except Exception as e:  # a truncated or foreign file
         raise ConfigError(f"{path} is not a valid finding head: {e}") from e
+    head.metrics = meta_metrics  # the held-out metrics recorded when it was trained
     head.eval()
     return head.to(device) if device is not None else head
 
 
-def head_metrics(folder: str | Path) -> dict:
-    """The held-out metrics recorded when the head in ``folder`` was trained ({} if none)."""
-    from safetensors import safe_open
-
-    path = Path(folder) / HEAD_FILE
-    if not path.exists():
-        return {}
-    with safe_open(str(path), framework="pt") as f:
-        return json.loads((f.metadata() or {}).get("metrics", "{}"))
-
-
-__all__ = ["FindingHead", "FindingTargets", "HEAD_FILE", "finding_targets", "head_metrics",
-           "load_head", "micro_f1", "save_head", "side_accuracy", "train_finding_head", "tune_thresholds",
-           "usable"]
+__all__ = ["FindingHead", "FindingTargets", "HEAD_FILE", "finding_targets", "load_head", "micro_f1", "save_head",
+           "side_accuracy", "side_bits", "train_finding_head", "tune_thresholds", "usable"]

@@ -42,7 +42,8 @@ class StageConfig:
     vqa: int = 2  # questions per study
     checklist: int = 0  # checklist examples per study (every finding answered yes/no in one response)
     report_guided: int = 0  # CXR -> report examples whose prompt also lists the findings present (the
-    #                         checklist's positives); inference fills it from the model's own checklist
+    #                         checklist's positives); inference fills it from the run's reading (finding head
+    #                         or the model's own checklist: LLMCXR.read_findings)
     report_from_findings: int = 0  # text-only examples: the same findings list, no image -> the report. Cheap
     #                                (no image tokens); teaches the writer to state the findings it is given
     guide_sides: bool = False  # the guided prompt gives each finding's side ("right pleural effusion"), as the

@@ -402,7 +402,7 @@ def _start_model(cfg: LMTrainConfig, codes_info: dict, attn: str | None = None):
     """(model, tokenizer, token_map, kind, base, new reader): the base extended with image tokens, or the
     previous stage; with ``image_reader: conv`` a reader the run does not have yet is attached (untrained)
     and returned, so that the caller pretrains it."""
-    codebook = functools.cache(lambda: _codebook(codes_info, cfg.data))  # the VQ-GAN is loaded at most once
+    codebook = functools.partial(_codebook, codes_info, cfg.data)  # loaded only if needed, and then once
     model, tok, token_map, kind, base = _start_lm(cfg, codes_info, codebook, attn)
     reader = None
     if cfg.image_reader == "conv" and imagepos.find(model).reader is None:
@@ -453,7 +453,7 @@ def _pretrain_reader(model, token_map, cfg: LMTrainConfig, train_rows, progress:
     """Train a new CodeReader as a finding classifier on the training split's labels before the LM stage."""
     wrapper = imagepos.find(model)
     names, y = reader_labels(train_rows["labels"])
-    codes = torch.as_tensor(np.asarray(train_rows.with_format("numpy")["codes"])).long().reshape(len(y), -1)
+    codes = _codes_of(train_rows)
     rows_std = float(wrapper.base.weight.detach()[:token_map.first_id].float().std())
     res = imagepos.pretrain_reader(wrapper.reader, codes, y, epochs=cfg.reader_pretrain_epochs, seed=cfg.loop.seed,
                                    progress=progress, target_std=rows_std)
@@ -461,17 +461,27 @@ def _pretrain_reader(model, token_map, cfg: LMTrainConfig, train_rows, progress:
              ", ".join(names), res["loss"])
 
 
+def _codes_of(rows) -> torch.Tensor:
+    """The ``codes`` column of dataset rows as (N, H*W) long."""
+    return torch.as_tensor(np.asarray(rows.with_format("numpy")["codes"])).long().reshape(len(rows), -1)
+
+
 def _codebook(codes_info: dict, data: str) -> torch.Tensor:
-    """The codebook of the VQ-GAN that encoded ``data`` (checked against the recorded weights)."""
+    """The codebook of the VQ-GAN that encoded ``data`` (checked against the recorded weights); loaded once
+    for codebook init, the image reader and the finding head alike."""
+    return _load_codebook(codes_info.get("model_path"), codes_info.get("weights"), data)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_codebook(path: str | None, weights: str | None, data: str) -> torch.Tensor:
     from llm_cxr.vqgan.encode import weights_hash
     from llm_cxr.vqgan.model import VQGAN
 
-    path = codes_info.get("model_path")
     if not path or not Path(path).exists():
         raise ConfigError(f"image_init: codebook needs the VQ-GAN that encoded {data}, but its recorded path "
                           f"{path!r} does not exist (or use image_init: mean)")
     vq = VQGAN.from_pretrained(path)
-    if codes_info.get("weights") and weights_hash(vq) != codes_info["weights"]:
+    if weights and weights_hash(vq) != weights:
         raise ConfigError(f"the VQ-GAN at {path} is not the one that encoded {data} (weights differ)")
     return vq.quantize.embedding.weight.detach().float()
 
@@ -500,14 +510,14 @@ def train_lm(cfg: LMTrainConfig, accelerator=None) -> Path:
         train_rows = ds.filter(lambda s: s == cfg.split, input_columns="split")
         train = build_stage_dataset(train_rows, tok, token_map, cfg.stage, cfg.template, cfg.max_length, loop.seed,
                                     cfg.num_proc)
-        ev = ds.filter(lambda s: s == cfg.eval_split, input_columns="split")
-        ev = build_stage_dataset(ev, tok, token_map, cfg.stage, cfg.template, cfg.max_length, loop.seed + 1,
-                                 cfg.num_proc) if len(ev) else None
+        ev_rows = ds.filter(lambda s: s == cfg.eval_split, input_columns="split")
+        ev = build_stage_dataset(ev_rows, tok, token_map, cfg.stage, cfg.template, cfg.max_length, loop.seed + 1,
+                                 cfg.num_proc) if len(ev_rows) else None
     if len(train) == 0:
         raise ConfigError(f"{cfg.data} has no rows in split {cfg.split!r}")
     if accelerator.is_main_process:  # the head is not part of the LM: one process trains it, the others never use it
-        _prepare_finding_head(cfg, run, train_rows, ds.filter(lambda s: s == cfg.eval_split, input_columns="split"),
-                              codes_info, token_map.grid_size, accelerator.device, loop.progress)
+        _prepare_finding_head(cfg, run, train_rows, ev_rows, codes_info, token_map.grid_size, accelerator.device,
+                              loop.progress)
     if new_reader is not None and not (run / CHECKPOINT).exists():  # on resume the checkpoint restores it
         _pretrain_reader(model, token_map, cfg, train_rows, progress=loop.progress and accelerator.is_main_process)
     log.info("%s: %d training examples, %s", run, len(train), summary)
@@ -518,8 +528,7 @@ def train_lm(cfg: LMTrainConfig, accelerator=None) -> Path:
         info = RunInfo(kind=kind, base=_abs(base), vqgan=_abs(vq) if vq else None, template=cfg.template,
                        max_length=cfg.max_length, extra={"vqgan_weights": codes_info.get("weights"),
                                                          "trainable": asdict(summary) | {"share": summary.share},
-                                                         "guided_reports": _guided_reports(cfg),
-                                                         "guide_sides": _guided_reports(cfg, "guide_sides"),
+                                                         **_guided_reports(cfg),
                                                          **_relative_refs(run / "model", base, vq)})
         save_model(accelerator.unwrap_model(model), tok, token_map, info, run / "model")
         if (run / HEAD_FILE).exists():
@@ -530,14 +539,15 @@ def train_lm(cfg: LMTrainConfig, accelerator=None) -> Path:
     return run
 
 
-def _guided_reports(cfg: LMTrainConfig, key: str = "guided_reports") -> bool:
-    """Whether the run writes reports from its checklist (``key="guide_sides"``: with sides): this stage trains
-    it, or continues a stage that did and trains no plain reports."""
+def _guided_reports(cfg: LMTrainConfig) -> dict[str, bool]:
+    """``guided_reports`` (the run writes reports from its reading) and ``guide_sides`` (with sides): this stage
+    trains them, or continues a stage that did and trains no plain reports."""
     if cfg.stage.report_guided:
-        return True if key == "guided_reports" else cfg.stage.guide_sides
+        return {"guided_reports": True, "guide_sides": cfg.stage.guide_sides}
     if cfg.stage.report or not cfg.init_from:
-        return False
-    return bool(RunInfo.load(run_model_dir(cfg.init_from)).extra.get(key))
+        return {"guided_reports": False, "guide_sides": False}
+    extra = RunInfo.load(run_model_dir(cfg.init_from)).extra
+    return {k: bool(extra.get(k)) for k in ("guided_reports", "guide_sides")}
 
 
 def _prepare_finding_head(cfg: LMTrainConfig, run: Path, train_rows, val_rows, codes_info: dict, grid: int, device,
@@ -557,19 +567,16 @@ def _prepare_finding_head(cfg: LMTrainConfig, run: Path, train_rows, val_rows, c
     if "findings" not in cols:
         raise ConfigError(f"finding_head: conv trains on the findings of {cfg.data}, which has no `findings` column")
 
-    def codes_of(rows) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(rows.with_format("numpy")["codes"])).long().reshape(len(rows), -1)
-
     names, targets = diagnosis.usable(diagnosis.finding_targets(train_rows.select_columns(cols), list(NAMES)),
                                       list(NAMES))
     torch.manual_seed(cfg.loop.seed)
     head = diagnosis.FindingHead(_codebook(codes_info, cfg.data), grid, names).to(device)
-    res = diagnosis.train_finding_head(head, codes_of(train_rows), targets, cfg.finding_head_epochs,
+    res = diagnosis.train_finding_head(head, _codes_of(train_rows), targets, cfg.finding_head_epochs,
                                        seed=cfg.loop.seed, progress=progress,
                                        autocast=cfg.loop.mixed_precision == "bf16")
     metrics = {"train_loss": res["loss"], "steps": res["steps"], "epochs": cfg.finding_head_epochs}
     if len(val_rows):
-        metrics |= diagnosis.tune_thresholds(head, codes_of(val_rows),
+        metrics |= diagnosis.tune_thresholds(head, _codes_of(val_rows),
                                              diagnosis.finding_targets(val_rows.select_columns(cols), names))
     diagnosis.save_head(head.cpu(), run, metrics)
     log.info("finding head trained on %d images (%s): held-out micro-F1 %s, side accuracy %s", len(targets.present),

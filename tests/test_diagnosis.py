@@ -84,7 +84,7 @@ def test_head_learns_findings_and_sides_and_round_trips(tmp_path):
     back = load_head(tmp_path)
     assert torch.equal(back.probabilities(tcodes), head.probabilities(tcodes))
     assert torch.equal(back.thresholds, head.thresholds) and torch.equal(back.sided, head.sided)
-    assert diagnosis.head_metrics(tmp_path)["micro_f1"] == m["micro_f1"]
+    assert back.metrics["micro_f1"] == m["micro_f1"]
     assert load_head(tmp_path / "nowhere") is None
     (tmp_path / diagnosis.HEAD_FILE).write_bytes(b"not a safetensors file")
     with pytest.raises(ConfigError, match="not a valid finding head"):
@@ -129,3 +129,16 @@ def test_requested_findings_reads_positive_findings_with_sides():
     assert requested_findings("FINDINGS: Small right pleural effusion. Possible pneumothorax. No consolidation.\n"
                               "IMPRESSION: Right pleural effusion.") == ["pleural_effusion:right"]
     assert requested_findings("IMPRESSION: No acute cardiopulmonary process.") == []
+
+
+def test_score_reading_counts_findings_and_sides_as_a_guided_prompt_states_them():
+    from llm_cxr.evaluation.lm_eval import score_reading
+
+    refs = [[Finding("pleural_effusion", laterality="left"), Finding("pleural_effusion", laterality="right")],
+            [Finding("pneumothorax", laterality="right"), Finding("chest_tube", laterality="right")]]
+    stated = [["pleural_effusion:left", "cardiomegaly"], ["chest_tube:right"]]
+    got = score_reading(stated, refs)
+    # tp: effusion, chest tube; fp: cardiomegaly; fn: pneumothorax. Sides: two effusions are bilateral (wrong), the
+    # tube's right side is right
+    assert got == {"micro_f1": 4 / 6, "side_accuracy": 0.5, "n_sided": 2}
+    assert score_reading([["pleural_effusion"]], refs[:1])["side_accuracy"] is None  # no side stated: not judged

@@ -10,7 +10,7 @@ import torch
 
 from llm_cxr import imagepos
 from llm_cxr.cli import main
-from llm_cxr.diagnosis import HEAD_FILE, head_metrics, load_head
+from llm_cxr.diagnosis import HEAD_FILE, load_head
 from llm_cxr.errors import ConfigError
 from llm_cxr.lm_train import CHECKPOINT, METRICS, LMTrainConfig, load_lm_config, swap_prompt_images, train_lm
 from llm_cxr.modeling import load_causal_lm, load_run
@@ -245,7 +245,7 @@ def test_image_reader_stage_pretrains_trains_and_reloads(data, base, tmp_path):
     # the finding head: trained on the findings before the LM, saved beside the model, inherited by the next stage
     head = load_head(out / "model")
     assert head is not None and torch.equal(head.codebook, vq.quantize.embedding.weight.detach().float())
-    assert head.names and set(head.names) <= set(NAMES) and head_metrics(out / "model")["steps"] >= 1
+    assert head.names and set(head.names) <= set(NAMES) and head.metrics["steps"] >= 1
     nxt = tmp_path / "next"
     assert main(["-q", "train", "--data", str(local), "--out", str(nxt), "--init-from", str(out), "--steps", "1",
                  *FAST]) == 0

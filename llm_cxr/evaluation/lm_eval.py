@@ -63,8 +63,8 @@ def evaluate_reports(model: LLMCXR, ds, cfg: EvalConfig) -> dict[str, Any]:
                           len(sub), cfg.batch_size, "reports", cfg.progress)
     seconds = time.monotonic() - t  # reading and writing, as a user gets them
     scores = score_reports(texts, refs)
-    out = {"n": len(sub), "guided": model.guided_reports, "seconds": seconds, "micro_f1": scores.micro_f1, "macro_f1": scores.macro_f1,
-           "exact_match": scores.exact_match, "laterality_accuracy": scores.laterality_accuracy,
+    out = {"n": len(sub), "guided": model.guided_reports, "seconds": seconds, "micro_f1": scores.micro_f1,
+           "macro_f1": scores.macro_f1, "exact_match": scores.exact_match, "laterality_accuracy": scores.laterality_accuracy,
            "per_class": {k: {"f1": v.f1, "support": v.support} for k, v in scores.per_class.items()},
            "examples": [{"id": i, "generated": t, "reference": r} | ({"stated": f} if stated else {}) for i, t, r, f
                         in list(zip(sub["id"], texts, sub["report"], stated or [None] * len(texts)))[:8]]}
@@ -80,22 +80,19 @@ def evaluate_reports(model: LLMCXR, ds, cfg: EvalConfig) -> dict[str, Any]:
 
 
 def score_reading(stated: list[list[str]], refs: list[list]) -> dict[str, Any]:
-    """What a guided report's prompt stated (``name`` or ``name:side`` items) against the true findings:
-    micro-F1 over (image, finding) pairs, and the share of found lateralised findings whose side is right."""
+    """What a guided report's prompt stated (``name`` or ``name:side`` items) against the true findings, as a
+    prompt with sides would state them (:func:`guide_items`): micro-F1 over (image, finding) pairs, and the share
+    of found lateralised findings whose side is right."""
     tp = fp = fn = side_ok = side_n = 0
     for items, ref in zip(stated, refs):
-        said = dict(split_item(i) for i in items)
-        truth: dict[str, set] = {}
-        for f in ref:
-            truth.setdefault(f.name, set()).update({"left", "right"} if f.laterality == "bilateral" else
-                                                   {f.laterality} if f.laterality else set())
+        said = dict(map(split_item, items))
+        truth = dict(map(split_item, guide_items(ref, sides=True)))
         tp += len(said.keys() & truth.keys())
         fp += len(said.keys() - truth.keys())
         fn += len(truth.keys() - said.keys())
         for name in said.keys() & truth.keys():
             if said[name] and truth[name]:
-                want = "bilateral" if len(truth[name]) == 2 else next(iter(truth[name]))
-                side_ok, side_n = side_ok + (said[name] == want), side_n + 1
+                side_ok, side_n = side_ok + (said[name] == truth[name]), side_n + 1
     return {"micro_f1": 2 * tp / max(1, 2 * tp + fp + fn), "side_accuracy": side_ok / side_n if side_n else None,
             "n_sided": side_n}
 
