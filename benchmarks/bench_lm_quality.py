@@ -141,7 +141,9 @@ def main() -> int:
         row = {"run": name, "reports": ("checklist-guided" + (" (finding head)" if model.finding_head is not None
                                                                 else "")) if s.get("report_guided") else "plain",
                "report micro-F1": s["report_clinical_micro_f1"],
-               "laterality": s["report_laterality_accuracy"], "VQA yes/no+side": s["vqa_accuracy"],
+               "laterality": s["report_laterality_accuracy"],
+               "VQA yes/no+side": s["vqa_accuracy"] if not s.get("vqa_guided") else f"{s['vqa_accuracy']:.3f} (guided)",
+               "VQA, LM alone": s["vqa_accuracy_unguided"] if s.get("vqa_guided") else s["vqa_accuracy"],
                "VQA all kinds": s["vqa_accuracy_all_kinds"], "checklist micro-F1": s.get("checklist_micro_f1"),
                "reading micro-F1 / sides": _pair(s.get("report_reading_micro_f1"),
                                                  s.get("report_reading_side_accuracy")),

@@ -218,7 +218,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 def _cmd_import(args: argparse.Namespace) -> int:
     from llm_cxr.data import importers
-    from llm_cxr.evaluation.labeler import dataset_labels
+    from llm_cxr.data.labeler import dataset_labels
 
     common = dict(out=args.out, size=args.size, seed=args.seed, limit=args.limit,
                   label=None if args.no_label else dataset_labels, progress=not args.quiet)
@@ -241,7 +241,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
 
 def _cmd_label(args: argparse.Namespace) -> int:
-    from llm_cxr.evaluation.labeler import label_report
+    from llm_cxr.data.labeler import label_report
 
     if args.file is not None:
         if not args.file.exists():

@@ -57,12 +57,8 @@ def add_generation_commands(sub) -> None:
     p.add_argument("--limit", type=int, help="at most this many dataset rows")
     p.add_argument("--out", type=Path, help="write JSONL (or .csv) here instead of stdout")
     p.add_argument("--max-new-tokens", type=int, default=160, help="longest report in tokens (default 160)")
-    p.add_argument("--findings", help="comma-separated finding names, optionally with a side (e.g. "
-                                      "pleural_effusion:right,chest_tube) the report must state, for every image, "
-                                      "instead of the model's own reading")
-    p.add_argument("--plain", action="store_true", help="a model trained for checklist-guided reports "
-                                                        "(stage.report_guided) writes without reading the "
-                                                        "checklist first")
+    _guide_args(p, "the report must state", "a model trained for checklist-guided reports (stage.report_guided) "
+                                              "writes without reading the image first")
     _sampling_args(p, 0.0, 1.0)
     p.set_defaults(func=_cmd_report)
 
@@ -91,6 +87,8 @@ def add_generation_commands(sub) -> None:
     p.add_argument("--question", "-Q", action="append", required=True,
                    help="question (repeatable; each is asked about every image)")
     p.add_argument("--out", type=Path, help="write JSONL (or .csv) here instead of stdout")
+    _guide_args(p, "the question's prompt states", "a model trained for guided questions (stage.vqa_guided) "
+                                                   "answers without reading the image first (the LM alone)")
     _sampling_args(p, 0.0, 1.0)
     p.set_defaults(func=_cmd_ask)
 
@@ -140,14 +138,10 @@ def _cmd_report(args) -> int:
         ids, inputs = [str(p) for p in args.images], [str(p) for p in args.images]
     else:
         raise InputError("give image files or --data")
-    if args.findings and args.plain:
-        raise InputError("--findings and --plain exclude each other")
     codes = model.codes_of(inputs)
-    given = [[f.strip() for f in args.findings.split(",") if f.strip()]] * len(codes) if args.findings else None
-    guided = False if args.plain else None
-    findings = model.report_findings(codes, guided, given, args.batch_size)  # read once, written beside the report
+    findings = _stated(model, args, codes, "report")
     texts = model.generate_report(codes, _sampling(args), max_new_tokens=args.max_new_tokens,
-                                  batch_size=args.batch_size, guided=guided, findings=findings)
+                                  batch_size=args.batch_size, guided=False, findings=findings)
     rows = [{"id": i, "report": t} | ({"findings": f} if findings is not None else {})
             for i, t, f in zip(ids, texts, findings or [None] * len(texts))]
     _write_rows(rows, args.out)
@@ -172,7 +166,7 @@ def _cmd_image(args) -> int:
         raise InputError("no VQ-GAN to draw with: pass --vqgan RUN")
     asked = None
     if args.candidates > 1:
-        from llm_cxr.evaluation.labeler import requested_findings
+        from llm_cxr.prompts import requested_findings
 
         asked = [requested_findings(r) for r in reports]
     out = model.generate_image(reports, _sampling(args), guidance=args.guidance, batch_size=args.batch_size,
@@ -188,12 +182,33 @@ def _cmd_image(args) -> int:
     return 0
 
 
+def _guide_args(p, states: str, plain: str) -> None:
+    p.add_argument("--findings", help="comma-separated finding names, optionally with a side (e.g. "
+                                      f"pleural_effusion:right,chest_tube) {states}, for every image, "
+                                      "instead of the model's own reading")
+    p.add_argument("--plain", action="store_true", help=plain)
+
+
+def _stated(model, args, codes, task: str) -> list[list[str]] | None:
+    """What the prompts will state per image (read once, written beside the output), or None: plain."""
+    if args.findings and args.plain:
+        raise InputError("--findings and --plain exclude each other")
+    given = [[f.strip() for f in args.findings.split(",") if f.strip()]] * len(codes) if args.findings else None
+    return model.stated_findings(codes, False if args.plain else None, given, args.batch_size, task=task)
+
+
 def _cmd_ask(args) -> int:
     model = _load(args)
     files = [str(p) for p in args.images]
-    pairs = [(f, q) for f in files for q in args.question]
-    answers = model.answer([f for f, _ in pairs], [q for _, q in pairs], _sampling(args), batch_size=args.batch_size)
-    _write_rows([{"image": f, "question": q, "answer": a} for (f, q), a in zip(pairs, answers)], args.out)
+    codes = model.codes_of(files)
+    findings = _stated(model, args, codes, "vqa")
+    n = len(args.question)
+    answers = model.answer(codes.repeat_interleave(n, 0), [q for _ in files for q in args.question], _sampling(args),
+                           batch_size=args.batch_size, guided=False,
+                           findings=[f for f in findings for _ in range(n)] if findings is not None else None)
+    rows = [{"image": f, "question": q, "answer": answers[i * n + j]} | ({"findings": findings[i]} if findings else {})
+            for i, f in enumerate(files) for j, q in enumerate(args.question)]
+    _write_rows(rows, args.out)
     return 0
 
 

@@ -70,7 +70,8 @@ def _stage_labeler(stages: Stages, cfg: DemoConfig, data_dir: Path):
     """Score the labeler on the synthetic reports: it must recover the planted findings."""
     from llm_cxr.data.dataset import load_dataset
     from llm_cxr.data.schema import findings_from_json
-    from llm_cxr.evaluation import clinical, labeler
+    from llm_cxr.data import labeler
+    from llm_cxr.evaluation import clinical
 
     fp = {"data": str(data_dir), "synth": stages.results["synth"].info, "code": code_hash(labeler, clinical)}
 

@@ -213,6 +213,11 @@ class LLMCXR:
         return bool(self.run.info.extra.get("guided_reports"))
 
     @property
+    def guided_vqa(self) -> bool:
+        """Whether the run was trained to answer questions with its reading in the prompt (``stage.vqa_guided``)."""
+        return bool(self.run.info.extra.get("guided_vqa"))
+
+    @property
     def guide_sides(self) -> bool:
         """Whether the guided report prompt gives sides (``stage.guide_sides``)."""
         return bool(self.run.info.extra.get("guide_sides"))
@@ -227,19 +232,22 @@ class LLMCXR:
         if self.guide_sides:
             log.warning("%s was trained on guided prompts with sides but has no finding head; its checklist answer "
                         "gives none, so the prompt names the findings only", self.run.folder)
-        answers = self.answer(codes, CHECKLIST_QUESTIONS[0], Sampling(), max_new_tokens, batch_size)
+        answers = self.answer(codes, CHECKLIST_QUESTIONS[0], Sampling(), max_new_tokens, batch_size, guided=False)
         return [[k for k, v in parse_checklist(a).items() if v] for a in answers]
 
-    def report_findings(self, images, guided: bool | None = None, findings: Sequence[Sequence[str]] | None = None,
-                        batch_size: int = 16) -> list[list[str]] | None:
-        """What a report's prompt will state per image, or None for a plain report: ``findings`` checked (names,
-        or ``name:side``), or the run's own reading (:meth:`read_findings`) when ``guided`` (default:
-        :attr:`guided_reports`)."""
+    def stated_findings(self, images, guided: bool | None = None, findings: Sequence[Sequence[str]] | None = None,
+                        batch_size: int = 16, task: str = "report") -> list[list[str]] | None:
+        """What a report's (``task="report"``) or a question's (``"vqa"``) prompt will state per image, or None
+        for a plain prompt: ``findings`` checked (names, or ``name:side``), or the run's own reading
+        (:meth:`read_findings`) when ``guided`` (default: what the run was trained for, :attr:`guided_reports`
+        or :attr:`guided_vqa`)."""
         if findings is not None:
             if len(findings) != len(images):
                 raise InputError(f"got {len(images)} images and {len(findings)} finding lists; give one per image")
             return [check_items(fs) for fs in findings]
-        if self.guided_reports if guided is None else guided:
+        if guided is None:
+            guided = {"report": self.guided_reports, "vqa": self.guided_vqa}[task]
+        if guided:
             return self.read_findings(images, batch_size)
         return None
 
@@ -254,7 +262,7 @@ class LLMCXR:
         with a side, ``"pleural_effusion:right"``): a reader's own findings, for a report that states them.
         """
         codes = self.codes_of(images)
-        stated = self.report_findings(codes, guided, findings, batch_size)
+        stated = self.stated_findings(codes, guided, findings, batch_size)
         if stated is None:  # a plain report
             stated = [None] * len(codes)
         prompts = [encode_prompt(self.tok, self.map, report_prompt(self.template, None, sections, f), c.tolist())[0]
@@ -265,15 +273,20 @@ class LLMCXR:
         return out
 
     def answer(self, images, questions: Sequence[str], sampling: Sampling | None = None, max_new_tokens: int = 24,
-               batch_size: int = 16) -> list[str]:
-        """Answers to one question per image (or one question for all images)."""
+               batch_size: int = 16, guided: bool | None = None,
+               findings: Sequence[Sequence[str]] | None = None) -> list[str]:
+        """Answers to one question per image (or one question for all images).
+
+        ``guided`` (default: what the run was trained for, :attr:`guided_vqa`): the question's prompt also states
+        the run's reading of the image (:meth:`read_findings`); ``findings`` states a reader's own per image."""
         codes = self.codes_of(images)
         if isinstance(questions, str):
             questions = [questions] * len(codes)
         if len(questions) != len(codes):
             raise InputError(f"got {len(codes)} images and {len(questions)} questions; give one question per image")
-        prompts = [encode_prompt(self.tok, self.map, vqa_prompt(self.template, q), c.tolist())[0]
-                   for q, c in zip(questions, codes)]
+        stated = self.stated_findings(codes, guided, findings, batch_size, task="vqa") or [None] * len(codes)
+        prompts = [encode_prompt(self.tok, self.map, vqa_prompt(self.template, q, f), c.tolist())[0]
+                   for q, f, c in zip(questions, stated, codes)]
         out: list[str] = []
         for sl in self._batched(len(prompts), batch_size):
             out += self._text(prompts[sl], sampling or Sampling(), self._room(prompts[sl], max_new_tokens))
@@ -286,7 +299,7 @@ class LLMCXR:
 
         ``candidates > 1`` draws that many images per report and keeps the one the run's finding head
         (``finding_head: conv``) finds most likely to show ``findings`` (per report: guide items, ``name`` or
-        ``name:side``, e.g. what :func:`llm_cxr.evaluation.labeler.requested_findings` reads in the report) and
+        ``name:side``, e.g. what :func:`llm_cxr.prompts.requested_findings` reads in the report) and
         nothing else: reranking, as DALL-E did with CLIP. It costs ``candidates`` times the decoding."""
         if isinstance(reports, str):
             reports = [reports]

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -23,10 +24,13 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from llm_cxr import prompts, tokens
+from llm_cxr.data import labeler, labeler_rules
 from llm_cxr.data.schema import FINDING_NAMES, findings_from_json
 from llm_cxr.errors import ConfigError, DatasetError, InputError
+from llm_cxr.pipeline import code_hash
 from llm_cxr.prompts import (NAMES, Example, ImageSlot, PromptTemplate, checklist_qa, get_template, guide_items,
-                             image_prompt, make_vqa, report_prompt, report_text, vqa_prompt)
+                             image_prompt, make_vqa, report_prompt, report_text, stated_items, vqa_prompt)
 from llm_cxr.tokens import ImageTokenMap
 
 log = logging.getLogger(__name__)
@@ -46,6 +50,8 @@ class StageConfig:
     #                         or the model's own checklist: LLMCXR.read_findings)
     report_from_findings: int = 0  # text-only examples: the same findings list, no image -> the report. Cheap
     #                                (no image tokens); teaches the writer to state the findings it is given
+    vqa_guided: int = 0  # questions per study whose prompt also lists the findings present, as a guided report's
+    #                      does (inference: the run's reading); ``vqa`` keeps training the model's own reading
     guide_sides: bool = False  # the guided prompt gives each finding's side ("right pleural effusion"), as the
     #                            run's finding head reads it (finding_head: conv)
     one_per_patient: bool = False  # stage 2: one study per patient
@@ -56,14 +62,14 @@ class StageConfig:
     def __post_init__(self) -> None:
         if self.sections not in ("findings_impression", "impression"):
             raise ConfigError(f"stage.sections must be 'findings_impression' or 'impression', got {self.sections!r}")
-        for k in ("report", "image", "vqa", "checklist", "report_guided", "report_from_findings",
+        for k in ("report", "image", "vqa", "checklist", "report_guided", "report_from_findings", "vqa_guided",
                   "repeats"):
             if getattr(self, k) < 0:
                 raise ConfigError(f"stage.{k} must be >= 0, got {getattr(self, k)}")
-        if (self.report + self.image + self.vqa + self.checklist + self.report_guided + self.report_from_findings == 0
-                and not self.instruct_jsonl):
-            raise ConfigError("stage makes no examples: report, report_guided, image, vqa and checklist are all 0 "
-                              "and no instruct_jsonl")
+        if (self.report + self.image + self.vqa + self.checklist + self.report_guided + self.report_from_findings
+                + self.vqa_guided == 0 and not self.instruct_jsonl):
+            raise ConfigError("stage makes no examples: report, report_guided, report_from_findings, image, vqa, "
+                              "vqa_guided and checklist are all 0 and no instruct_jsonl")
         if self.instruct_ratio < 0 or (self.instruct_ratio > 0 and not self.instruct_jsonl):
             raise ConfigError("stage.instruct_ratio > 0 needs stage.instruct_jsonl")
 
@@ -83,19 +89,25 @@ def study_examples(row: dict, stage: StageConfig, template: PromptTemplate, seed
         out.append(Example("report", report_prompt(template, rng, stage.sections), report, codes))
     for _ in range(stage.image):
         out.append(Example("image", image_prompt(template, report, rng), None, codes))
-    if stage.vqa or stage.checklist or stage.report_guided or stage.report_from_findings:
+    if stage.vqa or stage.checklist or stage.report_guided or stage.report_from_findings or stage.vqa_guided:
         findings, askable, uncertain = checklist_scope(row)
         # the checklist's positives, in its order (what the model's checklist or finding head gives at inference)
         present = guide_items(findings, askable, uncertain, stage.guide_sides)
+        # a guided prompt lists what its target text states: an impression that leaves out the chest tube,
+        # trained under a prompt that lists it, would teach the writer to drop findings it is given
+        plan = stated_items(present, report) if stage.report_guided or stage.report_from_findings else []
         for _ in range(stage.report_guided):
-            out.append(Example("report", report_prompt(template, rng, stage.sections, present), report, codes,
+            out.append(Example("report", report_prompt(template, rng, stage.sections, plan), report, codes,
                                {"guided": True}))
         for _ in range(stage.report_from_findings):
-            out.append(Example("text", report_prompt(template, rng, stage.sections, present, image=False), report,
+            out.append(Example("text", report_prompt(template, rng, stage.sections, plan, image=False), report,
                                None, {"guided": True}))
         for qa in make_vqa(findings, rng, stage.vqa, askable, uncertain):
             out.append(Example("vqa", vqa_prompt(template, qa.question), qa.answer, codes,
                                {"kind": qa.kind, "finding": qa.finding}))
+        for qa in make_vqa(findings, rng, stage.vqa_guided, askable, uncertain):
+            out.append(Example("vqa", vqa_prompt(template, qa.question, present), qa.answer, codes,
+                               {"kind": qa.kind, "finding": qa.finding, "guided": True}))
         for _ in range(stage.checklist):
             qa = checklist_qa(findings, rng, askable, uncertain)
             out.append(Example("vqa", vqa_prompt(template, qa.question), qa.answer, codes, {"kind": qa.kind}))
@@ -233,7 +245,7 @@ def build_stage_dataset(ds, tokenizer, token_map: ImageTokenMap, stage: StageCon
     if stage.one_per_patient:
         ds = _one_per_patient(ds, seed)
 
-    def fn(batch):
+    def fn(batch, code_version):
         out = {"input_ids": [], "n_prompt": [], "length": [], "task": [], "truncated": []}
         n = len(batch["id"])
         for i in range(n):
@@ -251,7 +263,11 @@ def build_stage_dataset(ds, tokenizer, token_map: ImageTokenMap, stage: StageCon
     features = datasets.Features({"input_ids": datasets.List(datasets.Value("int32")),
                                   "n_prompt": datasets.Value("int32"), "length": datasets.Value("int32"),
                                   "task": datasets.Value("string"), "truncated": datasets.Value("bool")})
+    # datasets fingerprints fn by pickling it, which names the functions it calls but not their code: the source of
+    # what makes the examples goes in too, or a cache made by older code would be reused silently
+    code = code_hash(sys.modules[__name__], prompts, tokens, labeler, labeler_rules)
     tok = ds.map(fn, batched=True, batch_size=256, remove_columns=ds.column_names, features=features,
+                 fn_kwargs={"code_version": code},
                  num_proc=num_proc if num_proc and num_proc > 1 else None, desc=f"tokenising ({stage.sections})")
     if stage.instruct_jsonl and stage.instruct_ratio > 0:
         tok = datasets.concatenate_datasets([tok, _instruct_dataset(stage, tokenizer, token_map, tpl, max_length,

@@ -540,14 +540,18 @@ def train_lm(cfg: LMTrainConfig, accelerator=None) -> Path:
 
 
 def _guided_reports(cfg: LMTrainConfig) -> dict[str, bool]:
-    """``guided_reports`` (the run writes reports from its reading) and ``guide_sides`` (with sides): this stage
-    trains them, or continues a stage that did and trains no plain reports."""
-    if cfg.stage.report_guided:
-        return {"guided_reports": True, "guide_sides": cfg.stage.guide_sides}
-    if cfg.stage.report or not cfg.init_from:
-        return {"guided_reports": False, "guide_sides": False}
-    extra = RunInfo.load(run_model_dir(cfg.init_from)).extra
-    return {k: bool(extra.get(k)) for k in ("guided_reports", "guide_sides")}
+    """``guided_reports`` / ``guided_vqa`` (the run writes reports / answers questions from its reading) and
+    ``guide_sides`` (the reading gives sides): this stage trains them, or continues a stage that did and trains
+    no plain reports / only guided questions."""
+    st = cfg.stage
+    prev = RunInfo.load(run_model_dir(cfg.init_from)).extra if cfg.init_from else {}
+    reports = bool(st.report_guided or (not st.report and prev.get("guided_reports")))
+    vqa = bool(st.vqa_guided or (not st.vqa and prev.get("guided_vqa")))
+    if st.report_guided or st.vqa_guided:
+        sides = st.guide_sides
+    else:
+        sides = bool(prev.get("guide_sides")) and (reports or vqa)
+    return {"guided_reports": reports, "guided_vqa": vqa, "guide_sides": sides}
 
 
 def _prepare_finding_head(cfg: LMTrainConfig, run: Path, train_rows, val_rows, codes_info: dict, grid: int, device,

@@ -16,6 +16,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
+from llm_cxr.data.labeler import label_report
 from llm_cxr.data.reports import parse_sections
 from llm_cxr.data.schema import DEVICES, FINDING_NAMES, LATERALITIES, Finding
 from llm_cxr.errors import ConfigError, InputError
@@ -181,6 +182,19 @@ def guide_items(findings: Iterable[Finding], askable: Sequence[str] = DEFAULT_AS
     return out
 
 
+def stated_items(items: Iterable[str], text: str) -> list[str]:
+    """The guide items whose finding ``text`` states (the report labeler reads it as present or uncertain, as the
+    clinical score counts it), in their order."""
+    said = {f.name for f in label_report(text).findings}
+    return [i for i in items if split_item(i)[0] in said]
+
+
+def requested_findings(text: str) -> list[str]:
+    """What a report asks an image to show, as guide items in checklist order: its positive (not hedged)
+    findings, with their sides (``["pleural_effusion:right", "chest_tube"]``)."""
+    return guide_items([f for f in label_report(text).findings if not f.extra.get("uncertain")], sides=True)
+
+
 def make_vqa(findings: Iterable[Finding], rng: random.Random, n: int = 4, askable: Sequence[str] = DEFAULT_ASKABLE,
              uncertain: Iterable[str] = ()) -> list[QA]:
     """Up to ``n`` distinct questions about a study with known findings.
@@ -294,14 +308,20 @@ def report_prompt(template: PromptTemplate, rng: random.Random | None = None, se
     pool = IMPRESSION_INSTRUCTIONS if sections == "impression" else REPORT_INSTRUCTIONS
     inputs: list = [IMAGE] if image else []
     if findings is not None:
-        findings = list(findings)
-        inputs.append(GUIDE_PREFIX + (_join(findings) if findings else "none"))
+        inputs.append(_guide_line(findings))
     return template.parts(rng.choice(pool) if rng else pool[0], inputs)
+
+
+def _guide_line(findings: Iterable[str]) -> str:
+    findings = list(findings)
+    return GUIDE_PREFIX + (_join(findings) if findings else "none")
 
 
 def image_prompt(template: PromptTemplate, report: str, rng: random.Random | None = None):
     return template.parts(rng.choice(IMAGE_INSTRUCTIONS) if rng else IMAGE_INSTRUCTIONS[0], [report])
 
 
-def vqa_prompt(template: PromptTemplate, question: str):
-    return template.parts(question, [IMAGE])
+def vqa_prompt(template: PromptTemplate, question: str, findings: Iterable[str] | None = None):
+    """A question about the image; ``findings`` (guide items) makes it guided, stated after the image as in
+    :func:`report_prompt` (the truth in training, the run's reading at inference)."""
+    return template.parts(question, [IMAGE] + ([] if findings is None else [_guide_line(findings)]))

@@ -7,7 +7,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 LIB = REPO / "llm_cxr"
 # Lower rank may not import higher rank.
-RANK = {"errors": 0, "configs": 0, "accel": 0, "data": 1, "vqgan": 1, "classifier": 2, "tokens": 2, "prompts": 2, "textlm": 2, "instruct": 3, "diagnosis": 3, "modeling": 3, "lm_train": 3, "cli_lm": 6, "cli_gen": 6, "cli_serve": 6, "generation": 4,
+RANK = {"errors": 0, "configs": 0, "accel": 0, "pipeline": 0, "data": 1, "vqgan": 1, "classifier": 2, "tokens": 2, "prompts": 2, "textlm": 2, "instruct": 3, "diagnosis": 3, "modeling": 3, "lm_train": 3, "cli_lm": 6, "cli_gen": 6, "cli_serve": 6, "generation": 4,
         "evaluation": 5, "explain": 5, "webapp": 5}
 
 

@@ -124,7 +124,7 @@ def test_agreement_prefers_images_that_show_what_was_asked():
 
 
 def test_requested_findings_reads_positive_findings_with_sides():
-    from llm_cxr.evaluation.labeler import requested_findings
+    from llm_cxr.prompts import requested_findings
 
     assert requested_findings("FINDINGS: Small right pleural effusion. Possible pneumothorax. No consolidation.\n"
                               "IMPRESSION: Right pleural effusion.") == ["pleural_effusion:right"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llm_cxr.evaluation.labeler import dataset_labels
+from llm_cxr.data.labeler import dataset_labels
 from PIL import Image
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -377,7 +377,7 @@ def test_custom_labeler_fills_labels(tmp_path):
 
 
 def test_real_labeler(tmp_path):
-    labeler = pytest.importorskip("llm_cxr.evaluation.labeler", reason="the report labeler has not landed yet")
+    labeler = pytest.importorskip("llm_cxr.data.labeler", reason="the report labeler has not landed yet")
     assert hasattr(labeler, "dataset_labels")
     write_image(tmp_path / "a.png")
     write_image(tmp_path / "b.png")

@@ -11,7 +11,7 @@ from llm_cxr.errors import ConfigError, InputError
 from llm_cxr.instruct import (LengthGroupedBatches, StageConfig, collate, encode_example, study_examples,
                               text_example)
 from llm_cxr.prompts import (CHECKLIST_QUESTIONS, GUIDE_PREFIX, IMAGE, TEMPLATES, checklist_qa, get_template, make_vqa,
-                             parse_checklist, report_text)
+                             parse_checklist, report_text, stated_items)
 from llm_cxr.textlm import train_text_tokenizer
 from llm_cxr.tokens import add_image_tokens
 
@@ -166,10 +166,11 @@ def test_checklist_answers_every_finding_in_a_fixed_order_and_parses_back():
 
 def test_guided_report_prompt_lists_the_checklist_positives():
     findings = [Finding("endotracheal_tube"), Finding("pleural_effusion", "right", "basal", "large")]
+    report = REPORT + " Endotracheal tube in place. Mild cardiomegaly. Possible edema."  # states every finding below
     stage = StageConfig(report=0, image=0, vqa=0, checklist=0, report_guided=1)
-    (ex,) = study_examples(_row(findings), stage, get_template("compact"), 0)
+    (ex,) = study_examples(_row(findings, report=report), stage, get_template("compact"), 0)
     hint = [p for p in ex.prompt if isinstance(p, str) and p.startswith(GUIDE_PREFIX)]
-    assert ex.task == "report" and ex.response == REPORT and IMAGE in ex.prompt
+    assert ex.task == "report" and ex.response == report and IMAGE in ex.prompt
     # in checklist order (what parse_checklist of a checklist answer gives back), not the findings' order
     assert hint == [GUIDE_PREFIX + "pleural effusion and endotracheal tube"]
     (normal,) = study_examples(_row([]), stage, get_template("compact"), 0)
@@ -177,14 +178,66 @@ def test_guided_report_prompt_lists_the_checklist_positives():
     # real data: a hedged finding is neither asked about nor stated in the hint
     row = _row([Finding("edema"), Finding("cardiomegaly")]) | {"source": "mimic", "labels": {
         "edema": -1, "cardiomegaly": 1, "pneumothorax": 0}}
-    (real,) = study_examples(row, stage, get_template("compact"), 0)
+    (real,) = study_examples(row | {"report": report}, stage, get_template("compact"), 0)
     assert GUIDE_PREFIX + "cardiomegaly" in real.prompt
     # the writer's text-only examples: the same hint and report, no image
     text_stage = StageConfig(report=0, image=0, vqa=0, checklist=0, report_from_findings=1)
-    (txt,) = study_examples(_row(findings), text_stage, get_template("compact"), 0)
-    assert txt.task == "text" and txt.codes is None and IMAGE not in txt.prompt and txt.response == REPORT
+    (txt,) = study_examples(_row(findings, report=report), text_stage, get_template("compact"), 0)
+    assert txt.task == "text" and txt.codes is None and IMAGE not in txt.prompt and txt.response == report
     assert GUIDE_PREFIX + "pleural effusion and endotracheal tube" in txt.prompt
     with pytest.raises(ConfigError, match="report_guided"):
         StageConfig(report_guided=-1)
     with pytest.raises(ConfigError, match="report_from_findings"):
         StageConfig(report_from_findings=-1)
+
+
+def test_guided_prompts_list_what_their_target_states_and_questions_get_every_finding():
+    """A guided report's prompt lists only the findings its target text states: an impression that leaves out the
+    tube, trained under a prompt that lists it, would teach the writer to drop findings it is given. A guided
+    question's prompt lists them all (its answer comes from the truth, not from a text)."""
+    report = ("FINDINGS: Endotracheal tube in satisfactory position. A large right effusion is present.\n"
+              "IMPRESSION: Large right pleural effusion.")
+    findings = [Finding("endotracheal_tube"), Finding("pleural_effusion", "right", "basal", "large")]
+    both = GUIDE_PREFIX + "right pleural effusion and endotracheal tube"
+    stage = dict(report=0, image=0, vqa=0, checklist=0, report_guided=1, report_from_findings=1, vqa_guided=2,
+                 guide_sides=True)
+    exs = study_examples(_row(findings, report=report), StageConfig(sections="impression", **stage),
+                         get_template("compact"), 0)
+    written = [e for e in exs if e.task in ("report", "text")]
+    assert [e.task for e in written] == ["report", "text"]
+    assert all(GUIDE_PREFIX + "right pleural effusion" in e.prompt and both not in e.prompt for e in written)
+    asked = [e for e in exs if e.task == "vqa"]
+    assert len(asked) == 2 and all(both in e.prompt and IMAGE in e.prompt and e.meta["guided"] for e in asked)
+    full = study_examples(_row(findings, report=report), StageConfig(**stage), get_template("compact"), 0)
+    assert all(both in e.prompt for e in full)  # the whole report states both
+    assert stated_items(["pleural_effusion:right", "chest_tube:left"],
+                        "IMPRESSION: Right pleural effusion. No pneumothorax.") == ["pleural_effusion:right"]
+    # a hedged mention counts as stated, as the clinical score counts it
+    assert stated_items(["pneumothorax", "chest_tube"], "Pneumothorax cannot be excluded. No chest tube.") == [
+        "pneumothorax"]
+    with pytest.raises(ConfigError, match="vqa_guided"):
+        StageConfig(vqa_guided=-1)
+    StageConfig(report=0, image=0, vqa=0, vqa_guided=1)  # guided questions alone are a stage
+
+
+def test_tokenised_stage_cache_follows_the_code(tok_map, tmp_path, monkeypatch):
+    """The tokenised examples are cached beside the dataset; a change to the code that makes them (not only to the
+    stage config) must make a new cache, never reuse the old one."""
+    import datasets
+
+    import llm_cxr.instruct as instruct
+
+    rows = [{k: v for k, v in _row([Finding("pleural_effusion", "right")]).items() if k != "labels"} | {"id": f"s{i}"}
+            for i in range(4)]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+    ds = datasets.load_from_disk(str(tmp_path / "ds"))
+    tok, token_map = tok_map
+
+    def build():
+        return instruct.build_stage_dataset(ds, tok, token_map, StageConfig(report=1, image=0, vqa=0), max_length=128,
+                                            progress=False)
+
+    a, b = build(), build()
+    assert a._fingerprint == b._fingerprint and a.cache_files and a.cache_files == b.cache_files
+    monkeypatch.setattr(instruct, "code_hash", lambda *modules: "other code")
+    assert build()._fingerprint != a._fingerprint

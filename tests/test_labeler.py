@@ -12,7 +12,7 @@ import pytest
 
 from llm_cxr.data.reports import format_report
 from llm_cxr.data.schema import LABEL_NAMES, Finding
-from llm_cxr.evaluation.labeler import (
+from llm_cxr.data.labeler import (
     LabelResult,
     compare_labels,
     dataset_labels,
@@ -20,7 +20,7 @@ from llm_cxr.evaluation.labeler import (
     label_report,
     label_reports,
 )
-from llm_cxr.evaluation.labeler_rules import IU_REFERENCE_TERMS, AttributeRule, MentionRule
+from llm_cxr.data.labeler_rules import IU_REFERENCE_TERMS, AttributeRule, MentionRule
 
 
 def labels(text: str) -> dict[str, int | None]:

@@ -13,11 +13,17 @@ from test_modeling import make_codes_dataset
 
 
 class _SaysYes:
-    def answer(self, codes, questions, batch_size=16, max_new_tokens=24):
-        if isinstance(questions, str):  # the checklist: one question for every image
+    """Says yes to everything; a guided one (``guided_vqa``) says no when asked without its reading."""
+
+    def __init__(self, guided_vqa=False):
+        self.guided_vqa = guided_vqa
+
+    def answer(self, codes, questions, batch_size=16, max_new_tokens=24, guided=None):
+        if isinstance(questions, str):  # the checklist: one question for every image, always the model's own
+            assert guided is False
             return ["; ".join(f"{NAMES[n]}: yes" for n in FINDING_NAMES)] * len(codes)
         assert len(codes) == len(questions)
-        return ["yes"] * len(questions)
+        return ["no" if self.guided_vqa and guided is False else "yes"] * len(questions)
 
 
 def test_presence_by_finding_adds_up(tmp_path):
@@ -37,3 +43,12 @@ def test_presence_by_finding_adds_up(tmp_path):
     assert c["n_images"] == 24 and c["complete_rate"] == 1.0
     n_present = sum(len(json.loads(f)) for f in ds.select(range(24))["findings"])
     assert c["accuracy"] == pytest.approx(n_present / (24 * len(FINDING_NAMES)))
+    assert not r["guided"] and r["accuracy_yes_no_laterality_unguided"] is None
+    # a guided run is scored as it answers (guided) and, beside it, unguided
+    g = evaluate_vqa(_SaysYes(guided_vqa=True), ds, EvalConfig(n_vqa_images=24, vqa_per_image=4, progress=False))
+    assert g["guided"] and g["accuracy_yes_no_laterality"] == r["accuracy_yes_no_laterality"]
+    # "yes" is right on present findings, "no" on absent ones, neither on a side
+    n_p, n_l = g["by_kind"]["presence"]["n"], g["by_kind"].get("laterality", {"n": 0})["n"]
+    assert 0 < g["accuracy_yes_no_laterality_unguided"] < 1
+    assert g["accuracy_yes_no_laterality"] + g["accuracy_yes_no_laterality_unguided"] == pytest.approx(
+        n_p / (n_p + n_l))

@@ -270,16 +270,21 @@ def test_image_reader_stage_pretrains_trains_and_reloads(data, base, tmp_path):
 
 
 def test_guided_report_runs_are_marked_and_later_stages_inherit_it(two_step_run, data, base, tmp_path):
-    def stage(out, report, guided, sides=False, **src):
-        cfg = load_lm_config(None, {"stage": {"report": report, "report_guided": guided, "image": 0,
-                                              "guide_sides": sides}, "loop": {"progress": False}},
+    def stage(out, report, guided, sides=False, vqa=2, vqa_guided=0, **src):
+        cfg = load_lm_config(None, {"stage": {"report": report, "report_guided": guided, "image": 0, "vqa": vqa,
+                                              "vqa_guided": vqa_guided, "guide_sides": sides},
+                                    "loop": {"progress": False}},
                              data=str(data), out=str(tmp_path / out), steps=1, batch_size=2, mixed_precision="no",
                              max_length=256, **src)
         extra = load_run(train_lm(cfg)).info.extra
-        return extra["guided_reports"], extra["guide_sides"]
+        return extra["guided_reports"], extra["guided_vqa"], extra["guide_sides"]
 
     assert load_run(two_step_run).info.extra.get("guided_reports") is False  # plain reports (the default)
-    assert stage("g1", 0, 1, True, base=str(base)) == (True, True)
-    assert stage("g2", 0, 0, init_from=str(tmp_path / "g1")) == (True, True)  # continues it, no plain reports
-    assert stage("g3", 1, 0, init_from=str(tmp_path / "g1")) == (False, False)  # trained back to plain reports
-    assert stage("g4", 0, 1, init_from=str(tmp_path / "g1")) == (True, False)  # guided again, names only
+    assert stage("g1", 0, 1, True, base=str(base)) == (True, False, True)
+    assert stage("g2", 0, 0, init_from=str(tmp_path / "g1")) == (True, False, True)  # continues it, no plain reports
+    assert stage("g3", 1, 0, init_from=str(tmp_path / "g1")) == (False, False, False)  # trained back to plain
+    assert stage("g4", 0, 1, init_from=str(tmp_path / "g1")) == (True, False, False)  # guided again, names only
+    # guided questions: marked, inherited by a stage that asks none of its own, dropped by one that asks plain ones
+    assert stage("v1", 1, 0, True, vqa=0, vqa_guided=1, base=str(base)) == (False, True, True)
+    assert stage("v2", 1, 0, vqa=0, init_from=str(tmp_path / "v1")) == (False, True, True)
+    assert stage("v3", 1, 0, vqa=1, init_from=str(tmp_path / "v1")) == (False, False, False)

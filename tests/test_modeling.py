@@ -14,7 +14,7 @@ from llm_cxr.generation import LLMCXR, Sampling
 from llm_cxr.instruct import collate, encode_prompt
 from llm_cxr.modeling import (LoraSettings, RunInfo, apply_lora, auto_lora_targets, ensure_pad_token,
                               load_causal_lm, load_run, merge_run, save_model, trainable_summary)
-from llm_cxr.prompts import CHECKLIST_QUESTIONS, report_prompt, vqa_prompt
+from llm_cxr.prompts import CHECKLIST_QUESTIONS, GUIDE_PREFIX, report_prompt, vqa_prompt
 from llm_cxr.tokens import add_image_tokens
 
 N_CODES, GRID = 16, 2
@@ -383,15 +383,15 @@ def test_guided_reports_read_the_checklist_first_and_state_its_findings(gen, mon
     assert prompts == [expect(["pleural_effusion", "chest_tube"], 0), expect([], 1)]
 
     # a run trained for it: the checklist is read first, greedily even when the report is sampled
-    def fake_answer(images, question, sampling=None, max_new_tokens=24, batch_size=16):
-        asked.append((question, sampling))
+    def fake_answer(images, question, sampling=None, max_new_tokens=24, batch_size=16, guided=None):
+        asked.append((question, sampling, guided))
         return ["cardiomegaly: yes; pneumothorax: no; chest tube: yes", "not a checklist"]
 
     monkeypatch.setattr(gen, "answer", fake_answer)
     monkeypatch.setitem(gen.run.info.extra, "guided_reports", True)
     prompts.clear()
     texts = gen.generate_report(CODES[:2], sampling=Sampling(temperature=1.0, seed=0), max_new_tokens=3)
-    assert len(texts) == 2 and asked == [(CHECKLIST_QUESTIONS[0], Sampling())]
+    assert len(texts) == 2 and asked == [(CHECKLIST_QUESTIONS[0], Sampling(), False)]  # the reading: unguided
     assert prompts == [expect(["cardiomegaly", "chest_tube"], 0), expect([], 1)]
     prompts.clear()
     gen.generate_report(CODES[:2], max_new_tokens=3, guided=False)
@@ -402,9 +402,8 @@ def test_guided_reports_read_the_checklist_first_and_state_its_findings(gen, mon
         gen.generate_report(CODES[:2], findings=[["cardiomegaly"]])
 
 
-def test_guided_reports_state_the_finding_heads_reading_with_sides(gen, monkeypatch):
-    """A run with a finding head (finding_head: conv) reads with it, not with the LM's checklist answer, and
-    loads it from its folder; sides go into the prompt when the run was trained with them."""
+def _with_fixed_head(gen) -> LLMCXR:
+    """``gen``'s run loaded with a finding head that reads cardiomegaly and a left pleural effusion in any image."""
     from llm_cxr.diagnosis import HEAD_FILE, FindingHead, save_head
 
     head = FindingHead(torch.randn(N_CODES, 4), GRID, ["cardiomegaly", "pleural_effusion", "chest_tube"], width=4,
@@ -419,6 +418,13 @@ def test_guided_reports_state_the_finding_heads_reading_with_sides(gen, monkeypa
     finally:
         path.unlink()
     assert model.finding_head is not None and not (gen.run.folder / HEAD_FILE).exists()
+    return model
+
+
+def test_guided_reports_state_the_finding_heads_reading_with_sides(gen, monkeypatch):
+    """A run with a finding head (finding_head: conv) reads with it, not with the LM's checklist answer, and
+    loads it from its folder; sides go into the prompt when the run was trained with them."""
+    model = _with_fixed_head(gen)
     monkeypatch.setattr(model, "answer", lambda *a, **k: pytest.fail("the LM's checklist was asked"))
     monkeypatch.setitem(gen.run.info.extra, "guided_reports", True)
     assert model.read_findings(CODES[:2]) == [["cardiomegaly", "pleural_effusion"]] * 2
@@ -434,6 +440,34 @@ def test_guided_reports_state_the_finding_heads_reading_with_sides(gen, monkeypa
     assert "Checklist findings: right chest tube" in gen.tok.decode(prompts[0])
     with pytest.raises(InputError, match="unknown sides"):
         model.generate_report(CODES[:1], findings=[["chest_tube:middle"]])
+
+
+def test_guided_questions_state_the_reading(gen, monkeypatch):
+    """A run trained with guided questions (stage.vqa_guided) answers with its reading in the prompt: the finding
+    head's, or, without one, its own checklist answer -- asked unguided, once per image."""
+    prompts = []
+    monkeypatch.setitem(gen.run.info.extra, "guided_vqa", True)
+    monkeypatch.setitem(gen.run.info.extra, "guide_sides", True)
+    model = _with_fixed_head(gen)
+    for m in (model, gen):
+        real_text = m._text
+        monkeypatch.setattr(m, "_text", lambda p, s, n, real_text=real_text: prompts.extend(p) or real_text(p, s, n))
+
+    def said(m, **kw):
+        prompts.clear()
+        m.answer(CODES[:2], "Is there a pneumothorax?", max_new_tokens=2, **kw)
+        return [gen.tok.decode(p) for p in prompts]
+
+    texts = said(model)
+    assert len(texts) == 2 and all("Checklist findings: cardiomegaly and left pleural effusion" in t for t in texts)
+    assert all(GUIDE_PREFIX not in t for t in said(model, guided=False))
+    assert all("Checklist findings: right chest tube" in t for t in said(model, findings=[["chest_tube:right"]] * 2))
+    with pytest.raises(InputError, match="unknown finding names"):
+        said(model, findings=[["effusion"]] * 2)
+    # no head: the checklist question first (unguided), then the guided question, for both images
+    texts = said(gen)
+    assert len(texts) == 4 and all(CHECKLIST_QUESTIONS[0] in t and GUIDE_PREFIX not in t for t in texts[:2])
+    assert all(GUIDE_PREFIX in t and "pneumothorax" in t for t in texts[2:])
 
 
 def test_image_candidates_are_reranked_by_the_finding_head(gen, monkeypatch):
@@ -475,5 +509,30 @@ def test_cli_report_writes_the_findings_it_was_guided_by(gen, tmp_path, capsys):
     assert [r["findings"] for r in rows] == [["pleural_effusion", "chest_tube"]] * 2
     assert main(base + ["--findings", "effusion"]) != 0
     assert "unknown finding names ['effusion']" in capsys.readouterr().err
+    assert main(base + ["--findings", "edema", "--plain"]) != 0
+    assert "exclude each other" in capsys.readouterr().err
+
+
+def test_cli_ask_answers_every_question_about_every_image_and_writes_the_findings_stated(gen, tmp_path, capsys,
+                                                                                          monkeypatch):
+    import llm_cxr.cli_gen as cli_gen
+
+    monkeypatch.setattr(cli_gen, "_load", lambda args: gen)
+    monkeypatch.setattr(gen, "codes_of", lambda images: images if isinstance(images, torch.Tensor)
+                        else CODES[[int(str(i).endswith("b.png")) for i in images]])  # a.png -> row 0, b.png -> 1
+    out = tmp_path / "answers.jsonl"
+    qs = ["Is there a pneumothorax?", "Which side is the effusion on?"]
+    base = ["-q", "ask", "--model", "run", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "-Q", qs[0], "-Q", qs[1]]
+    assert main(base + ["--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["image"][-5:], r["question"]) for r in rows] == [("a.png", qs[0]), ("a.png", qs[1]), ("b.png", qs[0]),
+                                                                ("b.png", qs[1])]
+    assert all("findings" not in r for r in rows)  # a plain run
+    assert [r["answer"] for r in rows] == gen.answer(CODES[[0, 0, 1, 1]], qs * 2)
+    assert main(base + ["--findings", "pleural_effusion:right", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["findings"] for r in rows] == [["pleural_effusion:right"]] * 4
+    assert [r["answer"] for r in rows] == gen.answer(CODES[[0, 0, 1, 1]], qs * 2,
+                                                     findings=[["pleural_effusion:right"]] * 4)
     assert main(base + ["--findings", "edema", "--plain"]) != 0
     assert "exclude each other" in capsys.readouterr().err

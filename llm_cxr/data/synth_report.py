@@ -4,7 +4,7 @@ The register imitates frontal chest radiograph reports (FINDINGS / IMPRESSION) a
 public collections such as IU X-ray (Demner-Fushman et al., JAMIA 2016) and MIMIC-CXR
 (Johnson et al., Sci. Data 2019); no report text from either is reproduced here.
 
-The contract with the report labeler (``llm_cxr.evaluation.labeler``) is strict, so that
+The contract with the report labeler (``llm_cxr.data.labeler``) is strict, so that
 labels read back from these reports equal the planted ground truth:
 
 * every present finding is stated affirmatively, with its standard name or a common

@@ -1,1 +1,1 @@
-"""Evaluation: the report labeler, language metrics and image metrics."""
+"""Evaluation: clinical, language and image metrics (the report labeler they use is :mod:`llm_cxr.data.labeler`)."""

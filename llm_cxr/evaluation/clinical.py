@@ -1,7 +1,7 @@
 """Clinical-efficacy scores: do the findings in a text match the reference findings?
 
 The findings of a predicted report are read by the rule-based labeler
-(:mod:`llm_cxr.evaluation.labeler`), then compared per finding name with the reference
+(:mod:`llm_cxr.data.labeler`), then compared per finding name with the reference
 (micro/macro precision, recall and F1, as in the CheXpert-based clinical-efficacy metrics
 of report-generation papers, e.g. Miura et al., NAACL 2021), plus the exact-match rate
 of the whole finding set and the accuracy of laterality on correctly found findings.
@@ -106,7 +106,7 @@ def score_reports(texts: Sequence[str], refs: Sequence[Sequence[Finding]],
 
     Findings the labeler reads as uncertain ("possible effusion") count as predicted.
     """
-    from llm_cxr.evaluation.labeler import label_report
+    from llm_cxr.data.labeler import label_report
 
     preds = [label_report(t).findings for t in texts]
     return score_findings(preds, refs, names)

@@ -22,9 +22,9 @@ import torch
 
 from llm_cxr.data.schema import FINDING_NAMES, findings_from_json
 from llm_cxr.evaluation.clinical import score_reports
-from llm_cxr.evaluation.labeler import requested_findings
 from llm_cxr.generation import LLMCXR, Sampling
-from llm_cxr.prompts import CHECKLIST_QUESTIONS, guide_items, make_vqa, parse_checklist, split_item
+from llm_cxr.prompts import (CHECKLIST_QUESTIONS, guide_items, make_vqa, parse_checklist, requested_findings,
+                             split_item)
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def evaluate_reports(model: LLMCXR, ds, cfg: EvalConfig) -> dict[str, Any]:
     codes = torch.as_tensor(sub.with_format("numpy")[:]["codes"]).long()
     refs = [findings_from_json(f) for f in sub["findings"]]
     t = time.monotonic()
-    stated = model.report_findings(codes, batch_size=cfg.batch_size)  # None: plain reports
+    stated = model.stated_findings(codes, batch_size=cfg.batch_size)  # None: plain reports
     texts = _progress_map(lambda sl: model.generate_report(codes[sl], batch_size=cfg.batch_size,
                                                            findings=stated[sl] if stated else None),
                           len(sub), cfg.batch_size, "reports", cfg.progress)
@@ -159,20 +159,29 @@ def evaluate_vqa(model: LLMCXR, ds, cfg: EvalConfig) -> dict[str, Any]:
             answers.append(qa.answer)
             findings.append(qa.finding)
     codes_t = torch.as_tensor(np.stack(codes)).long()
-    got = _progress_map(lambda sl: model.answer(codes_t[sl], qs[sl], batch_size=cfg.batch_size), len(qs),
-                        cfg.batch_size, "questions", cfg.progress)
+
+    def ask(guided: bool | None, desc: str) -> list[str]:
+        return _progress_map(lambda sl: model.answer(codes_t[sl], qs[sl], batch_size=cfg.batch_size, guided=guided),
+                             len(qs), cfg.batch_size, desc, cfg.progress)
+
+    def core_accuracy(got: list[str]) -> float:
+        core = [g.strip().lower() == a.lower() for g, a, k in zip(got, answers, kinds) if k in ("presence", "laterality")]
+        return sum(core) / max(1, len(core))
+
+    got = ask(None, "questions")
     ok = [g.strip().lower() == a.lower() for g, a in zip(got, answers)]
     by_kind: dict[str, list[bool]] = {}
     for k, o in zip(kinds, ok):
         by_kind.setdefault(k, []).append(o)
-    core = [o for k, o in zip(kinds, ok) if k in ("presence", "laterality")]
     presence: dict[str, list[bool]] = {}
     for k, f, o in zip(kinds, findings, ok):
         if k == "presence" and f:
             presence.setdefault(f, []).append(o)
     checklist = _evaluate_checklist(model, sub, codes_all, cfg)
-    return {"n_questions": len(qs), "accuracy_yes_no_laterality": sum(core) / max(1, len(core)),
-            "checklist": checklist,
+    # a guided run answers with its reading in the prompt; the model's own reading is scored beside it
+    alone = core_accuracy(ask(False, "questions, unguided")) if model.guided_vqa else None
+    return {"n_questions": len(qs), "guided": model.guided_vqa, "accuracy_yes_no_laterality": core_accuracy(got),
+            "accuracy_yes_no_laterality_unguided": alone, "checklist": checklist,
             "accuracy_all": sum(ok) / max(1, len(ok)),
             "by_kind": {k: {"accuracy": sum(v) / len(v), "n": len(v)} for k, v in by_kind.items()},
             "presence_by_finding": {f: {"accuracy": sum(v) / len(v), "n": len(v)} for f, v in sorted(presence.items())},
@@ -184,7 +193,8 @@ def _evaluate_checklist(model: LLMCXR, sub, codes_all, cfg: EvalConfig) -> dict[
     (image, finding) pairs; an item the answer leaves out counts as "no", a missing answer as all "no"."""
     q = CHECKLIST_QUESTIONS[0]
     codes_t = torch.as_tensor(np.stack(list(codes_all))).long()
-    got = _progress_map(lambda sl: model.answer(codes_t[sl], q, max_new_tokens=96, batch_size=cfg.batch_size),
+    got = _progress_map(lambda sl: model.answer(codes_t[sl], q, max_new_tokens=96, batch_size=cfg.batch_size,
+                                                guided=False),
                         len(codes_t), cfg.batch_size, "checklists", cfg.progress)
     tp = fp = fn = agree = total = complete = 0
     for text, fj in zip(got, sub["findings"]):
@@ -239,7 +249,8 @@ def evaluate_all(model: LLMCXR, data: str, split: str = "test", classifier: str 
         t_img = time.monotonic() - t
     summary = {"report_guided": res["reports"]["guided"], "report_clinical_micro_f1": res["reports"]["micro_f1"],
                "report_laterality_accuracy": res["reports"]["laterality_accuracy"],
-               "vqa_accuracy": res["vqa"]["accuracy_yes_no_laterality"],
+               "vqa_guided": res["vqa"]["guided"], "vqa_accuracy": res["vqa"]["accuracy_yes_no_laterality"],
+               "vqa_accuracy_unguided": res["vqa"]["accuracy_yes_no_laterality_unguided"],
                "vqa_accuracy_all_kinds": res["vqa"]["accuracy_all"],
                "checklist_micro_f1": res["vqa"]["checklist"]["micro_f1"],
                "report_reading_micro_f1": res["reports"].get("reading", {}).get("micro_f1"),

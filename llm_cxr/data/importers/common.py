@@ -54,7 +54,7 @@ class ImportOptions:
             raise ConfigError(f"limit must be a positive number of images or None, got {self.limit!r}")
         if self.label is True:
             raise ConfigError("label=True: pass the labeler function itself, e.g. "
-                              "label=llm_cxr.evaluation.labeler.dataset_labels (the data layer does not import it)")
+                              "label=llm_cxr.data.labeler.dataset_labels (or your own function)")
         if not (self.label in (None, False) or callable(self.label)):
             raise ConfigError(f"label must be None or a labeler function, got {self.label!r}")
 

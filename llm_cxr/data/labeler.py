@@ -7,7 +7,7 @@ radiology reports", AMIA 2018 Informatics Summit), without a parser:
 
 1. *Mention extraction*: phrases naming an observation (``pleural effusion``, ``PICC``) and
    structures whose state is described (``heart size is normal``), from
-   :mod:`llm_cxr.evaluation.labeler_rules`.
+   :mod:`llm_cxr.data.labeler_rules`.
 2. *Classification* of each mention from cues in its sentence: a hedged negation
    ("cannot be excluded") makes it uncertain; otherwise the nearest cue before it inside its
    clause decides (``no``, ``without`` reach across a comma-separated list; a clause ends at
@@ -43,8 +43,8 @@ from llm_cxr.data.schema import (
     UNCERTAIN,
     Finding,
 )
-from llm_cxr.evaluation import labeler_rules as R
-from llm_cxr.evaluation.labeler_rules import LabelAgreement, compare_labels, iu_reference_labels
+from llm_cxr.data import labeler_rules as R
+from llm_cxr.data.labeler_rules import LabelAgreement, compare_labels, iu_reference_labels
 
 log = logging.getLogger(__name__)
 
@@ -519,14 +519,6 @@ def label_report(text: str) -> LabelResult:
         for name in FINDING_NAMES if labels[name] in (POSITIVE, UNCERTAIN)
     ]
     return LabelResult(labels=labels, findings=findings, mentions=mentions)
-
-
-def requested_findings(text: str) -> list[str]:
-    """What a report asks an image to show, as guide items in checklist order: its positive (not hedged)
-    findings, with their sides (``["pleural_effusion:right", "chest_tube"]``)."""
-    from llm_cxr.prompts import guide_items
-
-    return guide_items([f for f in label_report(text).findings if not f.extra.get("uncertain")], sides=True)
 
 
 def label_reports(texts: Iterable[str], progress: bool = False) -> list[LabelResult]:

@@ -1,6 +1,6 @@
 """The vocabulary of the report labeler, and the tools to check it against references.
 
-The phrase lists are data; :mod:`llm_cxr.evaluation.labeler` is the engine that applies
+The phrase lists are data; :mod:`llm_cxr.data.labeler` is the engine that applies
 them. At the end: reference labels from the IU X-ray MeSH problem lists and per-class
 agreement (precision / recall / F1) of two sets of labels.
 
