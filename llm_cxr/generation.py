@@ -245,8 +245,10 @@ class LLMCXR:
             if len(findings) != len(images):
                 raise InputError(f"got {len(images)} images and {len(findings)} finding lists; give one per image")
             return [check_items(fs) for fs in findings]
+        if task not in ("report", "vqa"):
+            raise ConfigError(f"task must be 'report' or 'vqa', got {task!r}")
         if guided is None:
-            guided = {"report": self.guided_reports, "vqa": self.guided_vqa}[task]
+            guided = self.guided_reports if task == "report" else self.guided_vqa
         if guided:
             return self.read_findings(images, batch_size)
         return None

@@ -528,7 +528,7 @@ def train_lm(cfg: LMTrainConfig, accelerator=None) -> Path:
         info = RunInfo(kind=kind, base=_abs(base), vqgan=_abs(vq) if vq else None, template=cfg.template,
                        max_length=cfg.max_length, extra={"vqgan_weights": codes_info.get("weights"),
                                                          "trainable": asdict(summary) | {"share": summary.share},
-                                                         **_guided_reports(cfg),
+                                                         **_guided_modes(cfg),
                                                          **_relative_refs(run / "model", base, vq)})
         save_model(accelerator.unwrap_model(model), tok, token_map, info, run / "model")
         if (run / HEAD_FILE).exists():
@@ -539,7 +539,7 @@ def train_lm(cfg: LMTrainConfig, accelerator=None) -> Path:
     return run
 
 
-def _guided_reports(cfg: LMTrainConfig) -> dict[str, bool]:
+def _guided_modes(cfg: LMTrainConfig) -> dict[str, bool]:
     """``guided_reports`` / ``guided_vqa`` (the run writes reports / answers questions from its reading) and
     ``guide_sides`` (the reading gives sides): this stage trains them, or continues a stage that did and trains
     no plain reports / only guided questions."""
