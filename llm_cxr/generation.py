@@ -241,12 +241,12 @@ class LLMCXR:
         for a plain prompt: ``findings`` checked (names, or ``name:side``), or the run's own reading
         (:meth:`read_findings`) when ``guided`` (default: what the run was trained for, :attr:`guided_reports`
         or :attr:`guided_vqa`)."""
+        if task not in ("report", "vqa"):
+            raise ConfigError(f"task must be 'report' or 'vqa', got {task!r}")
         if findings is not None:
             if len(findings) != len(images):
                 raise InputError(f"got {len(images)} images and {len(findings)} finding lists; give one per image")
             return [check_items(fs) for fs in findings]
-        if task not in ("report", "vqa"):
-            raise ConfigError(f"task must be 'report' or 'vqa', got {task!r}")
         if guided is None:
             guided = self.guided_reports if task == "report" else self.guided_vqa
         if guided:

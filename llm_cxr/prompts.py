@@ -86,9 +86,9 @@ IMAGE_INSTRUCTIONS = (
     "Create a chest X-ray image matching the following report.",
     "Synthesize a frontal chest X-ray consistent with this report.",
 )
-# Checklist-guided reports (as in diagnosis-driven report generation, e.g. PromptMRG, Jin et al., AAAI 2024):
-# the findings the model itself read from the image (its checklist answer) go into the report prompt, so
-# the free text states what the image was read to show instead of the most frequent report.
+# Checklist-guided prompts (as in diagnosis-driven report generation, e.g. PromptMRG, Jin et al., AAAI 2024):
+# the findings read from the image (by the run's finding head, or the model's own checklist answer) go into the
+# prompt, so the free text states what the image was read to show instead of the most frequent report.
 GUIDE_PREFIX = "\nChecklist findings: "
 IMPRESSION_INSTRUCTIONS = (
     "Write the impression section of the radiology report for this chest X-ray.",
@@ -301,10 +301,10 @@ class Example:
 
 def report_prompt(template: PromptTemplate, rng: random.Random | None = None, sections: str = "findings_impression",
                   findings: Iterable[str] | None = None, image: bool = True):
-    """A CXR -> report prompt. ``findings`` (names) makes it checklist-guided: the findings present are stated
-    after the image (the truth in training, the model's own checklist at inference:
-    :meth:`llm_cxr.generation.LLMCXR.generate_report`). ``image=False``: the guided prompt without the image
-    (text-only training of the writer)."""
+    """A CXR -> report prompt. ``findings`` (guide items, ``name`` or ``name:side``) makes it checklist-guided:
+    the findings present are stated after the image (in training the truth the target text states, at inference
+    the run's reading: :meth:`llm_cxr.generation.LLMCXR.generate_report`). ``image=False``: the guided prompt
+    without the image (text-only training of the writer)."""
     pool = IMPRESSION_INSTRUCTIONS if sections == "impression" else REPORT_INSTRUCTIONS
     inputs: list = [IMAGE] if image else []
     if findings is not None:

@@ -13,17 +13,27 @@ from test_modeling import make_codes_dataset
 
 
 class _SaysYes:
-    """Says yes to everything; a guided one (``guided_vqa``) says no when asked without its reading."""
+    """Says yes to everything; a guided one (``guided_vqa``) reads every image as normal and says no when asked
+    without its reading."""
 
     def __init__(self, guided_vqa=False):
         self.guided_vqa = guided_vqa
+        self.images_read = 0
 
-    def answer(self, codes, questions, batch_size=16, max_new_tokens=24, guided=None):
+    def stated_findings(self, codes, guided=None, findings=None, batch_size=16, task="report"):
+        assert task == "vqa"
+        if not self.guided_vqa:
+            return None
+        self.images_read += len(codes)
+        return [[] for _ in codes]
+
+    def answer(self, codes, questions, batch_size=16, max_new_tokens=24, guided=None, findings=None):
+        assert guided is False  # the evaluation states the reading itself, or asks plainly
         if isinstance(questions, str):  # the checklist: one question for every image, always the model's own
-            assert guided is False
+            assert findings is None
             return ["; ".join(f"{NAMES[n]}: yes" for n in FINDING_NAMES)] * len(codes)
-        assert len(codes) == len(questions)
-        return ["no" if self.guided_vqa and guided is False else "yes"] * len(questions)
+        assert len(codes) == len(questions) and (findings is None or len(findings) == len(codes))
+        return ["no" if self.guided_vqa and findings is None else "yes"] * len(questions)
 
 
 def test_presence_by_finding_adds_up(tmp_path):
@@ -45,8 +55,10 @@ def test_presence_by_finding_adds_up(tmp_path):
     assert c["accuracy"] == pytest.approx(n_present / (24 * len(FINDING_NAMES)))
     assert not r["guided"] and r["accuracy_yes_no_laterality_unguided"] is None
     # a guided run is scored as it answers (guided) and, beside it, unguided
-    g = evaluate_vqa(_SaysYes(guided_vqa=True), ds, EvalConfig(n_vqa_images=24, vqa_per_image=4, progress=False))
+    guided = _SaysYes(guided_vqa=True)
+    g = evaluate_vqa(guided, ds, EvalConfig(n_vqa_images=24, vqa_per_image=4, progress=False))
     assert g["guided"] and g["accuracy_yes_no_laterality"] == r["accuracy_yes_no_laterality"]
+    assert guided.images_read == 24  # once per image, not once per question
     # "yes" is right on present findings, "no" on absent ones, neither on a side
     n_p, n_l = g["by_kind"]["presence"]["n"], g["by_kind"].get("laterality", {"n": 0})["n"]
     assert 0 < g["accuracy_yes_no_laterality_unguided"] < 1

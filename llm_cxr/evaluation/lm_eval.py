@@ -148,27 +148,31 @@ def evaluate_images(model: LLMCXR, ds, classifier_dir: str, cfg: EvalConfig) -> 
 
 def evaluate_vqa(model: LLMCXR, ds, cfg: EvalConfig) -> dict[str, Any]:
     sub = _take(ds, cfg.n_vqa_images, cfg.seed + 2)
-    codes_all = sub.with_format("numpy")[:]["codes"]
-    qs, codes, kinds, answers, findings = [], [], [], [], []
+    images = torch.as_tensor(sub.with_format("numpy")[:]["codes"]).long()  # (N, H*W)
+    qs, image_of, kinds, answers, findings = [], [], [], [], []
     for i, (sid, fj) in enumerate(zip(sub["id"], sub["findings"])):
         rng = random.Random(f"{cfg.seed}:{sid}:eval")
         for qa in make_vqa(findings_from_json(fj), rng, cfg.vqa_per_image, FINDING_NAMES):
             qs.append(qa.question)
-            codes.append(codes_all[i])
+            image_of.append(i)
             kinds.append(qa.kind)
             answers.append(qa.answer)
             findings.append(qa.finding)
-    codes_t = torch.as_tensor(np.stack(codes)).long()
+    codes_t = images[image_of]
+    # a guided run's reading, once per image (each is asked several questions); None: plain questions
+    read = model.stated_findings(images, batch_size=cfg.batch_size, task="vqa")
+    per_question = [read[i] for i in image_of] if read is not None else None
 
-    def ask(guided: bool | None, desc: str) -> list[str]:
-        return _progress_map(lambda sl: model.answer(codes_t[sl], qs[sl], batch_size=cfg.batch_size, guided=guided),
+    def ask(stated: list | None, desc: str) -> list[str]:
+        return _progress_map(lambda sl: model.answer(codes_t[sl], qs[sl], batch_size=cfg.batch_size, guided=False,
+                                                     findings=stated[sl] if stated is not None else None),
                              len(qs), cfg.batch_size, desc, cfg.progress)
 
     def core_accuracy(got: list[str]) -> float:
         core = [g.strip().lower() == a.lower() for g, a, k in zip(got, answers, kinds) if k in ("presence", "laterality")]
         return sum(core) / max(1, len(core))
 
-    got = ask(None, "questions")
+    got = ask(per_question, "questions")
     ok = [g.strip().lower() == a.lower() for g, a in zip(got, answers)]
     by_kind: dict[str, list[bool]] = {}
     for k, o in zip(kinds, ok):
@@ -177,10 +181,10 @@ def evaluate_vqa(model: LLMCXR, ds, cfg: EvalConfig) -> dict[str, Any]:
     for k, f, o in zip(kinds, findings, ok):
         if k == "presence" and f:
             presence.setdefault(f, []).append(o)
-    checklist = _evaluate_checklist(model, sub, codes_all, cfg)
+    checklist = _evaluate_checklist(model, sub, images, cfg)
     # a guided run answers with its reading in the prompt; the model's own reading is scored beside it
-    alone = core_accuracy(ask(False, "questions, unguided")) if model.guided_vqa else None
-    return {"n_questions": len(qs), "guided": model.guided_vqa, "accuracy_yes_no_laterality": core_accuracy(got),
+    alone = core_accuracy(ask(None, "questions, unguided")) if read is not None else None
+    return {"n_questions": len(qs), "guided": read is not None, "accuracy_yes_no_laterality": core_accuracy(got),
             "accuracy_yes_no_laterality_unguided": alone, "checklist": checklist,
             "accuracy_all": sum(ok) / max(1, len(ok)),
             "by_kind": {k: {"accuracy": sum(v) / len(v), "n": len(v)} for k, v in by_kind.items()},
@@ -188,11 +192,10 @@ def evaluate_vqa(model: LLMCXR, ds, cfg: EvalConfig) -> dict[str, Any]:
             "examples": [{"q": q, "answer": a, "got": g} for q, a, g in list(zip(qs, answers, got))[:12]]}
 
 
-def _evaluate_checklist(model: LLMCXR, sub, codes_all, cfg: EvalConfig) -> dict[str, Any]:
+def _evaluate_checklist(model: LLMCXR, sub, codes_t: torch.Tensor, cfg: EvalConfig) -> dict[str, Any]:
     """Every finding answered at once (the ``checklist`` question) against the ground truth: micro-F1 over
     (image, finding) pairs; an item the answer leaves out counts as "no", a missing answer as all "no"."""
     q = CHECKLIST_QUESTIONS[0]
-    codes_t = torch.as_tensor(np.stack(list(codes_all))).long()
     got = _progress_map(lambda sl: model.answer(codes_t[sl], q, max_new_tokens=96, batch_size=cfg.batch_size,
                                                 guided=False),
                         len(codes_t), cfg.batch_size, "checklists", cfg.progress)
