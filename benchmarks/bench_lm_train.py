@@ -208,7 +208,9 @@ class PadToLongest:
         return collate(feats, self.pad_id, pad_to_multiple=1)
 
 
-def run_trainer(make, train_ds, pad_id: int, args, lr: float, warmup_lr: int) -> dict:
+def run_trainer(make, train_ds, pad_id: int, args, lr: float, warmup_lr: int, use_cpu: bool = True,
+                bf16: bool = False) -> dict:
+    """The plain Trainer baseline; ``use_cpu=False`` lets it take the GPU, ``bf16`` its bf16 autocast."""
     from transformers import Trainer, TrainingArguments
 
     model, digest = make()
@@ -217,8 +219,8 @@ def run_trainer(make, train_ds, pad_id: int, args, lr: float, warmup_lr: int) ->
     try:
         with tempfile.TemporaryDirectory(prefix="bench-lm-trainer-") as tmp:
             targs = TrainingArguments(output_dir=tmp, per_device_train_batch_size=args.batch_size, max_steps=args.steps,
-                                      learning_rate=lr, warmup_steps=warmup_lr, max_grad_norm=1.0, bf16=False,
-                                      fp16=False, use_cpu=True, train_sampling_strategy="random",
+                                      learning_rate=lr, warmup_steps=warmup_lr, max_grad_norm=1.0, bf16=bf16,
+                                      fp16=False, use_cpu=use_cpu, train_sampling_strategy="random",
                                       eval_strategy="no", save_strategy="no", report_to="none", disable_tqdm=True,
                                       remove_unused_columns=False, seed=args.seed)
             trainer = Trainer(model=model, args=targs, train_dataset=rows, data_collator=PadToLongest(pad_id))

@@ -36,6 +36,8 @@ def machine() -> dict[str, Any]:
                                             text=True, cwd=RESULTS.parent).stdout.strip()
     except OSError:
         pass
+    # a copy of the tree without .git (a GPU machine) names its commit in the environment
+    info["git_commit"] = info.get("git_commit") or os.environ.get("LLM_CXR_COMMIT")
     return info
 
 
@@ -62,8 +64,9 @@ def write_results(name: str, title: str, data: dict[str, Any], tables: Sequence[
     payload = {"benchmark": name, "date": time.strftime("%Y-%m-%d"), "command": " ".join([Path(sys.executable).name] + sys.argv),
                "machine": m, **data}
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    gpu = f", {m['cuda']}" if m.get("cuda") else ""
     md = [f"## {title}", "", f"`{payload['command']}` · {payload['date']} · {m.get('cpu')} "
-          f"({m.get('cpu_count')} cores), torch {m.get('torch')}, commit {m.get('git_commit')}", ""]
+          f"({m.get('cpu_count')} cores){gpu}, torch {m.get('torch')}, commit {m.get('git_commit')}", ""]
     if notes:
         md += [notes, ""]
     for caption, rows in tables:

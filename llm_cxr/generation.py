@@ -69,6 +69,16 @@ def _pick(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> tor
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
+def _accepts(model, name: str) -> bool:
+    import inspect
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel passes kwargs on
+    try:
+        return name in inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)  # (B, T)
@@ -82,9 +92,14 @@ def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
 class LLMCXR:
     """A trained llm-cxr model with its VQ-GAN: ``LLMCXR.from_pretrained(run)``."""
 
-    def __init__(self, run: LoadedRun, vqgan=None, device: str | torch.device = "cpu", autocast: bool | None = None):
+    def __init__(self, run: LoadedRun, vqgan=None, device: str | torch.device = "cpu", autocast: bool | None = None,
+                 dtype: torch.dtype | None = None):
+        """``dtype``: cast the LM's weights (e.g. ``torch.bfloat16`` on a GPU: half the memory, no per-step weight
+        casts); the default keeps them as loaded and decodes under bf16 autocast where the hardware runs it well."""
         self.run = run
         self.model = run.model.to(device).eval()
+        if dtype is not None:
+            self.model.to(dtype)
         self.tok = run.tokenizer
         self.map = run.token_map
         self.template = get_template(run.info.template)
@@ -92,6 +107,9 @@ class LLMCXR:
         self.device = torch.device(device)
         self.vqgan = vqgan
         self._positions = imagepos.find(self.model)  # 2D image position embeddings, if the run has them
+        # only the last position's logits: the prompt's would be B x T x V floats (4 GB for 64 prompts of 300
+        # tokens with Pythia's 50k vocabulary)
+        self._last_logits = {"logits_to_keep": 1} if _accepts(self.model, "logits_to_keep") else {}
         # the run's finding classifier (finding_head: conv), whose reading a guided report states; None if it has none
         self.finding_head = diagnosis.load_head(run.folder, self.device)
         if vqgan is not None:
@@ -100,6 +118,8 @@ class LLMCXR:
         # bf16 autocast where the hardware runs it well (CUDA, and CPUs with AVX-512 BF16 / AMX)
         self.autocast = (self.device.type == "cuda" or torch.backends.cpu.get_cpu_capability() in
                          ("AVX512", "AVX512_BF16", "AMX")) if autocast is None else autocast
+        if dtype is not None and dtype != torch.float32 and autocast is None:
+            self.autocast = False  # the weights already are in the low precision
         self._image_mask = torch.full((len(self.tok),), float("-inf"))
         self._image_mask[list(self.map.image_ids)] = 0.0
         self._text_mask = torch.zeros((len(self.tok),))
@@ -112,7 +132,8 @@ class LLMCXR:
 
     @classmethod
     def from_pretrained(cls, run: str | Path, vqgan: str | Path | None = None, device: str = "cpu",
-                        merge: bool = True, autocast: bool | None = None) -> "LLMCXR":
+                        merge: bool = True, autocast: bool | None = None,
+                        dtype: torch.dtype | None = None) -> "LLMCXR":
         """Load a run folder (LoRA merged for speed unless ``merge=False``) and its VQ-GAN."""
         from llm_cxr.vqgan import VQGAN
 
@@ -124,7 +145,7 @@ class LLMCXR:
                 raise ConfigError(f"the VQ-GAN {vq_path} recorded with {loaded.folder} does not exist; "
                                   f"pass vqgan=PATH")
             vq = VQGAN.from_pretrained(vq_path, device=device)
-        return cls(loaded, vq, device, autocast)
+        return cls(loaded, vq, device, autocast, dtype)
 
     # ---- inputs -------------------------------------------------------------------------------
     def codes_of(self, images) -> torch.Tensor:
@@ -160,7 +181,9 @@ class LLMCXR:
         ids, mask = _left_pad(seqs, self.tok.pad_token_id)
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        gen = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+        # the generator lives where the probabilities are (multinomial refuses a CPU generator for CUDA tensors);
+        # the same seed gives the same draws on the same device, not across devices
+        gen = torch.Generator(self.device).manual_seed(sampling.seed) if sampling.seed is not None else None
         allowed = allowed.to(self.device)
         out = torch.full((B, steps), self.tok.eos_token_id, dtype=torch.long)
         done = torch.zeros(B, dtype=torch.bool)
@@ -174,7 +197,7 @@ class LLMCXR:
                 else:
                     feed = {"input_ids": step_ids}
                 res = self.model(**feed, attention_mask=mask, position_ids=step_pos, past_key_values=past,
-                                 use_cache=True)
+                                 use_cache=True, **self._last_logits)
             past = res.past_key_values
             logits = res.logits[:, -1].float()
             if uncond is not None:

@@ -299,6 +299,20 @@ def test_generate_image_always_gives_a_full_grid_of_valid_codes(gen, batch, guid
     assert torch.equal(a.codes, b.codes)  # a seed makes sampling reproducible
 
 
+def test_decoding_computes_only_the_last_positions_logits_and_that_changes_nothing(gen, gen_llama):
+    for g in (gen, gen_llama):  # LoRA runs (a PeftModel passes logits_to_keep on to the base model)
+        assert g._last_logits == {"logits_to_keep": 1}
+        reports = ["Small left pleural effusion.", "", "No acute abnormality."]
+        images = g.generate_image(reports, sampling=Sampling(), batch_size=3).codes
+        texts = g.generate_report(CODES, sampling=Sampling(), max_new_tokens=10)
+        kept, g._last_logits = g._last_logits, {}
+        try:
+            assert torch.equal(g.generate_image(reports, sampling=Sampling(), batch_size=3).codes, images)
+            assert g.generate_report(CODES, sampling=Sampling(), max_new_tokens=10) == texts
+        finally:
+            g._last_logits = kept
+
+
 def test_text_never_holds_image_tokens_and_stops_at_eos(gen):
     texts = gen.generate_report(CODES, sampling=Sampling(temperature=2.0, seed=0), max_new_tokens=12)
     assert len(texts) == 3 and all(isinstance(t, str) and "<img_" not in t and "<image>" not in t for t in texts)
