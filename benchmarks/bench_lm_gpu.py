@@ -303,7 +303,7 @@ def part_generate(args, packed: dict, tok, token_map, pack_dir: Path) -> list[di
     reports = (datasets.load_from_disk(str(pack_dir / "test_images"))["report"] if (pack_dir / "test_images").exists()
                else ["Small right pleural effusion. No pneumothorax."])
     rows = []
-    for weights in ("fp32 + bf16 autocast", "bf16"):
+    for weights in args.gen_weights.split(","):
         _free()
         model = pythia_model(args.size, tok, token_map, "sdpa")
         with tempfile.TemporaryDirectory() as empty:  # no finding head: plain generation
@@ -490,6 +490,8 @@ def main() -> int:
     m.add_argument("--warmup", type=int, default=5)
     m.add_argument("--gen-batch-sizes", default="1,16,64")
     m.add_argument("--gen-n", type=int, default=64, help="requests per generation row (4 at batch 1)")
+    m.add_argument("--gen-weights", default="fp32 + bf16 autocast,bf16",
+                   help="LM weights for the generate part: 'fp32 + bf16 autocast' and/or 'bf16'")
     m.add_argument("--run-batch", type=int, default=64, help="batch size for the trained run")
     m.add_argument("--profile-top", type=int, default=15, help="ops listed by the profile part")
     m.add_argument("--digest", action="store_true", help="hash the initial weights (slow for big models)")
