@@ -24,10 +24,16 @@ its VQ-GAN and finding classifier and the test studies ``llm-cxr evaluate`` woul
   per token follow PaLM's appendix B: 6N + 12·L·d·n for full fine-tuning (N = weights of the linear layers, output
   head included; n = mean sequence length), and 4N + 6·N_LoRA + 12·L·d·n for LoRA, whose frozen weights need no
   weight gradients (a 6N count would flatter it by half as much again).
-- **generate**: the same random model through ``LLMCXR`` (KV cache, constrained decoding, bf16 autocast): images
-  (exactly H·W tokens each) and reports (160 new tokens: random weights rarely stop early) per minute by batch size.
-- **run**: the trained run on CUDA: reports, VQA and images scored exactly as ``bench_lm_quality.py`` scores them
-  on the CPU (same test studies), to show the CUDA path gives the same quality, and how fast.
+  Ablation rows take LoRA's dropout, or its trainable image-token rows, away.
+- **profile**: torch.profiler over optimizer steps 4-6 of a LoRA and a full step: GPU time by op.
+- **generate**: the same random model through ``LLMCXR`` (KV cache, constrained decoding), with fp32 weights under
+  bf16 autocast and with bf16 weights (``--gen-weights``): images (exactly H·W tokens each) and reports (160 new
+  tokens: random weights rarely stop early) per minute by batch size, and milliseconds per decode step.
+- **run**: the trained run on CUDA, with both kinds of weights: reports, VQA and images scored exactly as
+  ``bench_lm_quality.py`` scores them on the CPU (the same test studies), to show the CUDA path gives the same
+  quality, and how fast (after an untimed warm-up).
+
+Every part's results are written as soon as it ends, so a run cut short keeps what it finished.
 """
 
 from __future__ import annotations
@@ -309,8 +315,9 @@ def part_generate(args, packed: dict, tok, token_map, pack_dir: Path) -> list[di
         with tempfile.TemporaryDirectory() as empty:  # no finding head: plain generation
             info = RunInfo(kind="full", base=f"random {args.size}", vqgan=None, template=packed["template"],
                            max_length=1024)
+            bf16 = weights == "bf16"  # else fp32 weights under bf16 autocast
             m = LLMCXR(LoadedRun(model, tok, token_map, info, Path(empty)), None, "cuda",
-                       dtype=torch.bfloat16 if weights == "bf16" else None)
+                       autocast=None if bf16 else True, dtype=torch.bfloat16 if bf16 else None)
             for what in ("image", "report"):
                 for bs in [int(b) for b in args.gen_batch_sizes.split(",")]:
                     n = max(bs, args.gen_n if bs > 1 else min(args.gen_n, 4))
@@ -354,7 +361,8 @@ def part_run(args, pack_dir: Path, dtype: torch.dtype | None = None) -> dict:
 
     _free()
     ds = {w: datasets.load_from_disk(str(pack_dir / f"test_{w}")) for w in SUBSETS}
-    model = LLMCXR.from_pretrained(pack_dir / "run", vqgan=pack_dir / "vqgan", device="cuda", dtype=dtype)
+    model = LLMCXR.from_pretrained(pack_dir / "run", vqgan=pack_dir / "vqgan", device="cuda",
+                                   autocast=True if dtype is None else None, dtype=dtype)
     n = len(ds["reports"])
     warm = torch.as_tensor(ds["reports"].with_format("numpy")[:2]["codes"]).long()
     model.generate_report(warm, findings=[[], []], max_new_tokens=8)  # CUDA context, kernels, allocator: untimed

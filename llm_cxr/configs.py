@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 from dataclasses import fields
 from typing import Any, TypeVar
 
@@ -18,7 +19,36 @@ def from_dict_strict(cls: type[T], d: dict[str, Any], what: str, source: str = "
     unknown = sorted(set(d) - known)
     if unknown:
         raise ConfigError(f"{source}: unknown {what} keys {unknown}; known: {sorted(known)}")
-    return cls(**d)
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: _typed(v, hints.get(k), f"{what} key {k!r}", source) for k, v in d.items()})
+
+
+def _typed(value: Any, hint: Any, name: str, source: str) -> Any:
+    """``value`` checked against a plain field type (int, float, bool, str, optionally ``| None``).
+
+    YAML 1.1 (PyYAML) reads ``1e-4`` (no dot) as a string: a number field takes such a string as its number
+    rather than failing deep inside training. Fields of other types are passed through unchecked."""
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    plain = [a for a in args if a is not type(None)] if args else [hint]
+    if len(plain) != 1 or plain[0] not in (int, float, bool, str) or (value is None and optional):
+        return value
+    want = plain[0]
+    if want is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if want is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, want) and not (want is not bool and isinstance(value, bool)):
+        return value
+    if isinstance(value, str) and want in (int, float):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if number is not None and (want is float or number.is_integer()):
+            return want(number)
+    raise ConfigError(f"{source}: {name} must be {'an' if want is int else 'a'} {want.__name__}"
+                      f"{' or null' if optional else ''}, got {value!r}")
 
 
 def read_yaml_config(path) -> dict[str, Any]:

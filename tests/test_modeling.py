@@ -313,6 +313,17 @@ def test_decoding_computes_only_the_last_positions_logits_and_that_changes_nothi
             g._last_logits = kept
 
 
+def test_default_weights_dtype_is_bf16_on_a_gpu_unless_autocast_is_chosen(monkeypatch):
+    from llm_cxr.generation import default_dtype
+
+    assert default_dtype(torch.device("cpu"), None) is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert default_dtype(torch.device("cuda"), None) == torch.bfloat16
+    assert default_dtype(torch.device("cuda"), True) is None and default_dtype(torch.device("cuda"), False) is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert default_dtype(torch.device("cuda"), None) is None
+
+
 def test_text_never_holds_image_tokens_and_stops_at_eos(gen):
     texts = gen.generate_report(CODES, sampling=Sampling(temperature=2.0, seed=0), max_new_tokens=12)
     assert len(texts) == 3 and all(isinstance(t, str) and "<img_" not in t and "<image>" not in t for t in texts)
