@@ -55,8 +55,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-
 # GPT-NeoX shapes of the Pythia suite (Biderman et al. 2023); vocabulary padded to 50,304 rows
 PYTHIA = {"pythia-160m": (768, 12, 12, 3072), "pythia-410m": (1024, 24, 16, 4096), "pythia-1b": (2048, 16, 8, 8192),
           "pythia-1.4b": (2048, 24, 16, 8192), "pythia-2.8b": (2560, 32, 32, 10240)}
@@ -180,6 +178,21 @@ def _free():
     torch.cuda.reset_peak_memory_stats()
 
 
+def _maker(args, tok, token_map, mode: str, lora, attn: str = "sdpa"):
+    """A function making a fresh model for one row: full fine-tuning (every weight trains) or ``lora``."""
+    from bench_lm_train import weights_digest
+    from llm_cxr.modeling import apply_lora
+
+    def make():
+        model = pythia_model(args.size, tok, token_map, attn)
+        if mode == "lora":
+            torch.manual_seed(0)  # LoRA A matrices are drawn at random
+            model = apply_lora(model, token_map, lora)
+        return model, weights_digest(model) if args.digest else "-"
+
+    return make
+
+
 # --------------------------------------------------------------------------- parts
 
 
@@ -193,8 +206,8 @@ ROWS = {"ours_lora": "llm-cxr train_loop, LoRA, bf16, length-grouped, SDPA",
 
 
 def part_train(args, packed: dict, tok, token_map, ex, peak: float | None, measured_peak: float) -> list[dict]:
-    from bench_lm_train import run_ours, run_trainer, weights_digest
-    from llm_cxr.modeling import LoraSettings, apply_lora, pick_attention
+    from bench_lm_train import run_ours, run_trainer
+    from llm_cxr.modeling import LoraSettings, pick_attention
 
     mean_len = float(np.mean(ex["length"]))
     attn = pick_attention("auto", "cuda", "bf16")
@@ -208,16 +221,7 @@ def part_train(args, packed: dict, tok, token_map, ex, peak: float | None, measu
         sizes = [int(b) for b in args.batch_sizes.split(",")]
         for bs in sizes if name.startswith("ours") else sizes[:1]:
             _free()
-
-            def make():
-                model = pythia_model(args.size, tok, token_map, attn)
-                if mode == "lora":
-                    torch.manual_seed(0)
-                    model = apply_lora(model, token_map, lora)
-                else:
-                    model.requires_grad_(True)
-                return model, weights_digest(model) if args.digest else "-"
-
+            make = _maker(args, tok, token_map, mode, lora, attn)
             ns = types.SimpleNamespace(steps=args.steps, warmup=args.warmup, batch_size=bs, seed=0)
             holder = {}
 
@@ -261,19 +265,12 @@ def part_train(args, packed: dict, tok, token_map, ex, peak: float | None, measu
 def part_profile(args, packed: dict, tok, token_map, ex) -> dict:
     """Where a training step's GPU time goes, LoRA against full fine-tuning (torch.profiler, steps 4-6 of 8)."""
     from bench_lm_train import run_ours
-    from llm_cxr.modeling import LoraSettings, apply_lora
+    from llm_cxr.modeling import LoraSettings
 
     out = {}
     for mode in ("lora", "full"):
         _free()
-
-        def make():
-            model = pythia_model(args.size, tok, token_map, "sdpa")
-            if mode == "lora":
-                torch.manual_seed(0)
-                model = apply_lora(model, token_map, LoraSettings(**packed["lora"]))
-            return model, "-"
-
+        make = _maker(args, tok, token_map, mode, LoraSettings(**packed["lora"]))
         ns = types.SimpleNamespace(steps=8, warmup=3, batch_size=int(args.batch_sizes.split(",")[0]), seed=0)
         acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         # record optimizer steps 4-6 only: not the model's creation, not the checkpoint written at the end

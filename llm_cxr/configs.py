@@ -34,16 +34,15 @@ def _typed(value: Any, hint: Any, name: str, source: str) -> Any:
     if len(plain) != 1 or plain[0] not in (int, float, bool, str) or (value is None and optional):
         return value
     want = plain[0]
-    if want is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if want is int and isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, want) and not (want is not bool and isinstance(value, bool)):
-        return value
-    if isinstance(value, str) and want in (int, float):
+    if want in (bool, str):
+        if isinstance(value, want):
+            return value
+    elif not isinstance(value, bool):  # a number field: never True/False (bool is an int in Python)
+        if isinstance(value, int) and want is int:
+            return value  # exactly, however large
         try:
-            number = float(value)
-        except ValueError:
+            number = float(value)  # an int, a float, or a string such as "1e-4"
+        except (TypeError, ValueError):
             number = None
         if number is not None and (want is float or number.is_integer()):
             return want(number)

@@ -106,15 +106,15 @@ class LLMCXR:
         benchmarks/results/lm_gpu_generation.md), else as loaded, decoded under bf16 autocast where the hardware
         runs it well. ``autocast=False`` keeps fp32 everywhere."""
         self.run = run
-        self.model = run.model.to(device).eval()
-        dtype = default_dtype(torch.device(device), autocast) if dtype is None else dtype
+        self.device = torch.device(device)
+        self.model = run.model.to(self.device).eval()
+        dtype = default_dtype(self.device, autocast) if dtype is None else dtype
         if dtype is not None:
             self.model.to(dtype)
         self.tok = run.tokenizer
         self.map = run.token_map
         self.template = get_template(run.info.template)
         self.max_length = run.info.max_length
-        self.device = torch.device(device)
         self.vqgan = vqgan
         self._positions = imagepos.find(self.model)  # 2D image position embeddings, if the run has them
         # only the last position's logits: the prompt's would be B x T x V floats (4 GB for 64 prompts of 300
@@ -125,11 +125,11 @@ class LLMCXR:
         if vqgan is not None:
             c = vqgan.config
             self.map.check_vqgan(c.n_embed, c.grid_size, c.fingerprint(), source="the VQ-GAN given")
-        # bf16 autocast where the hardware runs it well (CUDA, and CPUs with AVX-512 BF16 / AMX)
-        self.autocast = (self.device.type == "cuda" or torch.backends.cpu.get_cpu_capability() in
-                         ("AVX512", "AVX512_BF16", "AMX")) if autocast is None else autocast
-        if dtype is not None and dtype != torch.float32 and autocast is None:
-            self.autocast = False  # the weights already are in the low precision
+        # bf16 autocast where the hardware runs it well (CUDA, and CPUs with AVX-512 BF16 / AMX), unless the
+        # weights already are in a low precision
+        low = dtype is not None and dtype != torch.float32
+        self.autocast = (not low and (self.device.type == "cuda" or torch.backends.cpu.get_cpu_capability() in
+                                      ("AVX512", "AVX512_BF16", "AMX"))) if autocast is None else autocast
         self._image_mask = torch.full((len(self.tok),), float("-inf"))
         self._image_mask[list(self.map.image_ids)] = 0.0
         self._text_mask = torch.zeros((len(self.tok),))
