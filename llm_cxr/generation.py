@@ -26,7 +26,7 @@ from llm_cxr.errors import ConfigError, InputError
 from llm_cxr.instruct import encode_prompt
 from llm_cxr.modeling import LoadedRun, load_run
 from llm_cxr.prompts import (CHECKLIST_QUESTIONS, check_items, get_template, image_prompt, parse_checklist,
-                             report_prompt, vqa_prompt)
+                             report_prompt, requested_findings, split_item, vqa_prompt)
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +251,11 @@ class LLMCXR:
         return bool(self.run.info.extra.get("guided_vqa"))
 
     @property
+    def guided_images(self) -> bool:
+        """Whether the run was trained to draw from reports with their findings listed (``stage.image_guided``)."""
+        return bool(self.run.info.extra.get("guided_images"))
+
+    @property
     def guide_sides(self) -> bool:
         """Whether the guided report prompt gives sides (``stage.guide_sides``)."""
         return bool(self.run.info.extra.get("guide_sides"))
@@ -329,8 +334,13 @@ class LLMCXR:
 
     def generate_image(self, reports: Sequence[str], sampling: Sampling | None = None, guidance: float = 1.0,
                        batch_size: int = 16, candidates: int = 1,
-                       findings: Sequence[Sequence[str]] | None = None) -> GeneratedImages:
+                       findings: Sequence[Sequence[str]] | None = None,
+                       guided: bool | None = None) -> GeneratedImages:
         """Images for reports: always exactly H*W image tokens, decoded by the VQ-GAN.
+
+        ``guided`` (default: what the run was trained for, :attr:`guided_images`): the prompt also lists the
+        findings each report asks for, with their sides: ``findings``, or what the report labeler reads in the
+        report (:func:`llm_cxr.prompts.requested_findings`).
 
         ``candidates > 1`` draws that many images per report and keeps the one the run's finding head
         (``finding_head: conv``) finds most likely to show ``findings`` (per report: guide items, ``name`` or
@@ -344,17 +354,26 @@ class LLMCXR:
             if self.finding_head is None:
                 raise ConfigError(f"{self.run.folder} has no finding head to rank candidate images with "
                                   f"(train a stage with finding_head: conv), so candidates must be 1")
-            if findings is None or len(findings) != len(reports):
+            if findings is None:
                 raise InputError(f"ranking {candidates} candidate images needs the findings each of the "
                                  f"{len(reports)} reports asks for (findings=[[...], ...], one list per report)")
+        if findings is not None:
+            if len(findings) != len(reports):
+                raise InputError(f"got {len(reports)} reports and {len(findings)} finding lists; give one per report")
             findings = [check_items(fs) for fs in findings]
+        if self.guided_images if guided is None else guided:
+            stated = findings if findings is not None else [requested_findings(r) for r in reports]
+            if not self.guide_sides:
+                stated = [[split_item(i)[0] for i in fs] for fs in stated]
+        else:
+            stated = [None] * len(reports)
         sampling = sampling or Sampling(temperature=1.0, top_k=0, top_p=0.95)
         begin = [self.map.begin_id]
         room = self.max_length - self.map.tokens_per_image - 4
-        asked = [r for r in reports for _ in range(candidates)]  # each report's candidates side by side
-        prompts = [encode_prompt(self.tok, self.map, image_prompt(self.template, r), max_text=room)[0] + begin
-                   for r in asked]
-        uncond = [encode_prompt(self.tok, self.map, image_prompt(self.template, ""))[0] + begin] * len(asked)
+        # each report's candidates side by side
+        prompts = [encode_prompt(self.tok, self.map, image_prompt(self.template, r, None, f), max_text=room)[0] + begin
+                   for r, f in zip(reports, stated) for _ in range(candidates)]
+        uncond = [encode_prompt(self.tok, self.map, image_prompt(self.template, ""))[0] + begin] * len(prompts)
         ids = []
         for sl in self._batched(len(prompts), batch_size):
             ids.append(self._decode(prompts[sl], self.map.tokens_per_image, self._image_mask, sampling, False,

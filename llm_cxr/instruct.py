@@ -43,6 +43,8 @@ class StageConfig:
     sections: str = "findings_impression"  # or "impression"
     report: int = 1  # CXR -> report examples per study
     image: int = 1  # report -> CXR examples per study
+    image_guided: int = 0  # report -> CXR examples whose prompt also lists the findings the report states, with
+    #                        their sides (inference: what the labeler reads in the report, requested_findings)
     vqa: int = 2  # questions per study
     checklist: int = 0  # checklist examples per study (every finding answered yes/no in one response)
     report_guided: int = 0  # CXR -> report examples whose prompt also lists the findings present (the
@@ -52,6 +54,9 @@ class StageConfig:
     #                                (no image tokens); teaches the writer to state the findings it is given
     vqa_guided: int = 0  # questions per study whose prompt also lists the findings present, as a guided report's
     #                      does (inference: the run's reading); ``vqa`` keeps training the model's own reading
+    vqa_from_findings: int = 0  # text-only guided questions: the findings list, no image -> the answer. Cheap;
+    #                             teaches the model to answer presence (and, with guide_sides, side) questions
+    #                             from the list it is given, as report_from_findings teaches the writer
     guide_sides: bool = False  # the guided prompt gives each finding's side ("right pleural effusion"), as the
     #                            run's finding head reads it (finding_head: conv)
     one_per_patient: bool = False  # stage 2: one study per patient
@@ -62,14 +67,16 @@ class StageConfig:
     def __post_init__(self) -> None:
         if self.sections not in ("findings_impression", "impression"):
             raise ConfigError(f"stage.sections must be 'findings_impression' or 'impression', got {self.sections!r}")
-        for k in ("report", "image", "vqa", "checklist", "report_guided", "report_from_findings", "vqa_guided",
-                  "repeats"):
+        for k in ("report", "image", "image_guided", "vqa", "checklist", "report_guided", "report_from_findings",
+                  "vqa_guided", "vqa_from_findings", "repeats"):
             if getattr(self, k) < 0:
                 raise ConfigError(f"stage.{k} must be >= 0, got {getattr(self, k)}")
-        if (self.report + self.image + self.vqa + self.checklist + self.report_guided + self.report_from_findings
-                + self.vqa_guided == 0 and not self.instruct_jsonl):
-            raise ConfigError("stage makes no examples: report, report_guided, report_from_findings, image, vqa, "
-                              "vqa_guided and checklist are all 0 and no instruct_jsonl")
+        counts = (self.report, self.image, self.image_guided, self.vqa, self.checklist, self.report_guided,
+                  self.report_from_findings, self.vqa_guided, self.vqa_from_findings)
+        if sum(counts) == 0 and not self.instruct_jsonl:
+            raise ConfigError("stage makes no examples: report, report_guided, report_from_findings, image, "
+                              "image_guided, vqa, vqa_guided, vqa_from_findings and checklist are all 0 and no "
+                              "instruct_jsonl")
         if self.instruct_ratio < 0 or (self.instruct_ratio > 0 and not self.instruct_jsonl):
             raise ConfigError("stage.instruct_ratio > 0 needs stage.instruct_jsonl")
 
@@ -89,13 +96,15 @@ def study_examples(row: dict, stage: StageConfig, template: PromptTemplate, seed
         out.append(Example("report", report_prompt(template, rng, stage.sections), report, codes))
     for _ in range(stage.image):
         out.append(Example("image", image_prompt(template, report, rng), None, codes))
-    if stage.vqa or stage.checklist or stage.report_guided or stage.report_from_findings or stage.vqa_guided:
+    if (stage.vqa or stage.checklist or stage.report_guided or stage.report_from_findings or stage.vqa_guided
+            or stage.vqa_from_findings or stage.image_guided):
         findings, askable, uncertain = checklist_scope(row)
         # the checklist's positives, in its order (what the model's checklist or finding head gives at inference)
         present = guide_items(findings, askable, uncertain, stage.guide_sides)
         # a guided prompt lists what its target text states: an impression that leaves out the chest tube,
         # trained under a prompt that lists it, would teach the writer to drop findings it is given
-        plan = stated_items(present, report) if stage.report_guided or stage.report_from_findings else []
+        plan = (stated_items(present, report)
+                if stage.report_guided or stage.report_from_findings or stage.image_guided else [])
         for _ in range(stage.report_guided):
             out.append(Example("report", report_prompt(template, rng, stage.sections, plan), report, codes,
                                {"guided": True}))
@@ -111,7 +120,27 @@ def study_examples(row: dict, stage: StageConfig, template: PromptTemplate, seed
         for _ in range(stage.checklist):
             qa = checklist_qa(findings, rng, askable, uncertain)
             out.append(Example("vqa", vqa_prompt(template, qa.question), qa.answer, codes, {"kind": qa.kind}))
+        for qa in list_questions(findings, rng, stage.vqa_from_findings, askable, uncertain, stage.guide_sides):
+            out.append(Example("text", vqa_prompt(template, qa.question, present, image=False), qa.answer, None,
+                               {"kind": qa.kind, "finding": qa.finding, "guided": True}))
+        for _ in range(stage.image_guided):
+            out.append(Example("image", image_prompt(template, report, rng, plan), None, codes, {"guided": True}))
     return out
+
+
+def list_questions(findings, rng: random.Random, n: int, askable, uncertain, sides: bool) -> list:
+    """``n`` questions a findings list answers by itself: presence (balanced yes/no), and with ``sides`` the side;
+    never severity (the list does not state it) or a finding the list leaves out (hedged, not askable)."""
+    kinds = ("presence", "laterality") if sides else ("presence",)
+    stated = set(askable) - set(uncertain)
+    out: list = []
+    while len(out) < n:  # a study has few distinct questions: later rounds reword them and draw other absent findings
+        round_ = [qa for qa in make_vqa(findings, rng, 99, askable, uncertain)
+                  if qa.kind in kinds and qa.finding in stated]
+        if not round_:
+            break
+        out += round_
+    return out[:n]
 
 
 def checklist_scope(row: dict) -> tuple[list, tuple[str, ...], tuple[str, ...]]:

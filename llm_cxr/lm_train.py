@@ -58,6 +58,9 @@ class LoopConfig:
     mixed_precision: str = "bf16"  # "no" | "bf16" | "fp16"
     gradient_checkpointing: bool = False
     group_by_length: bool = True
+    loss: str = "token"  # "token": the mean over the batch's response tokens (a 258-token image outweighs a one-word
+    #                      answer 258 to 1); "example": each example's response tokens averaged first, so every
+    #                      example weighs the same
     max_minutes: float | None = None  # stop (resumably) after this long
     log_every: int = 10
     eval_every: int = 200
@@ -73,6 +76,18 @@ class LoopConfig:
             raise ConfigError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
         if self.lr <= 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.loss not in ("token", "example"):
+            raise ConfigError(f"loop.loss must be 'token' or 'example', got {self.loss!r}")
+
+
+def example_loss(model, batch: dict) -> torch.Tensor:
+    """Cross-entropy averaged over each example's response tokens, then over the examples that have any."""
+    labels = batch["labels"]
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1].float()
+    target = labels[:, 1:]
+    per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
+    n = (target != -100).sum(1)
+    return (per_token.sum(1)[n > 0] / n[n > 0]).mean()
 
 
 def lr_at(step: int, cfg: LoopConfig) -> float:
@@ -243,7 +258,7 @@ def train_loop(model, train_ds, eval_ds, pad_id: int, cfg: LoopConfig, run: Path
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                 tokens += int(batch["attention_mask"].sum())
                 with accelerator.autocast(), imagepos.responses(model, batch["labels"]):
-                    loss = model(**batch).loss
+                    loss = model(**batch).loss if cfg.loss == "token" else example_loss(model, batch)
                 accelerator.backward(loss / cfg.grad_accum)
                 loss_sum += float(loss.detach()) / cfg.grad_accum
             if cfg.max_grad_norm:
@@ -540,18 +555,20 @@ def train_lm(cfg: LMTrainConfig, accelerator=None) -> Path:
 
 
 def _guided_modes(cfg: LMTrainConfig) -> dict[str, bool]:
-    """``guided_reports`` / ``guided_vqa`` (the run writes reports / answers questions from its reading) and
+    """``guided_reports`` / ``guided_vqa`` (the run writes reports / answers questions from its reading),
+    ``guided_images`` (it draws from a report with the findings it states listed) and
     ``guide_sides`` (the reading gives sides): this stage trains them, or continues a stage that did and trains
     no plain reports / only guided questions."""
     st = cfg.stage
     prev = RunInfo.load(run_model_dir(cfg.init_from)).extra if cfg.init_from else {}
     reports = bool(st.report_guided or (not st.report and prev.get("guided_reports")))
-    vqa = bool(st.vqa_guided or (not st.vqa and prev.get("guided_vqa")))
-    if st.report_guided or st.vqa_guided:
+    vqa = bool(st.vqa_guided or st.vqa_from_findings or (not st.vqa and prev.get("guided_vqa")))
+    images = bool(st.image_guided or (not st.image and prev.get("guided_images")))
+    if st.report_guided or st.vqa_guided or st.vqa_from_findings or st.image_guided:
         sides = st.guide_sides
     else:
-        sides = bool(prev.get("guide_sides")) and (reports or vqa)
-    return {"guided_reports": reports, "guided_vqa": vqa, "guide_sides": sides}
+        sides = bool(prev.get("guide_sides")) and (reports or vqa or images)
+    return {"guided_reports": reports, "guided_vqa": vqa, "guided_images": images, "guide_sides": sides}
 
 
 def _prepare_finding_head(cfg: LMTrainConfig, run: Path, train_rows, val_rows, codes_info: dict, grid: int, device,

@@ -90,6 +90,7 @@ IMAGE_INSTRUCTIONS = (
 # the findings read from the image (by the run's finding head, or the model's own checklist answer) go into the
 # prompt, so the free text states what the image was read to show instead of the most frequent report.
 GUIDE_PREFIX = "\nChecklist findings: "
+GUIDE_QUESTION = "\nQuestion: "  # a guided question is asked again after the list
 IMPRESSION_INSTRUCTIONS = (
     "Write the impression section of the radiology report for this chest X-ray.",
     "Summarize the most important findings of this chest radiograph.",
@@ -317,11 +318,21 @@ def _guide_line(findings: Iterable[str]) -> str:
     return GUIDE_PREFIX + (_join(findings) if findings else "none")
 
 
-def image_prompt(template: PromptTemplate, report: str, rng: random.Random | None = None):
-    return template.parts(rng.choice(IMAGE_INSTRUCTIONS) if rng else IMAGE_INSTRUCTIONS[0], [report])
+def image_prompt(template: PromptTemplate, report: str, rng: random.Random | None = None,
+                 findings: Iterable[str] | None = None):
+    """A report -> CXR prompt. ``findings`` (guide items) makes it guided: the findings the report states, with
+    their sides, listed after it (in training the truth the report states, at inference what the labeler reads
+    in the report: :func:`requested_findings`)."""
+    inputs = [report] + ([] if findings is None else [_guide_line(findings)])
+    return template.parts(rng.choice(IMAGE_INSTRUCTIONS) if rng else IMAGE_INSTRUCTIONS[0], inputs)
 
 
-def vqa_prompt(template: PromptTemplate, question: str, findings: Iterable[str] | None = None):
-    """A question about the image; ``findings`` (guide items) makes it guided, stated after the image as in
-    :func:`report_prompt` (the truth in training, the run's reading at inference)."""
-    return template.parts(question, [IMAGE] + ([] if findings is None else [_guide_line(findings)]))
+def vqa_prompt(template: PromptTemplate, question: str, findings: Iterable[str] | None = None, image: bool = True):
+    """A question about the image; ``findings`` (guide items) makes it guided: they are stated after the image as in
+    :func:`report_prompt` (the truth in training, the run's reading at inference), and the question again after
+    them, so the answer is looked up next to the list with or without the 258 image tokens before it.
+    ``image=False``: the guided question without the image (text-only training)."""
+    inputs: list = [IMAGE] if image else []
+    if findings is not None:
+        inputs.append(_guide_line(findings) + GUIDE_QUESTION + question)
+    return template.parts(question, inputs)

@@ -10,8 +10,8 @@ from llm_cxr.data.schema import FINDING_NAMES, Finding
 from llm_cxr.errors import ConfigError, InputError
 from llm_cxr.instruct import (LengthGroupedBatches, StageConfig, collate, encode_example, study_examples,
                               text_example)
-from llm_cxr.prompts import (CHECKLIST_QUESTIONS, GUIDE_PREFIX, IMAGE, TEMPLATES, checklist_qa, get_template, make_vqa,
-                             parse_checklist, report_text, stated_items)
+from llm_cxr.prompts import (CHECKLIST_QUESTIONS, GUIDE_PREFIX, GUIDE_QUESTION, IMAGE, TEMPLATES, checklist_qa,
+                             get_template, make_vqa, parse_checklist, report_text, stated_items)
 from llm_cxr.textlm import train_text_tokenizer
 from llm_cxr.tokens import add_image_tokens
 
@@ -207,9 +207,11 @@ def test_guided_prompts_list_what_their_target_states_and_questions_get_every_fi
     assert [e.task for e in written] == ["report", "text"]
     assert all(GUIDE_PREFIX + "right pleural effusion" in e.prompt and both not in e.prompt for e in written)
     asked = [e for e in exs if e.task == "vqa"]
-    assert len(asked) == 2 and all(both in e.prompt and IMAGE in e.prompt and e.meta["guided"] for e in asked)
+    assert len(asked) == 2 and all(IMAGE in e.prompt and e.meta["guided"] for e in asked)
+    # the list, then the question again (answered next to the list, with or without the image before it)
+    assert all(e.prompt[2] == both + GUIDE_QUESTION + e.prompt[0].split("\n")[1] for e in asked)
     full = study_examples(_row(findings, report=report), StageConfig(**stage), get_template("compact"), 0)
-    assert all(both in e.prompt for e in full)  # the whole report states both
+    assert all(e.prompt[-2].startswith(both) for e in full)  # the whole report states both
     assert stated_items(["pleural_effusion:right", "chest_tube:left"],
                         "IMPRESSION: Right pleural effusion. No pneumothorax.") == ["pleural_effusion:right"]
     # a hedged mention counts as stated, as the clinical score counts it
@@ -241,3 +243,56 @@ def test_tokenised_stage_cache_follows_the_code(tok_map, tmp_path, monkeypatch):
     assert a._fingerprint == b._fingerprint and a.cache_files and a.cache_files == b.cache_files
     monkeypatch.setattr(instruct, "code_hash", lambda *modules: "other code")
     assert build()._fingerprint != a._fingerprint
+
+
+def test_text_only_guided_questions_are_answered_by_their_list():
+    """stage.vqa_from_findings: questions whose answer the findings list states (presence, and with sides the side),
+    without the image; never severity, never a hedged finding; ``n`` of them even when a study has fewer distinct
+    questions (later rounds reword them)."""
+    findings = [Finding("pleural_effusion", "right", "basal", "large"), Finding("chest_tube", "left")]
+    stage = StageConfig(report=0, image=0, vqa=0, checklist=0, vqa_from_findings=12, guide_sides=True)
+    exs = study_examples(_row(findings), stage, get_template("compact"), 0)
+    assert len(exs) == 12 and all(e.task == "text" and e.codes is None and IMAGE not in e.prompt for e in exs)
+    listed = GUIDE_PREFIX + "right pleural effusion and left chest tube" + GUIDE_QUESTION
+    assert all(e.prompt[1] == listed + e.prompt[0].split("\n")[1] and e.meta["guided"] for e in exs)
+    kinds = {e.meta["kind"] for e in exs}
+    assert kinds == {"presence", "laterality"}
+    for e in exs:
+        if e.meta["kind"] == "presence":
+            assert e.response == ("yes" if e.meta["finding"] in ("pleural_effusion", "chest_tube") else "no")
+        else:  # devices have no side question; the effusion's is "right"
+            assert (e.meta["finding"], e.response) == ("pleural_effusion", "right")
+    answers = [e.response for e in exs if e.meta["kind"] == "presence"]
+    assert answers.count("no") >= 3 and answers.count("yes") >= 3
+    assert len({e.prompt[0] for e in exs}) > 4  # reworded and other absent findings, not one question 12 times
+    names_only = StageConfig(report=0, image=0, vqa=0, checklist=0, vqa_from_findings=6)
+    exs = study_examples(_row(findings), names_only, get_template("compact"), 0)
+    assert {e.meta["kind"] for e in exs} == {"presence"}
+    assert all(e.prompt[1].startswith(GUIDE_PREFIX + "pleural effusion and chest tube" + GUIDE_QUESTION) for e in exs)
+    # real data: a hedged finding is neither listed nor asked about
+    row = _row([Finding("edema"), Finding("cardiomegaly")]) | {"source": "mimic", "labels": {
+        "edema": -1, "cardiomegaly": 1, "pneumothorax": 0}}
+    exs = study_examples(row, names_only, get_template("compact"), 0)
+    assert exs and all(e.meta["finding"] != "edema" and e.prompt[1].startswith(GUIDE_PREFIX + "cardiomegaly\n")
+                       for e in exs)
+    with pytest.raises(ConfigError, match="vqa_from_findings"):
+        StageConfig(vqa_from_findings=-1)
+    StageConfig(report=0, image=0, vqa=0, vqa_from_findings=1)  # a stage of its own
+
+
+def test_guided_image_prompt_lists_what_the_report_states():
+    """stage.image_guided: report -> image with the findings the report states, with sides, after the report; the
+    image is still the whole response."""
+    report = ("FINDINGS: Endotracheal tube in satisfactory position. A large right effusion is present.\n"
+              "IMPRESSION: Large right pleural effusion.")
+    findings = [Finding("endotracheal_tube"), Finding("pleural_effusion", "right", "basal", "large")]
+    stage = StageConfig(report=0, image=0, vqa=0, checklist=0, image_guided=1, guide_sides=True)
+    (ex,) = study_examples(_row(findings, report=report), stage, get_template("compact"), 0)
+    assert ex.task == "image" and ex.response is None and ex.meta["guided"] and IMAGE not in ex.prompt
+    assert ex.prompt[1] == report and ex.prompt[2] == GUIDE_PREFIX + "right pleural effusion and endotracheal tube"
+    (imp,) = study_examples(_row(findings, report=report), StageConfig(sections="impression", **{
+        "report": 0, "image": 0, "vqa": 0, "checklist": 0, "image_guided": 1, "guide_sides": True}),
+        get_template("compact"), 0)
+    assert imp.prompt[2] == GUIDE_PREFIX + "right pleural effusion"  # the impression leaves the tube out
+    with pytest.raises(ConfigError, match="image_guided"):
+        StageConfig(image_guided=-1)

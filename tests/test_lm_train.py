@@ -195,6 +195,28 @@ def test_codebook_init_needs_the_vqgan_that_encoded_the_data(data, base, tmp_pat
         LMTrainConfig(data=str(data), out=str(tmp_path / "r"), base=str(base), image_init="zeros")
 
 
+def test_example_loss_weighs_every_example_the_same():
+    """loop.loss: example -- each example's response tokens are averaged first, so a one-word answer weighs as much
+    as a 258-token image; with equal response lengths it is the token mean."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from llm_cxr.instruct import collate
+    from llm_cxr.lm_train import LoopConfig, example_loss
+
+    torch.manual_seed(0)
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, intermediate_size=64)).eval()
+    rows = [{"input_ids": [3, 4, 5, 6, 7, 8, 9, 10], "n_prompt": 2}, {"input_ids": [11, 12, 13, 14], "n_prompt": 3}]
+    batch = collate(rows, pad_id=0, pad_to_multiple=1)
+    alone = [model(**collate([r], pad_id=0, pad_to_multiple=1)).loss for r in rows]  # 6 and 1 response tokens
+    assert torch.allclose(example_loss(model, batch), (alone[0] + alone[1]) / 2, atol=1e-5)
+    assert torch.allclose(model(**batch).loss, (6 * alone[0] + alone[1]) / 7, atol=1e-5)  # the token mean
+    same = collate([rows[0], {"input_ids": [15, 16, 17, 18, 19, 20, 21, 22], "n_prompt": 2}], pad_id=0)
+    assert torch.allclose(example_loss(model, same), model(**same).loss, atol=1e-5)
+    with pytest.raises(ConfigError, match="loop.loss"):
+        LoopConfig(loss="sample")
+
+
 def test_swapping_prompt_images_moves_whole_images_between_rows_only(tmp_path):
     from llm_cxr.instruct import collate
     from llm_cxr.tokens import ImageTokenMap
@@ -281,21 +303,29 @@ def test_image_reader_stage_pretrains_trains_and_reloads(data, base, tmp_path):
 
 
 def test_guided_report_runs_are_marked_and_later_stages_inherit_it(two_step_run, data, base, tmp_path):
-    def stage(out, report, guided, sides=False, vqa=2, vqa_guided=0, **src):
-        cfg = load_lm_config(None, {"stage": {"report": report, "report_guided": guided, "image": 0, "vqa": vqa,
-                                              "vqa_guided": vqa_guided, "guide_sides": sides},
+    def stage(out, report, guided, sides=False, vqa=2, vqa_guided=0, image=0, image_guided=0, vqa_from_findings=0,
+              **src):
+        cfg = load_lm_config(None, {"stage": {"report": report, "report_guided": guided, "image": image, "vqa": vqa,
+                                              "vqa_guided": vqa_guided, "guide_sides": sides,
+                                              "image_guided": image_guided,
+                                              "vqa_from_findings": vqa_from_findings},
                                     "loop": {"progress": False}},
                              data=str(data), out=str(tmp_path / out), steps=1, batch_size=2, mixed_precision="no",
                              max_length=256, **src)
         extra = load_run(train_lm(cfg)).info.extra
-        return extra["guided_reports"], extra["guided_vqa"], extra["guide_sides"]
+        return extra["guided_reports"], extra["guided_vqa"], extra["guide_sides"], extra["guided_images"]
 
     assert load_run(two_step_run).info.extra.get("guided_reports") is False  # plain reports (the default)
-    assert stage("g1", 0, 1, True, base=str(base)) == (True, False, True)
-    assert stage("g2", 0, 0, init_from=str(tmp_path / "g1")) == (True, False, True)  # continues it, no plain reports
-    assert stage("g3", 1, 0, init_from=str(tmp_path / "g1")) == (False, False, False)  # trained back to plain
-    assert stage("g4", 0, 1, init_from=str(tmp_path / "g1")) == (True, False, False)  # guided again, names only
+    assert stage("g1", 0, 1, True, base=str(base)) == (True, False, True, False)
+    assert stage("g2", 0, 0, init_from=str(tmp_path / "g1")) == (True, False, True, False)  # continues it
+    assert stage("g3", 1, 0, init_from=str(tmp_path / "g1")) == (False, False, False, False)  # trained back to plain
+    assert stage("g4", 0, 1, init_from=str(tmp_path / "g1")) == (True, False, False, False)  # guided again, names only
     # guided questions: marked, inherited by a stage that asks none of its own, dropped by one that asks plain ones
-    assert stage("v1", 1, 0, True, vqa=0, vqa_guided=1, base=str(base)) == (False, True, True)
-    assert stage("v2", 1, 0, vqa=0, init_from=str(tmp_path / "v1")) == (False, True, True)
-    assert stage("v3", 1, 0, vqa=1, init_from=str(tmp_path / "v1")) == (False, False, False)
+    assert stage("v1", 1, 0, True, vqa=0, vqa_guided=1, base=str(base)) == (False, True, True, False)
+    assert stage("v2", 1, 0, vqa=0, init_from=str(tmp_path / "v1")) == (False, True, True, False)
+    assert stage("v3", 1, 0, vqa=1, init_from=str(tmp_path / "v1")) == (False, False, False, False)
+    assert stage("t1", 1, 0, True, vqa=0, vqa_from_findings=1, base=str(base)) == (False, True, True, False)
+    # guided images: marked, inherited by a stage that draws none of its own, dropped by one that draws plainly
+    assert stage("i1", 1, 0, True, vqa=0, image_guided=1, base=str(base)) == (False, False, True, True)
+    assert stage("i2", 1, 0, vqa=0, init_from=str(tmp_path / "i1")) == (False, False, True, True)
+    assert stage("i3", 1, 0, vqa=0, image=1, init_from=str(tmp_path / "i1")) == (False, False, False, False)

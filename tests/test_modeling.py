@@ -520,6 +520,31 @@ def test_image_candidates_are_reranked_by_the_finding_head(gen, monkeypatch):
     assert seen == [[["pleural_effusion:left"]] * 3]
 
 
+def test_guided_images_state_the_findings_the_report_asks_for(gen, monkeypatch):
+    """A run trained with guided images (stage.image_guided) lists, after the report, what the report labeler reads
+    in it (with sides when the run was trained with them), or the findings given; guided=False draws plainly."""
+    prompts = []
+    real = gen._decode
+    monkeypatch.setattr(gen, "_decode", lambda p, *a, **k: prompts.extend(p) or real(p, *a, **k))
+
+    def said(report, **kw):
+        prompts.clear()
+        gen.generate_image([report], Sampling(temperature=1.0, seed=0), **kw)
+        return gen.tok.decode(prompts[0])
+
+    report = "IMPRESSION: Small left pleural effusion. Endotracheal tube in place."
+    assert GUIDE_PREFIX not in said(report)  # a plain run
+    monkeypatch.setitem(gen.run.info.extra, "guided_images", True)
+    assert "Checklist findings: pleural effusion and endotracheal tube" in said(report)
+    monkeypatch.setitem(gen.run.info.extra, "guide_sides", True)
+    assert "Checklist findings: left pleural effusion and endotracheal tube" in said(report)
+    assert "Checklist findings: right chest tube" in said(report, findings=[["chest_tube:right"]])
+    assert "Checklist findings: none" in said("IMPRESSION: No acute cardiopulmonary process.")
+    assert GUIDE_PREFIX not in said(report, guided=False)
+    with pytest.raises(InputError, match="1 reports and 2 finding lists"):
+        gen.generate_image([report], findings=[[], []])
+
+
 def test_cli_report_writes_the_findings_it_was_guided_by(gen, tmp_path, capsys):
     data = make_codes_dataset(tmp_path / "codes", n=8)
     run = str(gen.run.folder)
