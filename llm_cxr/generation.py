@@ -23,7 +23,7 @@ import torch
 
 from llm_cxr import diagnosis, imagepos
 from llm_cxr.errors import ConfigError, InputError
-from llm_cxr.instruct import encode_prompt
+from llm_cxr.instruct import encode_prompt, image_prompt_ids
 from llm_cxr.modeling import LoadedRun, load_run
 from llm_cxr.prompts import (CHECKLIST_QUESTIONS, check_items, get_template, image_prompt, parse_checklist,
                              report_prompt, requested_findings, split_item, vqa_prompt)
@@ -369,10 +369,10 @@ class LLMCXR:
             stated = [None] * len(reports)
         sampling = sampling or Sampling(temperature=1.0, top_k=0, top_p=0.95)
         begin = [self.map.begin_id]
-        room = self.max_length - self.map.tokens_per_image - 4
-        # each report's candidates side by side
-        prompts = [encode_prompt(self.tok, self.map, image_prompt(self.template, r, None, f), max_text=room)[0] + begin
-                   for r, f in zip(reports, stated) for _ in range(candidates)]
+        # the report cut as in training, so the list and the whole image fit; each report's candidates side by side
+        one = [image_prompt_ids(self.tok, self.map, self.template, image_prompt(self.template, r, None, f),
+                                self.max_length)[0] + begin for r, f in zip(reports, stated)]
+        prompts = [p for p in one for _ in range(candidates)]
         uncond = [encode_prompt(self.tok, self.map, image_prompt(self.template, ""))[0] + begin] * len(prompts)
         ids = []
         for sl in self._batched(len(prompts), batch_size):

@@ -203,7 +203,8 @@ def image_span(token_map: ImageTokenMap, codes: Sequence[int]) -> list[int]:
 
 def encode_prompt(tokenizer, token_map: ImageTokenMap, parts: Sequence, codes: Sequence[int] | None = None,
                   max_text: int | None = None) -> tuple[list[int], bool]:
-    """Prompt parts -> ids. Text parts between the first and last (a report) may be cut to ``max_text``."""
+    """Prompt parts -> ids. The report (the second of three or more parts: instruction, report, ..., response key)
+    may be cut to ``max_text`` tokens; a findings list after it never is."""
     ids: list[int] = []
     truncated = False
     for i, part in enumerate(parts):
@@ -213,10 +214,26 @@ def encode_prompt(tokenizer, token_map: ImageTokenMap, parts: Sequence, codes: S
             ids += image_span(token_map, codes)
             continue
         piece = _text_ids(tokenizer, part)
-        if max_text is not None and 0 < i < len(parts) - 1 and len(piece) > max_text:
+        if max_text is not None and i == 1 and len(parts) > 2 and len(piece) > max_text:
             piece, truncated = piece[:max_text], True
         ids += piece
     return ids, truncated
+
+
+def image_prompt_ids(tokenizer, token_map: ImageTokenMap, template: PromptTemplate, parts: Sequence,
+                     max_length: int) -> tuple[list[int], bool]:
+    """Ids of a report -> image prompt that leaves room in ``max_length`` for the whole image response (image span,
+    end key, EOS), and whether its report was cut for that. Training and generation cut a report alike."""
+    room = max_length - (token_map.tokens_per_image + 2) - len(_text_ids(tokenizer, template.end_key)) - 1
+    prompt, _ = encode_prompt(tokenizer, token_map, parts)
+    over = len(prompt) - room
+    if over <= 0:
+        return prompt, False
+    report_len = len(_text_ids(tokenizer, parts[1])) if len(parts) > 2 else 0
+    if report_len - over < 8:
+        raise InputError(f"max_length={max_length} cannot hold an image ({token_map.tokens_per_image} tokens) "
+                         f"and its prompt; raise max_length")
+    return encode_prompt(tokenizer, token_map, parts, max_text=report_len - over)[0], True
 
 
 def encode_example(ex: Example, tokenizer, token_map: ImageTokenMap, template: PromptTemplate,
@@ -226,18 +243,10 @@ def encode_example(ex: Example, tokenizer, token_map: ImageTokenMap, template: P
     if eos is None:
         raise ConfigError("the tokenizer has no EOS token: set tokenizer.eos_token before training")
     end = _text_ids(tokenizer, template.end_key) + [eos]
-    prompt, _ = encode_prompt(tokenizer, token_map, ex.prompt, ex.codes)
     if ex.response is None:  # report -> image: the image is the response and is never cut
-        response = image_span(token_map, ex.codes) + end
-        over = len(prompt) + len(response) - max_length
-        if over <= 0:
-            return Encoded(prompt + response, len(prompt))
-        report_len = len(_text_ids(tokenizer, ex.prompt[1])) if len(ex.prompt) > 2 else 0
-        if report_len - over < 8:
-            raise InputError(f"max_length={max_length} cannot hold an image ({token_map.tokens_per_image} tokens) "
-                             f"and its prompt; raise max_length")
-        prompt, _ = encode_prompt(tokenizer, token_map, ex.prompt, ex.codes, max_text=report_len - over)
-        return Encoded(prompt + response, len(prompt), True)
+        prompt, cut = image_prompt_ids(tokenizer, token_map, template, ex.prompt, max_length)
+        return Encoded(prompt + image_span(token_map, ex.codes) + end, len(prompt), cut)
+    prompt, _ = encode_prompt(tokenizer, token_map, ex.prompt, ex.codes)
     response = _text_ids(tokenizer, ex.response)
     room = max_length - len(prompt) - len(end)
     if room < 1:

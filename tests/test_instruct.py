@@ -108,6 +108,15 @@ def test_truncation_cuts_the_report_never_the_image(tok_map):
     assert img.input_ids[img.n_prompt:][-2:] == [m.end_id, tok.eos_token_id]
     with pytest.raises(InputError, match="max_length"):
         encode_example(exs[1], tok, m, tpl, 20)
+    # a guided image prompt: the report is cut, its findings list never; the image still fits whole
+    (guided,) = study_examples(_row([Finding("pleural_effusion", "right")], report=long + " Right pleural effusion."),
+                               StageConfig(report=0, vqa=0, image=0, image_guided=1, guide_sides=True), tpl, 0)
+    enc = encode_example(guided, tok, m, tpl, 120)
+    listed = tok(GUIDE_PREFIX + "right pleural effusion", add_special_tokens=False)["input_ids"]
+    assert enc.truncated and len(enc.input_ids) <= 120
+    prompt = enc.input_ids[:enc.n_prompt]
+    assert any(prompt[i:i + len(listed)] == listed for i in range(len(prompt)))
+    assert enc.input_ids[enc.n_prompt:][-2:] == [m.end_id, tok.eos_token_id]
 
 
 def test_bad_codes_are_clear_errors(tok_map):

@@ -541,6 +541,10 @@ def test_guided_images_state_the_findings_the_report_asks_for(gen, monkeypatch):
     assert "Checklist findings: right chest tube" in said(report, findings=[["chest_tube:right"]])
     assert "Checklist findings: none" in said("IMPRESSION: No acute cardiopulmonary process.")
     assert GUIDE_PREFIX not in said(report, guided=False)
+    # a report too long for the context is cut as in training: the list and the whole image still fit
+    text = said("IMPRESSION: " + "The lungs are clear. " * 400 + "Small left pleural effusion.")
+    assert "Checklist findings: left pleural effusion" in text
+    assert len(prompts[0]) + gen.map.tokens_per_image + 2 <= gen.max_length
     with pytest.raises(InputError, match="1 reports and 2 finding lists"):
         gen.generate_image([report], findings=[[], []])
 
