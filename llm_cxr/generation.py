@@ -180,11 +180,12 @@ class LLMCXR:
     @torch.inference_mode()
     def _decode(self, prompts: list[list[int]], steps: int, allowed: torch.Tensor, sampling: Sampling,
                 stop_at_eos: bool, uncond: list[list[int]] | None = None, guidance: float = 1.0,
-                image_span: bool = False) -> torch.Tensor:
+                image_span: bool = False, plan: torch.Tensor | None = None) -> torch.Tensor:
         """Generate up to ``steps`` tokens for each prompt; returns (B, steps), EOS-padded after a stop.
 
         ``image_span``: the prompts end with ``<image>`` and the t-th new token fills grid slot t
         (given explicitly to models with image position embeddings, which see one token at a time).
+        ``plan`` (B, items): the image plan's input per prompt (the unconditional rows get none).
         """
         B = len(prompts)
         seqs = prompts + (uncond or [])
@@ -200,10 +201,13 @@ class LLMCXR:
         past = None
         step_ids = ids
         step_pos = pos
+        if plan is not None and uncond is not None:
+            plan = torch.cat([plan, torch.zeros_like(plan)])
         for t in range(steps):
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 if self._positions is not None and image_span and t > 0:
-                    feed = {"inputs_embeds": self._positions.embed(step_ids, torch.full_like(step_ids, t - 1))}
+                    feed = {"inputs_embeds": self._positions.embed(step_ids, torch.full_like(step_ids, t - 1),
+                                                                   plan)}
                 else:
                     feed = {"input_ids": step_ids}
                 res = self.model(**feed, attention_mask=mask, position_ids=step_pos, past_key_values=past,
@@ -340,7 +344,8 @@ class LLMCXR:
 
         ``guided`` (default: what the run was trained for, :attr:`guided_images`): the prompt also lists the
         findings each report asks for, with their sides: ``findings``, or what the report labeler reads in the
-        report (:func:`llm_cxr.prompts.requested_findings`).
+        report (:func:`llm_cxr.prompts.requested_findings`). A run with an image plan (``image_plan: true``)
+        is given the same findings as a layout.
 
         ``candidates > 1`` draws that many images per report and keeps the one the run's finding head
         (``finding_head: conv``) finds most likely to show ``findings`` (per report: guide items, ``name`` or
@@ -361,10 +366,13 @@ class LLMCXR:
             if len(findings) != len(reports):
                 raise InputError(f"got {len(reports)} reports and {len(findings)} finding lists; give one per report")
             findings = [check_items(fs) for fs in findings]
+        plan = None
         if self.guided_images if guided is None else guided:
             stated = findings if findings is not None else [requested_findings(r) for r in reports]
             if not self.guide_sides:
                 stated = [[split_item(i)[0] for i in fs] for fs in stated]
+            if self._positions is not None and self._positions.plan is not None:
+                plan = self._positions.plan.vector(stated).repeat_interleave(candidates, dim=0)
         else:
             stated = [None] * len(reports)
         sampling = sampling or Sampling(temperature=1.0, top_k=0, top_p=0.95)
@@ -377,7 +385,8 @@ class LLMCXR:
         ids = []
         for sl in self._batched(len(prompts), batch_size):
             ids.append(self._decode(prompts[sl], self.map.tokens_per_image, self._image_mask, sampling, False,
-                                    uncond[sl] if guidance != 1.0 else None, guidance, image_span=True))
+                                    uncond[sl] if guidance != 1.0 else None, guidance, image_span=True,
+                                    plan=plan[sl].to(self.device) if plan is not None else None))
         codes = self.map.ids_to_codes(torch.cat(ids))  # (B * candidates, H*W)
         if candidates > 1:
             score = self.finding_head.agreement(codes.to(self.device), [f for f in findings for _ in range(candidates)])

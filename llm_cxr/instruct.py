@@ -29,8 +29,9 @@ from llm_cxr.data import labeler, labeler_rules
 from llm_cxr.data.schema import FINDING_NAMES, findings_from_json
 from llm_cxr.errors import ConfigError, DatasetError, InputError
 from llm_cxr.pipeline import code_hash
-from llm_cxr.prompts import (NAMES, Example, ImageSlot, PromptTemplate, checklist_qa, get_template, guide_items,
-                             image_prompt, make_vqa, report_prompt, report_text, stated_items, vqa_prompt)
+from llm_cxr.prompts import (NAMES, PLAN_INDEX, PLAN_ITEMS, Example, ImageSlot, PromptTemplate, checklist_qa,
+                             get_template, guide_items, image_prompt, make_vqa, report_prompt, report_text,
+                             stated_items, vqa_prompt)
 from llm_cxr.tokens import ImageTokenMap
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,8 @@ def study_examples(row: dict, stage: StageConfig, template: PromptTemplate, seed
             out.append(Example("text", vqa_prompt(template, qa.question, present, image=False), qa.answer, None,
                                {"kind": qa.kind, "finding": qa.finding, "guided": True}))
         for _ in range(stage.image_guided):
-            out.append(Example("image", image_prompt(template, report, rng, plan), None, codes, {"guided": True}))
+            out.append(Example("image", image_prompt(template, report, rng, plan), None, codes,
+                               {"guided": True, "plan": plan}))
     return out
 
 
@@ -284,7 +286,7 @@ def build_stage_dataset(ds, tokenizer, token_map: ImageTokenMap, stage: StageCon
         ds = _one_per_patient(ds, seed)
 
     def fn(batch, code_version):
-        out = {"input_ids": [], "n_prompt": [], "length": [], "task": [], "truncated": []}
+        out = {"input_ids": [], "n_prompt": [], "length": [], "task": [], "truncated": [], "plan": []}
         n = len(batch["id"])
         for i in range(n):
             row = {k: batch[k][i] for k in batch}
@@ -296,11 +298,14 @@ def build_stage_dataset(ds, tokenizer, token_map: ImageTokenMap, stage: StageCon
                     out["length"].append(len(enc.input_ids))
                     out["task"].append(ex.task)
                     out["truncated"].append(enc.truncated)
+                    out["plan"].append([PLAN_INDEX[i] for i in ex.meta.get("plan", ())])
         return out
 
     features = datasets.Features({"input_ids": datasets.List(datasets.Value("int32")),
                                   "n_prompt": datasets.Value("int32"), "length": datasets.Value("int32"),
-                                  "task": datasets.Value("string"), "truncated": datasets.Value("bool")})
+                                  "task": datasets.Value("string"), "truncated": datasets.Value("bool"),
+                                  # a drawn image's plan (guide items, llm_cxr.prompts.PLAN_INDEX); [] for the rest
+                                  "plan": datasets.List(datasets.Value("int16"))})
     # datasets fingerprints fn by pickling it, which names the functions it calls but not their code: the source of
     # what makes the examples goes in too, or a cache made by older code would be reused silently
     code = code_hash(sys.modules[__name__], prompts, tokens, labeler, labeler_rules)
@@ -325,7 +330,7 @@ def _instruct_dataset(stage, tokenizer, token_map, tpl, max_length, n_multimodal
         raise InputError(f"{stage.instruct_jsonl} holds no examples")
     want = int(round(stage.instruct_ratio * n_multimodal))
     rng = random.Random(seed)
-    rows = {"input_ids": [], "n_prompt": [], "length": [], "task": [], "truncated": []}
+    rows = {"input_ids": [], "n_prompt": [], "length": [], "task": [], "truncated": [], "plan": []}
     for k in range(want):
         item = items[rng.randrange(len(items))] if want > len(items) else items[k]
         try:
@@ -337,6 +342,7 @@ def _instruct_dataset(stage, tokenizer, token_map, tpl, max_length, n_multimodal
         rows["length"].append(len(enc.input_ids))
         rows["task"].append("text")
         rows["truncated"].append(enc.truncated)
+        rows["plan"].append([])
     return datasets.Dataset.from_dict(rows, features=features)
 
 
@@ -380,7 +386,9 @@ class LengthGroupedBatches:
 
 
 def collate(rows: list[dict], pad_id: int, pad_to_multiple: int = 8) -> dict[str, torch.Tensor]:
-    """Right-padded batch; labels are -100 on the prompt and on padding (pad may equal EOS)."""
+    """Right-padded batch; labels are -100 on the prompt and on padding (pad may equal EOS). Rows with a ``plan``
+    (indices into :data:`llm_cxr.prompts.PLAN_ITEMS`) give a (B, items) multi-hot ``plan`` too, which is not a
+    model input: the training loop hands it to the image plan (:func:`llm_cxr.imagepos.responses`)."""
     longest = max(len(r["input_ids"]) for r in rows)
     T = -(-longest // pad_to_multiple) * pad_to_multiple
     ids = torch.full((len(rows), T), pad_id, dtype=torch.long)  # (B, T)
@@ -391,7 +399,13 @@ def collate(rows: list[dict], pad_id: int, pad_to_multiple: int = 8) -> dict[str
         ids[i, :len(x)] = x
         mask[i, :len(x)] = 1
         labels[i, r["n_prompt"]:len(x)] = x[r["n_prompt"]:]
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if any("plan" in r for r in rows):
+        plan = torch.zeros((len(rows), len(PLAN_ITEMS)))
+        for i, r in enumerate(rows):
+            plan[i, list(r.get("plan") or [])] = 1.0
+        out["plan"] = plan
+    return out
 
 
 def lengths_of(tok_ds) -> np.ndarray:
@@ -399,15 +413,18 @@ def lengths_of(tok_ds) -> np.ndarray:
 
 
 def iterate_batches(tok_ds, sampler: LengthGroupedBatches, pad_id: int, start_epoch: int = 0,
-                    skip: int = 0) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
-    """Endless (epoch, index in epoch, batch) stream; ``skip`` batches of ``start_epoch`` are passed over (resume)."""
-    data = tok_ds.select_columns(["input_ids", "n_prompt"])
+                    skip: int = 0, plan: bool = False) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
+    """Endless (epoch, index in epoch, batch) stream; ``skip`` batches of ``start_epoch`` are passed over (resume).
+    ``plan``: batches carry the drawn images' plans (see :func:`collate`)."""
+    cols = ["input_ids", "n_prompt"] + (["plan"] if plan else [])
+    if plan and "plan" not in tok_ds.column_names:
+        raise DatasetError("these tokenised examples have no 'plan' column (made by an older llm-cxr): tokenise again")
+    data = tok_ds.select_columns(cols)
     epoch = start_epoch
     while True:
         for b, idx in enumerate(sampler.epoch(epoch)):
             if epoch == start_epoch and b < skip:
                 continue
             batch = data[idx]
-            yield epoch, b, collate([{"input_ids": a, "n_prompt": n} for a, n in zip(batch["input_ids"], batch["n_prompt"])],
-                                 pad_id)
+            yield epoch, b, collate([dict(zip(cols, r)) for r in zip(*(batch[c] for c in cols))], pad_id)
         epoch += 1

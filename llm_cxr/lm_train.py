@@ -32,7 +32,7 @@ from llm_cxr.instruct import LengthGroupedBatches, StageConfig, build_stage_data
 from llm_cxr.modeling import (LoraSettings, RunInfo, apply_lora, load_causal_lm, load_run, pick_attention,
                               save_model, trainable_summary)
 from llm_cxr.modeling import model_dir as run_model_dir
-from llm_cxr.prompts import NAMES
+from llm_cxr.prompts import NAMES, PLAN_ITEMS
 from llm_cxr.tokens import add_image_tokens, init_image_rows_from_codebook
 
 log = logging.getLogger(__name__)
@@ -172,6 +172,11 @@ def swap_prompt_images(batch: dict, token_map) -> tuple[dict, dict] | None:
     return sub, {**sub, "input_ids": swapped}
 
 
+def _has_plan(model) -> bool:
+    wrapper = imagepos.find(model)
+    return wrapper is not None and wrapper.plan is not None
+
+
 @torch.no_grad()
 def evaluate_loss(model, eval_ds, pad_id: int, cfg: LoopConfig, accelerator,
                   token_map=None) -> tuple[float, float, float]:
@@ -185,17 +190,18 @@ def evaluate_loss(model, eval_ds, pad_id: int, cfg: LoopConfig, accelerator,
     model.eval()
     total = torch.zeros(6, device=accelerator.device)  # (loss sum, tokens): all, prompt-image rows, swapped
 
-    def summed(b):
-        with accelerator.autocast(), imagepos.responses(model, b["labels"]):
+    def summed(b, plan=None):
+        with accelerator.autocast(), imagepos.responses(model, b["labels"], plan):
             loss = model(**b).loss.float()
         n = (b["labels"][:, 1:] != -100).sum()
         return torch.stack([loss * n, n.float()])
 
-    for i, (_, _, batch) in enumerate(iterate_batches(eval_ds, sampler, pad_id)):
+    for i, (_, _, batch) in enumerate(iterate_batches(eval_ds, sampler, pad_id, plan=_has_plan(model))):
         if i >= min(cfg.eval_batches, len(sampler)):
             break
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        total[:2] += summed(batch)
+        plan = batch.pop("plan", None)
+        total[:2] += summed(batch, plan)  # the rows with a prompt image below draw no image: no plan
         pair = swap_prompt_images(batch, token_map) if token_map is not None else None
         if pair is not None:
             total[2:4] += summed(pair[0])
@@ -232,7 +238,7 @@ def train_loop(model, train_ds, eval_ds, pad_id: int, cfg: LoopConfig, run: Path
     model, opt = accelerator.prepare(model, opt)
     sampler = LengthGroupedBatches(lengths_of(train_ds), cfg.batch_size, seed=cfg.seed, grouped=cfg.group_by_length,
                                    rank=accelerator.process_index, world=accelerator.num_processes)
-    batches = iterate_batches(train_ds, sampler, pad_id, start_epoch=pos.epoch, skip=pos.batch)
+    batches = iterate_batches(train_ds, sampler, pad_id, start_epoch=pos.epoch, skip=pos.batch, plan=_has_plan(model))
     metrics_path = run / "metrics.csv"
     main = accelerator.is_main_process
     if main and metrics_path.exists():
@@ -257,7 +263,8 @@ def train_loop(model, train_ds, eval_ds, pad_id: int, cfg: LoopConfig, run: Path
                 pos.epoch, pos.batch = epoch, b + 1
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                 tokens += int(batch["attention_mask"].sum())
-                with accelerator.autocast(), imagepos.responses(model, batch["labels"]):
+                plan = batch.pop("plan", None)
+                with accelerator.autocast(), imagepos.responses(model, batch["labels"], plan):
                     loss = model(**batch).loss if cfg.loss == "token" else example_loss(model, batch)
                 accelerator.backward(loss / cfg.grad_accum)
                 loss_sum += float(loss.detach()) / cfg.grad_accum
@@ -340,6 +347,10 @@ class LMTrainConfig:
     # the reader also adds a summary of the whole image (its features max-pooled over 3x2 regions) to the
     # </image> token, where the text that follows finds it at one position
     reader_summary: bool = True
+    # an image plan (llm_cxr/imagepos.py: ImagePlan): for report -> image examples that list their findings
+    # (stage.image_guided), a learned map per finding and side adds "draw it here" to the drawn image's tokens;
+    # generation gives it the findings the report asks for. Needs image_positions: 2d. A stage inherits it.
+    image_plan: bool = False
     # "conv": a finding classifier over the codes (llm_cxr/diagnosis.py), trained for finding_head_epochs before the
     # LM and frozen; a checklist-guided report's prompt then states what it reads, with sides. A stage inherits its
     # init_from's head. "none": guided reports read the LM's own checklist answer.
@@ -370,6 +381,8 @@ class LMTrainConfig:
             raise ConfigError(f"image_reader must be 'conv' or 'none', got {self.image_reader!r}")
         if self.image_reader == "conv" and self.image_positions != "2d":
             raise ConfigError("image_reader: conv needs image_positions: 2d (the reader lives in the same wrapper)")
+        if self.image_plan and self.image_positions != "2d":
+            raise ConfigError("image_plan needs image_positions: 2d (the plan lives in the same wrapper)")
         if self.finding_head not in ("conv", "none"):
             raise ConfigError(f"finding_head must be 'conv' or 'none', got {self.finding_head!r}")
         if self.image_init not in ("mean", "codebook"):
@@ -416,7 +429,7 @@ def load_lm_config(path: str | None, sets: dict | None = None, **overrides: Any)
 def _start_model(cfg: LMTrainConfig, codes_info: dict, attn: str | None = None):
     """(model, tokenizer, token_map, kind, base, new reader): the base extended with image tokens, or the
     previous stage; with ``image_reader: conv`` a reader the run does not have yet is attached (untrained)
-    and returned, so that the caller pretrains it."""
+    and returned, so that the caller pretrains it; with ``image_plan`` an image plan (starting at zero)."""
     codebook = functools.partial(_codebook, codes_info, cfg.data)  # loaded only if needed, and then once
     model, tok, token_map, kind, base = _start_lm(cfg, codes_info, codebook, attn)
     reader = None
@@ -425,6 +438,12 @@ def _start_model(cfg: LMTrainConfig, codes_info: dict, attn: str | None = None):
         reader = imagepos.CodeReader(codebook(), token_map.grid_size, imagepos.find(model).pos.shape[1],
                                      summary=cfg.reader_summary)
         imagepos.attach(model, token_map, reader=reader)
+    wrapper = imagepos.find(model)
+    if cfg.image_plan and wrapper.plan is None:
+        torch.manual_seed(cfg.loop.seed)
+        rows = wrapper.base.weight.detach()[:token_map.first_id].float()
+        imagepos.attach(model, token_map, plan=imagepos.ImagePlan(PLAN_ITEMS, token_map.tokens_per_image,
+                                                                  wrapper.pos.shape[1], row_std=float(rows.std())))
     return model, tok, token_map, kind, base, reader
 
 

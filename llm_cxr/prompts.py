@@ -146,6 +146,11 @@ def _phrase(item: str) -> str:
     return f"{side} {text}" if side else text
 
 
+# Every guide item an image plan (llm_cxr/imagepos.py: ImagePlan) can be given: each finding, bare and with each side.
+PLAN_ITEMS: tuple[str, ...] = tuple(NAMES) + tuple(f"{n}:{s}" for n in NAMES for s in LATERALITIES)
+PLAN_INDEX: dict[str, int] = {item: i for i, item in enumerate(PLAN_ITEMS)}
+
+
 def split_item(item: str) -> tuple[str, str | None]:
     """A guide item ``"name"`` or ``"name:side"`` -> (name, side or None)."""
     name, _, side = item.partition(":")

@@ -246,3 +246,94 @@ def test_reader_labels_drop_constant_columns_and_keep_unknowns():
     assert y.tolist() == [[1, -1], [0, 1], [-1, -1], [-1, 0]]
     with pytest.raises(ConfigError, match="labels"):
         reader_labels([{"a": 0}, {"a": 0}])
+
+
+def _plan(dim: int, rank: int = 4, seed: int = 0) -> imagepos.ImagePlan:
+    from llm_cxr.prompts import PLAN_ITEMS
+
+    plan = imagepos.ImagePlan(PLAN_ITEMS, GRID * GRID, dim, rank=rank)
+    with torch.no_grad():
+        plan.maps.normal_(0, 1.0, generator=torch.Generator().manual_seed(seed))
+    return plan
+
+
+def test_plan_adds_to_the_drawn_image_only_in_training_and_decoding_alike(tmp_path):
+    """An image plan adds its maps to the tokens of the image being drawn: in training (the response image,
+    marked by responses()) and in decoding (explicit slots) the same vectors; never to a prompt image, never
+    without a plan, nothing while its maps are zero."""
+    model, tok, m = _map(tmp_path)
+    wrapper = imagepos.attach(model, m)
+    plan = imagepos.ImagePlan(("pleural_effusion:left", "cardiomegaly"), GRID * GRID, wrapper.pos.shape[1], rank=4)
+    assert imagepos.attach(model, m, plan=plan) is wrapper and wrapper.plan is plan
+    vec = plan.vector([["pleural_effusion:left", "cardiomegaly"], [], None])
+    assert vec.tolist() == [[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]]
+    with pytest.raises(ConfigError, match="no map for 'pneumothorax'"):
+        plan.vector([["pneumothorax"]])
+    img = [m.first_id + (3 + 5 * i) % N_CODES for i in range(GRID * GRID)]
+    ids = torch.tensor([[7, 8, m.begin_id, *img, m.end_id]] * 3)
+    labels = torch.full_like(ids, -100)
+    labels[:, 2:] = ids[:, 2:]  # the image is the response
+    before = wrapper(ids)
+    with imagepos.responses(model, labels, vec):
+        torch.testing.assert_close(wrapper(ids), before)  # maps start at zero: the plan adds nothing yet
+    with torch.no_grad():
+        plan.maps.normal_(0, 1.0, generator=torch.Generator().manual_seed(0))
+    with imagepos.responses(model, labels, vec):
+        trained = wrapper(ids)
+    assert wrapper._plan is None and wrapper._responses is None
+    delta = trained - before
+    want = plan(vec)  # (3, H*W, dim)
+    torch.testing.assert_close(delta[0, 3:3 + GRID * GRID], want[0])
+    assert float(delta[0, :3].abs().sum()) == 0 and float(delta[0, 3 + GRID * GRID:].abs().sum()) == 0
+    assert float(delta[1:].abs().sum()) == 0  # rows without a plan
+    torch.testing.assert_close(wrapper(ids), before)  # outside training a whole image is a prompt image: no plan
+    prompt_image = torch.full_like(ids, -100)  # a prompt image (not a response) never gets the plan
+    with imagepos.responses(model, prompt_image, vec):
+        torch.testing.assert_close(wrapper(ids), before)
+    # incremental decoding: each generated code with its slot gets the same vector as in training
+    slots = imagepos.image_slots(ids, m)
+    step = wrapper.embed(ids[:, 3:4], slots[:, 3:4], vec)
+    torch.testing.assert_close(step[:, 0], trained[:, 3])
+    torch.testing.assert_close(wrapper.embed(ids[:, 5:6], slots[:, 5:6], vec)[:, 0], trained[:, 5])
+    bad = imagepos.ImagePlan(("cardiomegaly",), GRID * GRID + 1, wrapper.pos.shape[1])
+    with pytest.raises(ConfigError, match="image plan has 5 slots"):
+        imagepos.attach(load_causal_lm(str(make_base(tmp_path / "b2")))[0], m, plan=bad)
+
+
+def test_image_decoding_with_a_plan_matches_a_full_forward_and_the_plan_saves_with_the_run(tmp_path):
+    """Greedy image codes drawn one at a time under a plan are the argmax of one full training-style forward
+    (response marked, same plan); the plan comes back with the run and decides what is drawn."""
+    from llm_cxr.prompts import PLAN_INDEX
+
+    base = make_base(tmp_path / "base")
+    model, tok = load_causal_lm(str(base))
+    m = add_image_tokens(tok, model, N_CODES, GRID, "fp")
+    imagepos.attach(model, m, plan=_plan(model.config.hidden_size))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    run = save_model(model, tok, m, RunInfo(kind="full", base=str(base), vqgan=None, max_length=256,
+                                            extra={"guided_images": True, "guide_sides": True}), tmp_path / "r")
+    gen = LLMCXR(load_run(run), vqgan=None, autocast=False)
+    assert torch.equal(gen._positions.plan.maps, imagepos.find(model).plan.maps)
+    items = ["pleural_effusion:left", "pacemaker"]
+    vec = gen._positions.plan.vector([items])
+    prompt = [5, 6, m.begin_id]
+    out = gen._decode([prompt], GRID * GRID, gen._image_mask, Sampling(), False, image_span=True, plan=vec)[0]
+    ids = torch.tensor([prompt + out.tolist() + [m.end_id]])
+    labels = torch.full_like(ids, -100)
+    labels[0, 2:] = ids[0, 2:]
+    with torch.no_grad(), imagepos.responses(gen.model, labels, vec):
+        logits = gen.model(ids).logits[0] + gen._image_mask
+    assert out.tolist() == logits[len(prompt) - 1:len(prompt) - 1 + GRID * GRID].argmax(-1).tolist()
+    # generate_image gives the plan the findings it lists; other findings draw another image
+    seen = []
+    real = gen._decode
+    gen._decode = lambda *a, **k: seen.append(k.get("plan")) or real(*a, **k)
+    a = gen.generate_image(["IMPRESSION: x"], Sampling(), findings=[items]).codes
+    b = gen.generate_image(["IMPRESSION: x"], Sampling(), findings=[["cardiomegaly"]]).codes
+    assert seen[0][0].nonzero().squeeze(1).tolist() == sorted(PLAN_INDEX[i] for i in items)
+    assert not torch.equal(a, b)
+    gen.generate_image(["IMPRESSION: x"], Sampling(), findings=[items], guided=False)
+    assert seen[-1] is None  # a plain drawing has no plan

@@ -10,8 +10,9 @@ from llm_cxr.data.schema import FINDING_NAMES, Finding
 from llm_cxr.errors import ConfigError, InputError
 from llm_cxr.instruct import (LengthGroupedBatches, StageConfig, collate, encode_example, study_examples,
                               text_example)
-from llm_cxr.prompts import (CHECKLIST_QUESTIONS, GUIDE_PREFIX, GUIDE_QUESTION, IMAGE, TEMPLATES, checklist_qa,
-                             get_template, make_vqa, parse_checklist, report_text, stated_items)
+from llm_cxr.prompts import (CHECKLIST_QUESTIONS, GUIDE_PREFIX, GUIDE_QUESTION, IMAGE, PLAN_INDEX, PLAN_ITEMS,
+                             TEMPLATES, checklist_qa, get_template, make_vqa, parse_checklist, report_text,
+                             stated_items)
 from llm_cxr.textlm import train_text_tokenizer
 from llm_cxr.tokens import add_image_tokens
 
@@ -303,5 +304,15 @@ def test_guided_image_prompt_lists_what_the_report_states():
         "report": 0, "image": 0, "vqa": 0, "checklist": 0, "image_guided": 1, "guide_sides": True}),
         get_template("compact"), 0)
     assert imp.prompt[2] == GUIDE_PREFIX + "right pleural effusion"  # the impression leaves the tube out
+    # the image plan gets the same items as the list (llm_cxr.imagepos.ImagePlan); collate makes them a multi-hot
+    assert ex.meta["plan"] == ["pleural_effusion:right", "endotracheal_tube"] and imp.meta["plan"] == [
+        "pleural_effusion:right"]
+    rows = [{"input_ids": [1, 2, 3], "n_prompt": 1, "plan": [PLAN_INDEX[i] for i in ex.meta["plan"]]},
+            {"input_ids": [4, 5], "n_prompt": 1, "plan": []}]
+    plan = collate(rows, pad_id=0)["plan"]
+    assert plan.shape == (2, len(PLAN_ITEMS)) and plan.sum().item() == 2 and plan[1].sum().item() == 0
+    assert [PLAN_ITEMS[i] for i in plan[0].nonzero().squeeze(1).tolist()] == sorted(
+        ex.meta["plan"], key=PLAN_INDEX.get)
+    assert "plan" not in collate([{"input_ids": [1, 2], "n_prompt": 1}], pad_id=0)  # model inputs only
     with pytest.raises(ConfigError, match="image_guided"):
         StageConfig(image_guided=-1)

@@ -329,3 +329,23 @@ def test_guided_report_runs_are_marked_and_later_stages_inherit_it(two_step_run,
     assert stage("i1", 1, 0, True, vqa=0, image_guided=1, base=str(base)) == (False, False, True, True)
     assert stage("i2", 1, 0, vqa=0, init_from=str(tmp_path / "i1")) == (False, False, True, True)
     assert stage("i3", 1, 0, vqa=0, image=1, init_from=str(tmp_path / "i1")) == (False, False, False, False)
+
+
+def test_image_plan_trains_from_zero_saves_and_is_inherited(data, base, tmp_path):
+    """image_plan: the maps start at zero, are trained by guided drawings (their plans reach the model through
+    the batches), are saved with the run and in the checkpoint, and a next stage keeps them."""
+    out = tmp_path / "r"
+    drawing = ["--set", "stage.report=0", "--set", "stage.vqa=0", "--set", "stage.checklist=0",
+               "--set", "stage.image=0", "--set", "stage.image_guided=1", "--set", "stage.guide_sides=true"]
+    assert _train(data, base, out, 3, "--set", "image_plan=true", *drawing) == 0
+    plan = imagepos.find(load_run(out).model).plan
+    assert plan is not None and float(plan.maps.abs().sum()) > 0  # moved from zero: the plans were used
+    assert any(k.endswith("plan.maps") for k in _adapter_state(out))  # resumable
+    assert json.loads((out / "model" / "run.json").read_text())["extra"]["guided_images"] is True
+    nxt = tmp_path / "next"
+    assert main(["-q", "train", "--data", str(data), "--out", str(nxt), "--init-from", str(out), "--steps", "1",
+                 *FAST, *drawing]) == 0
+    kept = imagepos.find(load_run(nxt).model).plan
+    assert kept is not None and kept.items == plan.items
+    with pytest.raises(ConfigError, match="image_plan needs image_positions: 2d"):
+        LMTrainConfig(data="d", out="o", base="b", image_plan=True, image_positions="none")
