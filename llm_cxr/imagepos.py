@@ -214,9 +214,11 @@ class ImagePlan(nn.Module):
                 out[b, self.index[item]] = 1.0
         return out
 
-    def forward(self, plan: torch.Tensor) -> torch.Tensor:
-        """plan (B, items) -> (B, H*W, dim)."""
-        return self.proj(torch.einsum("bp,psr->bsr", plan.to(self.maps.dtype), self.maps))
+    def forward(self, plan: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """plan (B, items), slots (B, T) -> (B, T, dim): each row's summed maps at the slots (a slot < 0 reads
+        slot 0; the caller masks it), picked before the projection so that a decoding step projects one slot."""
+        maps = torch.einsum("bp,psr->bsr", plan.to(self.maps.dtype), self.maps)  # (B, H*W, rank)
+        return self.proj(maps.gather(1, slots.clamp(min=0).unsqueeze(-1).expand(-1, -1, self.rank)))
 
 
 class ImagePositionEmbedding(nn.Module):
@@ -238,6 +240,10 @@ class ImagePositionEmbedding(nn.Module):
     def weight(self) -> torch.Tensor:  # what code that reads ``get_input_embeddings().weight`` expects
         return self.base.weight
 
+    def text_row_std(self) -> float:
+        """The spread of the text tokens' embedding rows: the scale added features start at."""
+        return float(self.base.weight.detach()[:self.token_map.first_id].float().std())
+
     def embed(self, input_ids: torch.Tensor, slots: torch.Tensor | None = None,
               plan: torch.Tensor | None = None) -> torch.Tensor:
         """Embeddings of ``input_ids`` (B, T); ``slots`` (B, T) overrides the slots derived from the ids (tokens
@@ -253,12 +259,12 @@ class ImagePositionEmbedding(nn.Module):
         add = self.pos.to(e.dtype)[slots.clamp(min=0)] * use.unsqueeze(-1).to(e.dtype)
         if self.reader is not None and derived:
             add = add + self._read(input_ids, slots, e.dtype)
-        drawn = use if not derived else (use & self._responses if self._responses is not None else None)
-        plan = plan if not derived else self._plan
+        drawn = use
+        if derived:  # a training forward: only the response's image is drawn, with the plan responses() set
+            drawn = use & self._responses if self._responses is not None else None
+            plan = self._plan
         if self.plan is not None and plan is not None and drawn is not None:
-            maps = self.plan(plan.to(e.device)).to(e.dtype)  # (B, H*W, dim)
-            picked = maps.gather(1, slots.clamp(min=0).unsqueeze(-1).expand(-1, -1, maps.shape[-1]))
-            add = add + picked * drawn.unsqueeze(-1).to(e.dtype)
+            add = add + self.plan(plan.to(e.device), slots).to(e.dtype) * drawn.unsqueeze(-1).to(e.dtype)
         return e + add
 
     def _read(self, ids: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

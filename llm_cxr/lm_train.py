@@ -441,9 +441,8 @@ def _start_model(cfg: LMTrainConfig, codes_info: dict, attn: str | None = None):
     wrapper = imagepos.find(model)
     if cfg.image_plan and wrapper.plan is None:
         torch.manual_seed(cfg.loop.seed)
-        rows = wrapper.base.weight.detach()[:token_map.first_id].float()
         imagepos.attach(model, token_map, plan=imagepos.ImagePlan(PLAN_ITEMS, token_map.tokens_per_image,
-                                                                  wrapper.pos.shape[1], row_std=float(rows.std())))
+                                                                  wrapper.pos.shape[1], row_std=wrapper.text_row_std()))
     return model, tok, token_map, kind, base, reader
 
 
@@ -488,9 +487,8 @@ def _pretrain_reader(model, token_map, cfg: LMTrainConfig, train_rows, progress:
     wrapper = imagepos.find(model)
     names, y = reader_labels(train_rows["labels"])
     codes = _codes_of(train_rows)
-    rows_std = float(wrapper.base.weight.detach()[:token_map.first_id].float().std())
     res = imagepos.pretrain_reader(wrapper.reader, codes, y, epochs=cfg.reader_pretrain_epochs, seed=cfg.loop.seed,
-                                   progress=progress, target_std=rows_std)
+                                   progress=progress, target_std=wrapper.text_row_std())
     log.info("image reader pretrained on %d images, %d labels (%s): loss %.4f", len(codes), len(names),
              ", ".join(names), res["loss"])
 

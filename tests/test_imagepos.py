@@ -282,7 +282,7 @@ def test_plan_adds_to_the_drawn_image_only_in_training_and_decoding_alike(tmp_pa
         trained = wrapper(ids)
     assert wrapper._plan is None and wrapper._responses is None
     delta = trained - before
-    want = plan(vec)  # (3, H*W, dim)
+    want = plan(vec, torch.arange(GRID * GRID).expand(3, -1))  # (3, H*W, dim)
     torch.testing.assert_close(delta[0, 3:3 + GRID * GRID], want[0])
     assert float(delta[0, :3].abs().sum()) == 0 and float(delta[0, 3 + GRID * GRID:].abs().sum()) == 0
     assert float(delta[1:].abs().sum()) == 0  # rows without a plan
