@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from llm_cxr.configs import IMAGE_TEMPERATURE, IMAGE_TOP_P
 from llm_cxr.errors import InputError
 
 
@@ -78,7 +79,7 @@ def add_generation_commands(sub) -> None:
     p.add_argument("--candidates", type=int, default=1,
                    help="draw this many images per report and keep the one the run's finding head finds closest "
                         "to the findings the report states (needs a run trained with finding_head: conv)")
-    _sampling_args(p, 1.0, 0.95)
+    _sampling_args(p, IMAGE_TEMPERATURE, IMAGE_TOP_P)
     p.set_defaults(func=_cmd_image)
 
     p = sub.add_parser("ask", help="answer a question about a chest X-ray (visual question answering)")

@@ -22,11 +22,12 @@ import numpy as np
 import torch
 
 from llm_cxr import diagnosis, imagepos
+from llm_cxr.configs import IMAGE_TEMPERATURE, IMAGE_TOP_P
 from llm_cxr.errors import ConfigError, InputError
 from llm_cxr.instruct import encode_prompt, image_prompt_ids
 from llm_cxr.modeling import LoadedRun, load_run
 from llm_cxr.prompts import (CHECKLIST_QUESTIONS, check_items, get_template, image_prompt, parse_checklist,
-                             report_prompt, requested_findings, split_item, vqa_prompt)
+                             plan_items, report_prompt, requested_findings, split_item, vqa_prompt)
 
 log = logging.getLogger(__name__)
 
@@ -345,7 +346,8 @@ class LLMCXR:
         ``guided`` (default: what the run was trained for, :attr:`guided_images`): the prompt also lists the
         findings each report asks for, with their sides: ``findings``, or what the report labeler reads in the
         report (:func:`llm_cxr.prompts.requested_findings`). A run with an image plan (``image_plan: true``)
-        is given the same findings as a layout.
+        is given the same findings as a layout, with the lung zone the report places each in
+        (:func:`llm_cxr.prompts.plan_items`).
 
         ``candidates > 1`` draws that many images per report and keeps the one the run's finding head
         (``finding_head: conv``) finds most likely to show ``findings`` (per report: guide items, ``name`` or
@@ -372,10 +374,11 @@ class LLMCXR:
             if not self.guide_sides:
                 stated = [[split_item(i)[0] for i in fs] for fs in stated]
             if self._positions is not None and self._positions.plan is not None:
-                plan = self._positions.plan.vector(stated).repeat_interleave(candidates, dim=0)
+                layout = [plan_items(fs, r) for fs, r in zip(stated, reports)]  # with the report's zones
+                plan = self._positions.plan.vector(layout).repeat_interleave(candidates, dim=0)
         else:
             stated = [None] * len(reports)
-        sampling = sampling or Sampling(temperature=1.0, top_k=0, top_p=0.95)
+        sampling = sampling or Sampling(temperature=IMAGE_TEMPERATURE, top_k=0, top_p=IMAGE_TOP_P)
         begin = [self.map.begin_id]
         # the report cut as in training, so the list and the whole image fit; each report's candidates side by side
         one = [image_prompt_ids(self.tok, self.map, self.template, image_prompt(self.template, r, None, f),

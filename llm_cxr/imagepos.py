@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from llm_cxr.errors import ConfigError
+from llm_cxr.prompts import PLAN_ITEMS
 from llm_cxr.tokens import ImageTokenMap
 
 POSITIONS_FILE = "image_positions.safetensors"
@@ -202,6 +203,22 @@ class ImagePlan(nn.Module):
     def config(self) -> dict:
         return {"items": list(self.items), "slots": self.maps.shape[1], "rank": self.rank,
                 "dim": self.proj.out_features}
+
+    def grown(self, items) -> ImagePlan:
+        """This plan with a map for each of ``items``, whose first items must be this plan's: a plan saved before
+        items were added (new ones start at zero, so it draws as before). Itself if it has them all."""
+        items = tuple(items)
+        if items == self.items:
+            return self
+        if items[:len(self.items)] != self.items:
+            raise ConfigError(f"an image plan for items {', '.join(self.items[:4])}... cannot take the items "
+                              f"{', '.join(items[:4])}...: they are not a continuation of its own")
+        out = ImagePlan(items, self.maps.shape[1], self.proj.out_features, self.rank)
+        with torch.no_grad():
+            out.maps.zero_()
+            out.maps[:len(self.items)] = self.maps
+            out.proj.weight.copy_(self.proj.weight)
+        return out.to(self.maps.device, self.maps.dtype)
 
     def vector(self, lists) -> torch.Tensor:
         """Guide items per image (lists of ``"name"`` / ``"name:side"``; None or [] = no plan) -> (B, items)
@@ -423,6 +440,7 @@ def load_positions(folder: str | Path) -> tuple[torch.Tensor, CodeReader | None,
             cfg = json.loads(meta["plan"])
             plan = ImagePlan(cfg["items"], cfg["slots"], cfg["dim"], cfg["rank"])
             plan.load_state_dict({k[len("plan."):]: v for k, v in tensors.items() if k.startswith("plan.")})
+            plan = plan.grown(PLAN_ITEMS)  # a plan saved with fewer items takes today's, new ones at zero
         return tensors["pos"], reader, plan
     except Exception as e:  # a truncated or foreign file
         raise ConfigError(f"{path} is not a valid image position table: {e}") from e

@@ -30,8 +30,8 @@ from llm_cxr.data.schema import FINDING_NAMES, findings_from_json
 from llm_cxr.errors import ConfigError, DatasetError, InputError
 from llm_cxr.pipeline import code_hash
 from llm_cxr.prompts import (NAMES, PLAN_INDEX, PLAN_ITEMS, Example, ImageSlot, PromptTemplate, checklist_qa,
-                             get_template, guide_items, image_prompt, make_vqa, report_prompt, report_text,
-                             stated_items, vqa_prompt)
+                             get_template, guide_items, image_prompt, make_vqa, plan_items, report_prompt,
+                             report_text, stated_items, vqa_prompt)
 from llm_cxr.tokens import ImageTokenMap
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ def study_examples(row: dict, stage: StageConfig, template: PromptTemplate, seed
                                {"kind": qa.kind, "finding": qa.finding, "guided": True}))
         for _ in range(stage.image_guided):
             out.append(Example("image", image_prompt(template, report, rng, plan), None, codes,
-                               {"guided": True, "plan": plan}))
+                               {"guided": True, "plan": plan_items(plan, report)}))
     return out
 
 

@@ -146,9 +146,38 @@ def _phrase(item: str) -> str:
     return f"{side} {text}" if side else text
 
 
-# Every guide item an image plan (llm_cxr/imagepos.py: ImagePlan) can be given: each finding, bare and with each side.
-PLAN_ITEMS: tuple[str, ...] = tuple(NAMES) + tuple(f"{n}:{s}" for n in NAMES for s in LATERALITIES)
+# Zones of a lung from top to bottom, and the zone of each location the report labeler reads that is not a lobe
+# (llm_cxr.data.labeler_rules.LOCATION_CUES; a lobe's zone is in its name).
+ZONES: tuple[str, ...] = ("upper", "middle", "lower")
+_LOCATION_ZONE = {"apical": "upper", "lingula": "middle", "perihilar": "middle", "mid lung": "middle",
+                  "basal": "lower", "retrocardiac": "lower"}
+_GUIDE_ITEMS = tuple(NAMES) + tuple(f"{n}:{s}" for n in NAMES for s in LATERALITIES)
+# Every item an image plan (llm_cxr/imagepos.py: ImagePlan) can be given: each finding, bare and with each side,
+# and each of those in each zone (``"nodule:right@upper"``). New items go at the end: a saved plan's items must stay
+# a prefix of these (ImagePlan.grown).
+PLAN_ITEMS: tuple[str, ...] = _GUIDE_ITEMS + tuple(f"{i}@{z}" for i in _GUIDE_ITEMS for z in ZONES)
 PLAN_INDEX: dict[str, int] = {item: i for i, item in enumerate(PLAN_ITEMS)}
+
+
+def location_zone(location: str | None) -> str | None:
+    """The lung zone of a location the report labeler reads (``"right upper lobe"`` -> ``"upper"``,
+    ``"basal"`` -> ``"lower"``), or None."""
+    if not location:
+        return None
+    for zone in ZONES:
+        if f"{zone} lobe" in location:
+            return zone
+    return _LOCATION_ZONE.get(location)
+
+
+def plan_items(items: Iterable[str], text: str) -> list[str]:
+    """An image plan's input for a drawing of the report ``text`` that shows ``items`` (guide items): the items,
+    then each again with the lung zone the report places its finding in, where it does
+    (``["nodule:right", "nodule:right@upper"]``). Where a finding lies within a lung the side alone cannot say,
+    and nodules and masses vary most."""
+    items = list(items)
+    zones = {f.name: location_zone(f.location) for f in label_report(text).findings}
+    return items + [f"{i}@{zones[n]}" for i in items if zones.get(n := split_item(i)[0])]
 
 
 def split_item(item: str) -> tuple[str, str | None]:

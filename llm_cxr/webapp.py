@@ -31,6 +31,7 @@ from PIL import Image
 
 from llm_cxr.data.images import read_image_bytes
 from llm_cxr.errors import ConfigError, InputError, LLMCXRError
+from llm_cxr.configs import IMAGE_TEMPERATURE, IMAGE_TOP_P
 from llm_cxr.generation import LLMCXR, Sampling
 
 log = logging.getLogger(__name__)
@@ -140,8 +141,8 @@ class Handlers:
         if not report or not report.strip():
             raise InputError("type a report first, e.g. 'Small left pleural effusion. No pneumothorax.'")
         seed = None if seed is None or seed < 0 else int(seed)
-        out = self.model.generate_image([report.strip()], Sampling(temperature=1.0, top_p=0.95, seed=seed),
-                                        guidance=float(guidance), batch_size=1)
+        sampling = Sampling(temperature=IMAGE_TEMPERATURE, top_p=IMAGE_TOP_P, seed=seed)
+        out = self.model.generate_image([report.strip()], sampling, guidance=float(guidance), batch_size=1)
         return (_for_display(out.images[0]),)
 
     def answer(self, upload, question: str):

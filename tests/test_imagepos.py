@@ -337,3 +337,30 @@ def test_image_decoding_with_a_plan_matches_a_full_forward_and_the_plan_saves_wi
     assert not torch.equal(a, b)
     gen.generate_image(["IMPRESSION: x"], Sampling(), findings=[items], guided=False)
     assert seen[-1] is None  # a plain drawing has no plan
+    # the zone the report places a finding in is given too, from the report labeler's reading
+    gen.generate_image(["IMPRESSION: 9 mm right upper lobe nodule."], Sampling())
+    assert seen[-1][0].nonzero().squeeze(1).tolist() == [PLAN_INDEX["nodule:right"], PLAN_INDEX["nodule:right@upper"]]
+
+
+def test_a_plan_saved_with_fewer_items_loads_grown_and_draws_as_before(tmp_path):
+    """Items added to PLAN_ITEMS since a run was saved (zones) load with maps at zero: the old items give the same
+    vectors, the new ones nothing; items that do not continue the plan's own are a clear error."""
+    from llm_cxr.prompts import PLAN_ITEMS
+
+    model, tok, m = _map(tmp_path)
+    wrapper = imagepos.attach(model, m)
+    old = imagepos.ImagePlan(PLAN_ITEMS[:76], GRID * GRID, wrapper.pos.shape[1], rank=4)
+    with torch.no_grad():
+        old.maps.normal_(0, 1.0, generator=torch.Generator().manual_seed(0))
+    imagepos.attach(model, m, plan=old)
+    (tmp_path / "run").mkdir()
+    imagepos.save_positions(wrapper, tmp_path / "run")
+    _, _, plan = imagepos.load_positions(tmp_path / "run")
+    assert plan.items == PLAN_ITEMS and plan.maps.shape[0] == len(PLAN_ITEMS) > 76
+    slots = torch.arange(GRID * GRID).expand(2, -1)
+    items = [["nodule:right", "pleural_effusion:left"], ["cardiomegaly"]]
+    torch.testing.assert_close(plan(plan.vector(items), slots), old(old.vector(items), slots))
+    assert float(plan(plan.vector([["nodule:right@upper"]]), slots[:1]).abs().sum()) == 0
+    assert old.grown(old.items) is old
+    with pytest.raises(ConfigError, match="not a continuation"):
+        old.grown(("cardiomegaly",) + PLAN_ITEMS)

@@ -314,5 +314,29 @@ def test_guided_image_prompt_lists_what_the_report_states():
     assert [PLAN_ITEMS[i] for i in plan[0].nonzero().squeeze(1).tolist()] == sorted(
         ex.meta["plan"], key=PLAN_INDEX.get)
     assert "plan" not in collate([{"input_ids": [1, 2], "n_prompt": 1}], pad_id=0)  # model inputs only
+    # a finding the report places in a zone of the lung is given again with its zone
+    nodule = ("FINDINGS: There is a 9 mm pulmonary nodule in the left lower lobe.\n"
+              "IMPRESSION: 9 mm left lower lobe nodule.")
+    (ex,) = study_examples(_row([Finding("nodule", "left", "left lower lobe", size_mm=9.0)], report=nodule), stage,
+                           get_template("compact"), 0)
+    assert ex.prompt[2] == GUIDE_PREFIX + "left pulmonary nodule"
+    assert ex.meta["plan"] == ["nodule:left", "nodule:left@lower"]
     with pytest.raises(ConfigError, match="image_guided"):
         StageConfig(image_guided=-1)
+
+
+def test_plan_items_add_the_zone_the_report_places_a_finding_in():
+    from llm_cxr.prompts import PLAN_INDEX, location_zone, plan_items
+
+    assert [location_zone(x) for x in ("right upper lobe", "right middle lobe", "left lower lobe", "apical",
+                                         "lingula", "basal", "retrocardiac", "perihilar", None, "")] == [
+        "upper", "middle", "lower", "upper", "middle", "lower", "lower", "middle", None, None]
+    text = ("IMPRESSION: 12 mm right upper lobe nodule. Left lower lobe mass (3.1 cm). Small left pleural effusion. "
+            "Cardiomegaly.")
+    items = ["nodule:right", "mass:left", "pleural_effusion:left", "cardiomegaly"]
+    assert plan_items(items, text) == items + ["nodule:right@upper", "mass:left@lower"]
+    assert plan_items(["nodule", "mass"], text) == ["nodule", "mass", "nodule@upper", "mass@lower"]  # no sides
+    assert plan_items(["pneumothorax"], text) == ["pneumothorax"]  # only what is asked for
+    assert plan_items([], text) == []
+    assert all(i in PLAN_INDEX for i in plan_items(items, text))
+

@@ -22,6 +22,7 @@ import torch
 
 from llm_cxr.data.schema import FINDING_NAMES, findings_from_json
 from llm_cxr.evaluation.clinical import score_reports
+from llm_cxr.configs import IMAGE_TEMPERATURE, IMAGE_TOP_P
 from llm_cxr.generation import LLMCXR, Sampling
 from llm_cxr.prompts import (CHECKLIST_QUESTIONS, guide_items, make_vqa, parse_checklist, requested_findings,
                              split_item)
@@ -37,8 +38,8 @@ class EvalConfig:
     vqa_per_image: int = 4
     batch_size: int = 16
     guidance: float = 1.0
-    image_temperature: float = 1.0
-    image_top_p: float = 0.95
+    image_temperature: float = IMAGE_TEMPERATURE
+    image_top_p: float = IMAGE_TOP_P
     candidates: int = 1  # images drawn per report, the finding head keeps the best (LLMCXR.generate_image)
     seed: int = 0
     progress: bool = True
