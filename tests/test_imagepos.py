@@ -303,6 +303,7 @@ def test_plan_adds_to_the_drawn_image_only_in_training_and_decoding_alike(tmp_pa
 def test_image_decoding_with_a_plan_matches_a_full_forward_and_the_plan_saves_with_the_run(tmp_path):
     """Greedy image codes drawn one at a time under a plan are the argmax of one full training-style forward
     (response marked, same plan); the plan comes back with the run and decides what is drawn."""
+    from llm_cxr.configs import IMAGE_TEMPERATURE, IMAGE_TOP_P
     from llm_cxr.prompts import PLAN_INDEX
 
     base = make_base(tmp_path / "base")
@@ -338,8 +339,11 @@ def test_image_decoding_with_a_plan_matches_a_full_forward_and_the_plan_saves_wi
     gen.generate_image(["IMPRESSION: x"], Sampling(), findings=[items], guided=False)
     assert seen[-1] is None  # a plain drawing has no plan
     # the zone the report places a finding in is given too, from the report labeler's reading
-    gen.generate_image(["IMPRESSION: 9 mm right upper lobe nodule."], Sampling())
+    sampled = []
+    gen._decode = lambda *a, **k: seen.append(k.get("plan")) or sampled.append(a[3]) or real(*a, **k)
+    gen.generate_image(["IMPRESSION: 9 mm right upper lobe nodule."])
     assert seen[-1][0].nonzero().squeeze(1).tolist() == [PLAN_INDEX["nodule:right"], PLAN_INDEX["nodule:right@upper"]]
+    assert (sampled[-1].temperature, sampled[-1].top_p) == (IMAGE_TEMPERATURE, IMAGE_TOP_P)
 
 
 def test_a_plan_saved_with_fewer_items_loads_grown_and_draws_as_before(tmp_path):

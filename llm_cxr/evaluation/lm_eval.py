@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from llm_cxr.configs import IMAGE_TEMPERATURE, IMAGE_TOP_P
 from llm_cxr.data.schema import FINDING_NAMES, findings_from_json
 from llm_cxr.evaluation.clinical import score_reports
-from llm_cxr.configs import IMAGE_TEMPERATURE, IMAGE_TOP_P
 from llm_cxr.generation import LLMCXR, Sampling
 from llm_cxr.prompts import (CHECKLIST_QUESTIONS, guide_items, make_vqa, parse_checklist, requested_findings,
                              split_item)
