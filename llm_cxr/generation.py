@@ -204,11 +204,12 @@ class LLMCXR:
         step_pos = pos
         if plan is not None and uncond is not None:
             plan = torch.cat([plan, torch.zeros_like(plan)])
+        layout = self._positions.plan.layout(plan) if plan is not None else None  # the same at every step
         for t in range(steps):
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 if self._positions is not None and image_span and t > 0:
                     feed = {"inputs_embeds": self._positions.embed(step_ids, torch.full_like(step_ids, t - 1),
-                                                                   plan)}
+                                                                   layout)}
                 else:
                     feed = {"input_ids": step_ids}
                 res = self.model(**feed, attention_mask=mask, position_ids=step_pos, past_key_values=past,

@@ -231,11 +231,16 @@ class ImagePlan(nn.Module):
                 out[b, self.index[item]] = 1.0
         return out
 
-    def forward(self, plan: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """plan (B, items), slots (B, T) -> (B, T, dim): each row's summed maps at the slots (a slot < 0 reads
-        slot 0; the caller masks it), picked before the projection so that a decoding step projects one slot."""
-        maps = torch.einsum("bp,psr->bsr", plan.to(self.maps.dtype), self.maps)  # (B, H*W, rank)
-        return self.proj(maps.gather(1, slots.clamp(min=0).unsqueeze(-1).expand(-1, -1, self.rank)))
+    def layout(self, plan: torch.Tensor) -> torch.Tensor:
+        """plan (B, items) -> (B, H*W, rank): each row's summed maps. A drawing's layout is the same at every
+        step, so decoding computes it once (:meth:`ImagePositionEmbedding.embed`'s ``layout``)."""
+        return torch.einsum("bp,psr->bsr", plan.to(self.maps.dtype), self.maps)
+
+    def forward(self, layout: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """layout (B, H*W, rank) from :meth:`layout`, slots (B, T) -> (B, T, dim): the layout at the slots (a slot
+        < 0 reads slot 0; the caller masks it), picked before the projection so that a decoding step projects one
+        slot."""
+        return self.proj(layout.gather(1, slots.clamp(min=0).unsqueeze(-1).expand(-1, -1, self.rank)))
 
 
 class ImagePositionEmbedding(nn.Module):
@@ -262,10 +267,10 @@ class ImagePositionEmbedding(nn.Module):
         return float(self.base.weight.detach()[:self.token_map.first_id].float().std())
 
     def embed(self, input_ids: torch.Tensor, slots: torch.Tensor | None = None,
-              plan: torch.Tensor | None = None) -> torch.Tensor:
+              layout: torch.Tensor | None = None) -> torch.Tensor:
         """Embeddings of ``input_ids`` (B, T); ``slots`` (B, T) overrides the slots derived from the ids (tokens
-        of an image being generated, fed one at a time); ``plan`` (B, items) is the :class:`ImagePlan` input for
-        those generated tokens (rows of zeros: no plan)."""
+        of an image being generated, fed one at a time); ``layout`` (B, H*W, rank) is the :class:`ImagePlan`'s
+        :meth:`~ImagePlan.layout` for those generated tokens (rows of zeros: no plan)."""
         e = self.base(input_ids)
         derived = slots is None
         if derived:
@@ -279,9 +284,11 @@ class ImagePositionEmbedding(nn.Module):
         drawn = use
         if derived:  # a training forward: only the response's image is drawn, with the plan responses() set
             drawn = use & self._responses if self._responses is not None else None
-            plan = self._plan
-        if self.plan is not None and plan is not None and drawn is not None:
-            add = add + self.plan(plan.to(e.device), slots).to(e.dtype) * drawn.unsqueeze(-1).to(e.dtype)
+            layout = None
+            if self.plan is not None and self._plan is not None:
+                layout = self.plan.layout(self._plan.to(e.device))
+        if layout is not None and drawn is not None:
+            add = add + self.plan(layout, slots).to(e.dtype) * drawn.unsqueeze(-1).to(e.dtype)
         return e + add
 
     def _read(self, ids: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -447,5 +454,5 @@ def load_positions(folder: str | Path) -> tuple[torch.Tensor, CodeReader | None,
 
 
 __all__ = ["CodeReader", "ImagePlan", "ImagePositionEmbedding", "POSITIONS_FILE", "attach", "code_maps", "conv_trunk",
-           "detached",
-           "find", "image_slots", "load_positions", "pretrain_reader", "responses", "save_positions", "sincos_2d"]
+           "detached", "find", "image_slots", "load_positions", "pretrain_reader", "responses", "save_positions",
+           "sincos_2d"]

@@ -124,9 +124,10 @@ def study_examples(row: dict, stage: StageConfig, template: PromptTemplate, seed
         for qa in list_questions(findings, rng, stage.vqa_from_findings, askable, uncertain, stage.guide_sides):
             out.append(Example("text", vqa_prompt(template, qa.question, present, image=False), qa.answer, None,
                                {"kind": qa.kind, "finding": qa.finding, "guided": True}))
+        layout = plan_items(plan, report) if stage.image_guided else []  # the image plan's items, with zones
         for _ in range(stage.image_guided):
             out.append(Example("image", image_prompt(template, report, rng, plan), None, codes,
-                               {"guided": True, "plan": plan_items(plan, report)}))
+                               {"guided": True, "plan": layout}))
     return out
 
 

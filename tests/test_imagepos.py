@@ -282,7 +282,7 @@ def test_plan_adds_to_the_drawn_image_only_in_training_and_decoding_alike(tmp_pa
         trained = wrapper(ids)
     assert wrapper._plan is None and wrapper._responses is None
     delta = trained - before
-    want = plan(vec, torch.arange(GRID * GRID).expand(3, -1))  # (3, H*W, dim)
+    want = plan(plan.layout(vec), torch.arange(GRID * GRID).expand(3, -1))  # (3, H*W, dim)
     torch.testing.assert_close(delta[0, 3:3 + GRID * GRID], want[0])
     assert float(delta[0, :3].abs().sum()) == 0 and float(delta[0, 3 + GRID * GRID:].abs().sum()) == 0
     assert float(delta[1:].abs().sum()) == 0  # rows without a plan
@@ -292,9 +292,9 @@ def test_plan_adds_to_the_drawn_image_only_in_training_and_decoding_alike(tmp_pa
         torch.testing.assert_close(wrapper(ids), before)
     # incremental decoding: each generated code with its slot gets the same vector as in training
     slots = imagepos.image_slots(ids, m)
-    step = wrapper.embed(ids[:, 3:4], slots[:, 3:4], vec)
+    step = wrapper.embed(ids[:, 3:4], slots[:, 3:4], plan.layout(vec))
     torch.testing.assert_close(step[:, 0], trained[:, 3])
-    torch.testing.assert_close(wrapper.embed(ids[:, 5:6], slots[:, 5:6], vec)[:, 0], trained[:, 5])
+    torch.testing.assert_close(wrapper.embed(ids[:, 5:6], slots[:, 5:6], plan.layout(vec))[:, 0], trained[:, 5])
     bad = imagepos.ImagePlan(("cardiomegaly",), GRID * GRID + 1, wrapper.pos.shape[1])
     with pytest.raises(ConfigError, match="image plan has 5 slots"):
         imagepos.attach(load_causal_lm(str(make_base(tmp_path / "b2")))[0], m, plan=bad)
@@ -363,8 +363,8 @@ def test_a_plan_saved_with_fewer_items_loads_grown_and_draws_as_before(tmp_path)
     assert plan.items == PLAN_ITEMS and plan.maps.shape[0] == len(PLAN_ITEMS) > 76
     slots = torch.arange(GRID * GRID).expand(2, -1)
     items = [["nodule:right", "pleural_effusion:left"], ["cardiomegaly"]]
-    torch.testing.assert_close(plan(plan.vector(items), slots), old(old.vector(items), slots))
-    assert float(plan(plan.vector([["nodule:right@upper"]]), slots[:1]).abs().sum()) == 0
+    torch.testing.assert_close(plan(plan.layout(plan.vector(items)), slots), old(old.layout(old.vector(items)), slots))
+    assert float(plan(plan.layout(plan.vector([["nodule:right@upper"]])), slots[:1]).abs().sum()) == 0
     assert old.grown(old.items) is old
     with pytest.raises(ConfigError, match="not a continuation"):
         old.grown(("cardiomegaly",) + PLAN_ITEMS)
