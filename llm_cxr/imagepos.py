@@ -214,8 +214,7 @@ class ImagePlan(nn.Module):
             raise ConfigError(f"an image plan for items {', '.join(self.items[:4])}... cannot take the items "
                               f"{', '.join(items[:4])}...: they are not a continuation of its own")
         out = ImagePlan(items, self.maps.shape[1], self.proj.out_features, self.rank)
-        with torch.no_grad():
-            out.maps.zero_()
+        with torch.no_grad():  # its maps start at zero
             out.maps[:len(self.items)] = self.maps
             out.proj.weight.copy_(self.proj.weight)
         return out.to(self.maps.device, self.maps.dtype)
