@@ -64,6 +64,10 @@ class StageConfig:
     instruct_jsonl: str | None = None  # plain instruction data (Dolly/Alpaca JSONL), mixed in
     instruct_ratio: float = 0.0  # plain examples per multimodal example
     repeats: int = 1  # variants per study (other paraphrases and questions)
+    image_focus: float = 1.0  # weight of a drawn image's tokens in the grid cells that show a finding its prompt
+    #                           lists (image_guided; from the dataset's masks, which the synthetic set has), against
+    #                           1 for its other tokens; 1 = off. A nodule touches 2 of 256 cells, so unweighted it is
+    #                           ~1% of its drawing's loss
 
     def __post_init__(self) -> None:
         if self.sections not in ("findings_impression", "impression"):
@@ -78,6 +82,8 @@ class StageConfig:
             raise ConfigError("stage makes no examples: report, report_guided, report_from_findings, image, "
                               "image_guided, vqa, vqa_guided, vqa_from_findings and checklist are all 0 and no "
                               "instruct_jsonl")
+        if not self.image_focus > 0:
+            raise ConfigError(f"stage.image_focus must be > 0 (1 = off), got {self.image_focus}")
         if self.instruct_ratio < 0 or (self.instruct_ratio > 0 and not self.instruct_jsonl):
             raise ConfigError("stage.instruct_ratio > 0 needs stage.instruct_jsonl")
 
@@ -182,6 +188,21 @@ def read_instruct_jsonl(path: str | Path) -> list[dict]:
     return items
 
 
+def focus_slots(masks, names, grid: int) -> list[int]:
+    """Cells of a ``grid`` x ``grid`` code grid (row-major, as the codes are) that a mask of any finding in
+    ``names`` touches; ``masks`` as the dataset stores them (``[{"finding", "mask"}]``, 255 inside)."""
+    hit = np.zeros((grid, grid), dtype=bool)
+    for m in masks or ():
+        if m.get("finding") not in names or m.get("mask") is None:
+            continue
+        a = np.asarray(m["mask"])
+        if a.ndim == 3:
+            a = a[..., 0]
+        ys, xs = np.nonzero(a > 0)
+        hit[ys * grid // a.shape[0], xs * grid // a.shape[1]] = True
+    return np.flatnonzero(hit).tolist()
+
+
 # --------------------------------------------------------------------------- tokenisation
 
 
@@ -281,13 +302,18 @@ def build_stage_dataset(ds, tokenizer, token_map: ImageTokenMap, stage: StageCon
     if "codes" not in ds.column_names:
         raise DatasetError("the dataset has no 'codes' column: run `llm-cxr vqgan encode` on it first")
     tpl = get_template(template)
-    keep = [c for c in ("id", "patient_id", "report", "findings", "labels", "codes", "source") if c in ds.column_names]
+    focus = stage.image_focus != 1 and stage.image_guided > 0 and "masks" in ds.column_names
+    if stage.image_focus != 1 and stage.image_guided > 0 and not focus:
+        log.warning("stage.image_focus=%s does nothing here: the dataset has no 'masks' column", stage.image_focus)
+    keep = [c for c in ("id", "patient_id", "report", "findings", "labels", "codes", "source")
+            + (("masks",) if focus else ()) if c in ds.column_names]
     ds = ds.select_columns(keep)
     if stage.one_per_patient:
         ds = _one_per_patient(ds, seed)
 
     def fn(batch, code_version):
-        out = {"input_ids": [], "n_prompt": [], "length": [], "task": [], "truncated": [], "plan": []}
+        out = {"input_ids": [], "n_prompt": [], "length": [], "task": [], "truncated": [], "plan": [], "focus": [],
+               "focus_weight": []}
         n = len(batch["id"])
         for i in range(n):
             row = {k: batch[k][i] for k in batch}
@@ -300,13 +326,22 @@ def build_stage_dataset(ds, tokenizer, token_map: ImageTokenMap, stage: StageCon
                     out["task"].append(ex.task)
                     out["truncated"].append(enc.truncated)
                     out["plan"].append([PLAN_INDEX[i] for i in ex.meta.get("plan", ())])
+                    cells = []
+                    if focus and ex.response is None and ex.meta.get("plan"):
+                        names = {prompts.split_item(i.partition("@")[0])[0] for i in ex.meta["plan"]}
+                        cells = focus_slots(row["masks"], names, token_map.grid_size)
+                    out["focus"].append(cells)
+                    out["focus_weight"].append(stage.image_focus if cells else 1.0)
         return out
 
     features = datasets.Features({"input_ids": datasets.List(datasets.Value("int32")),
                                   "n_prompt": datasets.Value("int32"), "length": datasets.Value("int32"),
                                   "task": datasets.Value("string"), "truncated": datasets.Value("bool"),
                                   # a drawn image's plan (guide items, llm_cxr.prompts.PLAN_INDEX); [] for the rest
-                                  "plan": datasets.List(datasets.Value("int16"))})
+                                  "plan": datasets.List(datasets.Value("int16")),
+                                  # a drawn image's grid cells that show its findings, and their loss weight
+                                  "focus": datasets.List(datasets.Value("int16")),
+                                  "focus_weight": datasets.Value("float32")})
     # datasets fingerprints fn by pickling it, which names the functions it calls but not their code: the source of
     # what makes the examples goes in too, or a cache made by older code would be reused silently
     code = code_hash(sys.modules[__name__], prompts, tokens, labeler, labeler_rules)
@@ -331,7 +366,8 @@ def _instruct_dataset(stage, tokenizer, token_map, tpl, max_length, n_multimodal
         raise InputError(f"{stage.instruct_jsonl} holds no examples")
     want = int(round(stage.instruct_ratio * n_multimodal))
     rng = random.Random(seed)
-    rows = {"input_ids": [], "n_prompt": [], "length": [], "task": [], "truncated": [], "plan": []}
+    rows = {"input_ids": [], "n_prompt": [], "length": [], "task": [], "truncated": [], "plan": [], "focus": [],
+            "focus_weight": []}
     for k in range(want):
         item = items[rng.randrange(len(items))] if want > len(items) else items[k]
         try:
@@ -344,6 +380,8 @@ def _instruct_dataset(stage, tokenizer, token_map, tpl, max_length, n_multimodal
         rows["task"].append("text")
         rows["truncated"].append(enc.truncated)
         rows["plan"].append([])
+        rows["focus"].append([])
+        rows["focus_weight"].append(1.0)
     return datasets.Dataset.from_dict(rows, features=features)
 
 
@@ -389,7 +427,8 @@ class LengthGroupedBatches:
 def collate(rows: list[dict], pad_id: int, pad_to_multiple: int = 8) -> dict[str, torch.Tensor]:
     """Right-padded batch; labels are -100 on the prompt and on padding (pad may equal EOS). Rows with a ``plan``
     (indices into :data:`llm_cxr.prompts.PLAN_ITEMS`) give a (B, items) multi-hot ``plan`` too, which is not a
-    model input: the training loop hands it to the image plan (:func:`llm_cxr.imagepos.responses`)."""
+    model input: the training loop hands it to the image plan (:func:`llm_cxr.imagepos.responses`). Rows with
+    ``focus`` cells (``stage.image_focus``) give a (B, T) loss ``weights`` too, aligned with ``labels``."""
     longest = max(len(r["input_ids"]) for r in rows)
     T = -(-longest // pad_to_multiple) * pad_to_multiple
     ids = torch.full((len(rows), T), pad_id, dtype=torch.long)  # (B, T)
@@ -401,6 +440,12 @@ def collate(rows: list[dict], pad_id: int, pad_to_multiple: int = 8) -> dict[str
         mask[i, :len(x)] = 1
         labels[i, r["n_prompt"]:len(x)] = x[r["n_prompt"]:]
     out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if any(r.get("focus") for r in rows):  # a drawn image's response is <image> + codes: cell k is token n_prompt+1+k
+        weights = torch.ones((len(rows), T))
+        for i, r in enumerate(rows):
+            if r.get("focus"):
+                weights[i, r["n_prompt"] + 1 + torch.as_tensor(r["focus"], dtype=torch.long)] = float(r["focus_weight"])
+        out["weights"] = weights
     if any("plan" in r for r in rows):
         plan = torch.zeros((len(rows), len(PLAN_ITEMS)))
         for i, r in enumerate(rows):
@@ -418,6 +463,7 @@ def iterate_batches(tok_ds, sampler: LengthGroupedBatches, pad_id: int, start_ep
     """Endless (epoch, index in epoch, batch) stream; ``skip`` batches of ``start_epoch`` are passed over (resume).
     ``plan``: batches carry the drawn images' plans (see :func:`collate`)."""
     cols = ["input_ids", "n_prompt"] + (["plan"] if plan else [])
+    cols += [c for c in ("focus", "focus_weight") if c in tok_ds.column_names]
     if plan and "plan" not in tok_ds.column_names:
         raise DatasetError("these tokenised examples have no 'plan' column (made by an older llm-cxr): tokenise again")
     data = tok_ds.select_columns(cols)

@@ -80,14 +80,23 @@ class LoopConfig:
             raise ConfigError(f"loop.loss must be 'token' or 'example', got {self.loss!r}")
 
 
-def example_loss(model, batch: dict) -> torch.Tensor:
-    """Cross-entropy averaged over each example's response tokens, then over the examples that have any."""
+def response_loss(model, batch: dict, mode: str = "token", weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of the response tokens. ``mode`` "token": their mean over the batch; "example": averaged over
+    each example's response tokens first, then over the examples that have any. ``weights`` (B, T, aligned with
+    ``labels``; :func:`llm_cxr.instruct.collate`) make those means weighted ones."""
+    if mode == "token" and weights is None:
+        return model(**batch).loss
     labels = batch["labels"]
     logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1].float()
     target = labels[:, 1:]
     per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
-    n = (target != -100).sum(1)
-    return (per_token.sum(1)[n > 0] / n[n > 0]).mean()
+    w = (target != -100).float()
+    if weights is not None:
+        w = w * weights[:, 1:].to(w)
+    if mode == "token":
+        return (per_token * w).sum() / w.sum().clamp_min(1e-9)
+    n = w.sum(1)
+    return ((per_token * w).sum(1)[n > 0] / n[n > 0]).mean()
 
 
 def lr_at(step: int, cfg: LoopConfig) -> float:
@@ -201,6 +210,7 @@ def evaluate_loss(model, eval_ds, pad_id: int, cfg: LoopConfig, accelerator,
             break
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         plan = batch.pop("plan", None)
+        batch.pop("weights", None)  # eval loss stays the plain mean, comparable across settings
         total[:2] += summed(batch, plan)  # the rows with a prompt image below draw no image: no plan
         pair = swap_prompt_images(batch, token_map) if token_map is not None else None
         if pair is not None:
@@ -264,8 +274,9 @@ def train_loop(model, train_ds, eval_ds, pad_id: int, cfg: LoopConfig, run: Path
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                 tokens += int(batch["attention_mask"].sum())
                 plan = batch.pop("plan", None)
+                weights = batch.pop("weights", None)
                 with accelerator.autocast(), imagepos.responses(model, batch["labels"], plan):
-                    loss = model(**batch).loss if cfg.loss == "token" else example_loss(model, batch)
+                    loss = response_loss(model, batch, cfg.loss, weights)
                 accelerator.backward(loss / cfg.grad_accum)
                 loss_sum += float(loss.detach()) / cfg.grad_accum
             if cfg.max_grad_norm:

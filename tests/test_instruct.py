@@ -340,3 +340,74 @@ def test_plan_items_add_the_zone_the_report_places_a_finding_in():
     assert plan_items([], text) == []
     assert all(i in PLAN_INDEX for i in plan_items(items, text))
 
+
+
+def test_image_focus_weighs_the_cells_that_show_the_drawn_findings(tok_map):
+    """stage.image_focus: a drawn image's tokens in the grid cells that a requested finding's mask touches carry
+    that weight in the loss (collate's ``weights``, aligned with ``labels``); the rest of the image and every other
+    example keep 1; findings the prompt does not ask for get none; a dataset without masks trains as before."""
+    import json
+
+    import datasets
+    from PIL import Image
+
+    from llm_cxr.instruct import build_stage_dataset, focus_slots, iterate_batches, lengths_of
+    from llm_cxr.lm_train import response_loss
+
+    def mask(y0, y1, x0, x1):
+        a = np.zeros((8, 8), dtype=np.uint8)
+        a[y0:y1, x0:x1] = 255
+        return Image.fromarray(a)
+
+    # a 2x2 grid over an 8x8 mask: 4x4 pixels a cell, row-major as the codes
+    masks = [{"finding": "pleural_effusion", "mask": mask(5, 8, 0, 3)},  # bottom left cell
+             {"finding": "chest_tube", "mask": mask(0, 2, 3, 6)}]  # top left and top right
+    assert focus_slots(masks, {"pleural_effusion"}, 2) == [2]
+    assert focus_slots(masks, {"pleural_effusion", "chest_tube"}, 2) == [0, 1, 2]
+    assert focus_slots(masks, {"nodule"}, 2) == [] and focus_slots(None, {"nodule"}, 2) == []
+
+    tok, token_map = tok_map
+    findings = [Finding("pleural_effusion", "right", "basal", "large"), Finding("chest_tube", "right")]
+    row = _row(findings) | {"masks": masks}  # the impression states the effusion only
+    row["findings"] = json.dumps([f.to_dict() for f in findings])
+    features = datasets.Features({"id": datasets.Value("string"), "patient_id": datasets.Value("string"),
+                                  "report": datasets.Value("string"), "codes": datasets.List(datasets.Value("int32")),
+                                  "source": datasets.Value("string"), "findings": datasets.Value("string"),
+                                  "masks": datasets.List({"finding": datasets.Value("string"),
+                                                          "mask": datasets.Image()})})
+    ds = datasets.Dataset.from_list([{k: row[k] for k in features}], features=features)
+    stage = dict(sections="impression", report=0, image=0, vqa=1, checklist=0, image_guided=1, guide_sides=True)
+    tok_ds = build_stage_dataset(ds, tok, token_map, StageConfig(**stage, image_focus=4.0), max_length=128,
+                                 progress=False)
+    image = next(r for r in tok_ds if r["task"] == "image")
+    assert image["focus"] == [2] and image["focus_weight"] == 4.0
+    assert all(r["focus"] == [] and r["focus_weight"] == 1.0 for r in tok_ds if r["task"] != "image")
+    sampler = LengthGroupedBatches(lengths_of(tok_ds), len(tok_ds), seed=0)
+    _, _, batch = next(iterate_batches(tok_ds, sampler, pad_id=0))
+    i = batch["labels"].ne(-100).sum(1).argmax()  # the image row: its 4 codes, the span's ends, end key, EOS
+    start = int(batch["labels"][i].ne(-100).nonzero()[0])  # <image>
+    assert batch["input_ids"][i, start] == token_map.begin_id
+    heavy = batch["weights"].ne(1).nonzero().tolist()
+    assert heavy == [[int(i), start + 1 + 2]] and batch["weights"][i, start + 3] == 4.0
+    # the weighted loss is the weighted mean of the response tokens' cross-entropies
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    torch.manual_seed(0)
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, intermediate_size=64)).eval()
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+    logits = model(**inputs).logits[:, :-1].float()
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), inputs["labels"][:, 1:], ignore_index=-100,
+                                           reduction="none")
+    w = inputs["labels"][:, 1:].ne(-100) * batch["weights"][:, 1:]
+    assert torch.allclose(response_loss(model, inputs, "token", batch["weights"]), (ce * w).sum() / w.sum(),
+                          atol=1e-5)
+    per_example = (ce * w).sum(1) / w.sum(1)
+    assert torch.allclose(response_loss(model, inputs, "example", batch["weights"]), per_example.mean(), atol=1e-5)
+    assert not torch.allclose(response_loss(model, inputs, "token", batch["weights"]),
+                              response_loss(model, inputs, "token"))
+    # without masks (or with image_focus 1) there are no weights
+    plain = build_stage_dataset(ds.remove_columns("masks"), tok, token_map, StageConfig(**stage, image_focus=4.0),
+                                max_length=128, progress=False)
+    assert all(r["focus"] == [] for r in plain)
+    with pytest.raises(ConfigError, match="image_focus"):
+        StageConfig(image_focus=0)

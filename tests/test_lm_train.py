@@ -201,7 +201,7 @@ def test_example_loss_weighs_every_example_the_same():
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     from llm_cxr.instruct import collate
-    from llm_cxr.lm_train import LoopConfig, example_loss
+    from llm_cxr.lm_train import LoopConfig, response_loss
 
     torch.manual_seed(0)
     model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1,
@@ -209,10 +209,10 @@ def test_example_loss_weighs_every_example_the_same():
     rows = [{"input_ids": [3, 4, 5, 6, 7, 8, 9, 10], "n_prompt": 2}, {"input_ids": [11, 12, 13, 14], "n_prompt": 3}]
     batch = collate(rows, pad_id=0, pad_to_multiple=1)
     alone = [model(**collate([r], pad_id=0, pad_to_multiple=1)).loss for r in rows]  # 6 and 1 response tokens
-    assert torch.allclose(example_loss(model, batch), (alone[0] + alone[1]) / 2, atol=1e-5)
+    assert torch.allclose(response_loss(model, batch, "example"), (alone[0] + alone[1]) / 2, atol=1e-5)
     assert torch.allclose(model(**batch).loss, (6 * alone[0] + alone[1]) / 7, atol=1e-5)  # the token mean
     same = collate([rows[0], {"input_ids": [15, 16, 17, 18, 19, 20, 21, 22], "n_prompt": 2}], pad_id=0)
-    assert torch.allclose(example_loss(model, same), model(**same).loss, atol=1e-5)
+    assert torch.allclose(response_loss(model, same, "example"), model(**same).loss, atol=1e-5)
     with pytest.raises(ConfigError, match="loop.loss"):
         LoopConfig(loss="sample")
 
