@@ -302,8 +302,9 @@ def build_stage_dataset(ds, tokenizer, token_map: ImageTokenMap, stage: StageCon
     if "codes" not in ds.column_names:
         raise DatasetError("the dataset has no 'codes' column: run `llm-cxr vqgan encode` on it first")
     tpl = get_template(template)
-    focus = stage.image_focus != 1 and stage.image_guided > 0 and "masks" in ds.column_names
-    if stage.image_focus != 1 and stage.image_guided > 0 and not focus:
+    wants_focus = stage.image_focus != 1 and stage.image_guided > 0
+    focus = wants_focus and "masks" in ds.column_names
+    if wants_focus and not focus:
         log.warning("stage.image_focus=%s does nothing here: the dataset has no 'masks' column", stage.image_focus)
     keep = [c for c in ("id", "patient_id", "report", "findings", "labels", "codes", "source")
             + (("masks",) if focus else ()) if c in ds.column_names]

@@ -346,8 +346,6 @@ def test_image_focus_weighs_the_cells_that_show_the_drawn_findings(tok_map):
     """stage.image_focus: a drawn image's tokens in the grid cells that a requested finding's mask touches carry
     that weight in the loss (collate's ``weights``, aligned with ``labels``); the rest of the image and every other
     example keep 1; findings the prompt does not ask for get none; a dataset without masks trains as before."""
-    import json
-
     import datasets
     from PIL import Image
 
@@ -369,7 +367,6 @@ def test_image_focus_weighs_the_cells_that_show_the_drawn_findings(tok_map):
     tok, token_map = tok_map
     findings = [Finding("pleural_effusion", "right", "basal", "large"), Finding("chest_tube", "right")]
     row = _row(findings) | {"masks": masks}  # the impression states the effusion only
-    row["findings"] = json.dumps([f.to_dict() for f in findings])
     features = datasets.Features({"id": datasets.Value("string"), "patient_id": datasets.Value("string"),
                                   "report": datasets.Value("string"), "codes": datasets.List(datasets.Value("int32")),
                                   "source": datasets.Value("string"), "findings": datasets.Value("string"),
