@@ -133,6 +133,7 @@ def main() -> int:
             t0 = time.monotonic()
             im = evaluate_images(model, ds, args.classifier, cfg)
             entry[f"image_finding_micro_f1_best_of_{c}"] = im["micro_f1"]
+            entry[f"image_frechet_best_of_{c}"] = im["frechet"]
             entry[f"images_per_minute_best_of_{c}"] = im["n"] / max(time.monotonic() - t0, 1e-9) * 60
             for i, pic in enumerate(im["images"][:8]):
                 pic.save(RESULTS / f"{args.name}_{name.replace(' ', '')}_best{c}_{i:02d}.png")
@@ -149,7 +150,8 @@ def main() -> int:
                                                  s.get("report_reading_side_accuracy")),
                "writer given truth": s.get("report_writer_micro_f1_given_truth"),
                f"image micro-F1 (g={guidances[0]:g})": s.get("image_finding_micro_f1"),
-               "valid images": s.get("valid_image_rate")}
+               "valid images": s.get("valid_image_rate"),
+               "image Frechet / floor": _pair(s.get("image_frechet"), s.get("image_frechet_floor"))}
         for g in guidances[1:]:
             row[f"image micro-F1 (g={g:g})"] = entry[f"image_finding_micro_f1_guidance_{g:g}"]
         for c in ranked:

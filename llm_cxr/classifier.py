@@ -58,10 +58,13 @@ class FindingClassifier(nn.Module):
             out.append(x)
         return out
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, R, R) -> (B, 2 * channels[-1]): the pooled features the head reads (for Frechet distances)."""
         h = self.features(x)[-1]
-        pooled = torch.cat([F.adaptive_avg_pool2d(h, 1), F.adaptive_max_pool2d(h, 1)], 1).flatten(1)
-        return self.head(pooled)
+        return torch.cat([F.adaptive_avg_pool2d(h, 1), F.adaptive_max_pool2d(h, 1)], 1).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(x))
 
     def predict(self, x: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
         with torch.inference_mode():

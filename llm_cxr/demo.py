@@ -273,6 +273,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         "report_laterality_accuracy": gen.info["report_laterality_accuracy"],
         "image_finding_micro_f1": gen.info["image_finding_micro_f1"],
         "valid_image_rate": gen.info["valid_image_rate"],
+        "image_frechet": gen.info.get("image_frechet"),
         "vqa_accuracy": gen.info["vqa_accuracy"],
         "reports_per_minute": gen.info["reports_per_minute"],
         "images_per_minute": gen.info["images_per_minute"],

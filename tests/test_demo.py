@@ -17,6 +17,7 @@ def test_demo_runs_end_to_end_and_reuses_its_cache(tmp_path):
     assert summary["n_images"] == 60
     assert summary["labeler_synthetic_exact_match"] >= 0.95
     assert summary["valid_image_rate"] == 1.0  # constrained decoding: every request gives a decodable image
+    assert summary["image_frechet"] >= 0  # realism against the same studies' reconstructions
     assert all(not s["cached"] for s in summary["stages"].values())
     page = (out / "index.html").read_text()
     assert "VQ-GAN" in page and "FINDINGS:" in page and page.count("<img") >= 10

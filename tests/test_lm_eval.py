@@ -64,3 +64,30 @@ def test_presence_by_finding_adds_up(tmp_path):
     assert 0 < g["accuracy_yes_no_laterality_unguided"] < 1
     assert g["accuracy_yes_no_laterality"] + g["accuracy_yes_no_laterality_unguided"] == pytest.approx(
         n_p / (n_p + n_l))
+
+
+def test_frechet_distance_matches_the_closed_form():
+    """b = 2a + 1: the means differ by mean(a) + 1 and cov(b) = 4 cov(a), so the trace term is
+    tr(ca) + 4 tr(ca) - 2 tr(2 ca) = tr(ca)."""
+    import numpy as np
+
+    from llm_cxr.evaluation.lm_eval import frechet_distance
+
+    a = np.random.default_rng(0).normal(size=(400, 5)) @ np.diag([1.0, 2.0, 0.5, 1.5, 3.0])
+    b = 2 * a + 1
+    want = float(((a.mean(0) + 1) ** 2).sum() + np.trace(np.cov(a, rowvar=False)))
+    assert frechet_distance(a, b) == pytest.approx(want, rel=1e-6)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert frechet_distance(b, a) == pytest.approx(want, rel=1e-6)
+    # a general pair against scipy's matrix square root
+    from scipy import linalg
+    rng = np.random.default_rng(3)
+    c, d = rng.normal(size=(300, 6)), rng.normal(size=(300, 6)) @ rng.normal(size=(6, 6)) + 0.3
+    cc, cd, m = np.cov(c, rowvar=False), np.cov(d, rowvar=False), c.mean(0) - d.mean(0)
+    want = m @ m + np.trace(cc) + np.trace(cd) - 2 * np.trace(linalg.sqrtm(cc @ cd).real)
+    assert frechet_distance(c, d) == pytest.approx(want, rel=1e-6)
+    # rank-deficient covariances (fewer samples than dimensions) still give a finite distance
+    few = np.random.default_rng(1).normal(size=(4, 8))
+    assert np.isfinite(frechet_distance(few, few + 0.5)) and frechet_distance(few, few + 0.5) > 0
+    with pytest.raises(ValueError, match="2 samples"):
+        frechet_distance(a[:1], b)

@@ -4,7 +4,9 @@
   micro/macro-F1 and laterality accuracy (:mod:`llm_cxr.evaluation.clinical`).
 * report -> CXR: the finding classifier (trained on real images of the dataset) reads the
   generated images; micro-F1 of its findings against the findings the report asked for,
-  and the share of requests that produced a decodable image.
+  the share of requests that produced a decodable image, and realism: the Frechet distance,
+  in the classifier's pooled features, between the generated images and the VQ-GAN
+  reconstructions of the same studies (with, as its floor, that of other studies' ones).
 * VQA: exact-match accuracy of answers to questions made from the reference findings,
   per question kind (presence yes/no, laterality, severity, devices, list).
 """
@@ -98,6 +100,42 @@ def score_reading(stated: list[list[str]], refs: list[list]) -> dict[str, Any]:
             "n_sided": side_n}
 
 
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets (N, D), as FID computes it. The trace of
+    sqrt(ca cb) is taken as that of sqrt(sa cb sa), sa = sqrt(ca): symmetric, so exact for singular covariances
+    (fewer samples than dimensions) too."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError("a Frechet distance needs at least 2 samples on each side")
+    ca, cb = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    lam, vec = np.linalg.eigh(ca)
+    sa = (vec * np.sqrt(lam.clip(min=0))) @ vec.T
+    cross = np.sqrt(np.linalg.eigvalsh(sa @ cb @ sa).clip(min=0)).sum()
+    d = a.mean(0) - b.mean(0)
+    return float(max(0.0, d @ d + np.trace(ca) + np.trace(cb) - 2 * cross))
+
+
+def _judge_input(images, r: int) -> torch.Tensor:
+    from llm_cxr.vqgan.data import image_to_array, to_unit_range
+
+    return to_unit_range(torch.from_numpy(np.stack([image_to_array(im, r, 1, "silent", name=f"generated {i}")
+                                                    for i, im in enumerate(images)])))
+
+
+def _embed(clf, x: torch.Tensor, batch_size: int = 128) -> np.ndarray:
+    with torch.inference_mode():
+        return torch.cat([clf.embed(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]).double().numpy()
+
+
+def _reconstructions(model: LLMCXR, rows, r: int) -> torch.Tensor:
+    codes = torch.as_tensor(rows.with_format("numpy")[:]["codes"]).long()
+    images = []
+    with torch.inference_mode():
+        for i in range(0, len(codes), 32):
+            images += model.vqgan.to_pil(model.vqgan.decode(codes[i:i + 32].to(model.vqgan.device)))
+    return _judge_input(images, r)
+
+
 def evaluate_images(model: LLMCXR, ds, classifier_dir: str, cfg: EvalConfig) -> dict[str, Any]:
     from llm_cxr.classifier import FindingClassifier, load_thresholds, predict_proba
 
@@ -122,12 +160,19 @@ def evaluate_images(model: LLMCXR, ds, classifier_dir: str, cfg: EvalConfig) -> 
     # a request is valid when it came back as a decoded image whose codes are all in the codebook
     in_range = ((codes >= 0) & (codes < model.map.n_codes)).flatten(1).all(1)
     valid = min(len(images), int(in_range.sum())) / max(1, len(sub))
-    from llm_cxr.vqgan.data import image_to_array, to_unit_range
-
     r = clf.config.resolution  # the classifier's own input size, as it was trained
-    x = to_unit_range(torch.from_numpy(np.stack([image_to_array(im, r, 1, "silent", name=f"generated {i}")
-                                                 for i, im in enumerate(images)])))
+    x = _judge_input(images, r)
     pred = (predict_proba(clf, x) >= thr).numpy()
+    # realism: against the reconstructions of the same studies' true codes (what the LM was taught to draw); the
+    # floor is the distance of as many other studies' reconstructions from them (same n, so the same bias)
+    ref = _embed(clf, _reconstructions(model, sub, r))
+    frechet = frechet_distance(_embed(clf, x), ref) if len(x) >= 2 and len(ref) >= 2 else None
+    chosen = set(sub["id"])
+    rest = [i for i, sid in enumerate(ds["id"]) if sid not in chosen]
+    floor = None
+    if len(rest) >= len(sub) >= 2:
+        others = ds.select(sorted(random.Random(cfg.seed + 3).sample(rest, len(sub))))
+        floor = frechet_distance(_embed(clf, _reconstructions(model, others, r)), ref)
     names = list(clf.config.labels)
     want = np.zeros_like(pred)
     for i, fj in enumerate(sub["findings"]):
@@ -143,8 +188,8 @@ def evaluate_images(model: LLMCXR, ds, classifier_dir: str, cfg: EvalConfig) -> 
             ((1 - pred[:, j]) * want[:, j]).sum()
         per[n] = {"f1": float(2 * t / max(1, 2 * t + p_ + f_)), "support": int(want[:, j].sum())}
     return {"n": len(sub), "micro_f1": 2 * tp / max(1.0, 2 * tp + fp + fn), "valid_image_rate": valid,
-            "exact_match": float((pred == want).all(1).mean()), "per_class": per, "images": images[:16],
-            "reports": reports[:16]}
+            "frechet": frechet, "frechet_floor": floor, "exact_match": float((pred == want).all(1).mean()),
+            "per_class": per, "images": images[:16], "reports": reports[:16]}
 
 
 def evaluate_vqa(model: LLMCXR, ds, cfg: EvalConfig) -> dict[str, Any]:
@@ -264,6 +309,8 @@ def evaluate_all(model: LLMCXR, data: str, split: str = "test", classifier: str 
     if "images" in res:
         summary.update({"image_finding_micro_f1": res["images"]["micro_f1"],
                         "valid_image_rate": res["images"]["valid_image_rate"],
+                        "image_frechet": res["images"]["frechet"],
+                        "image_frechet_floor": res["images"]["frechet_floor"],
                         "images_per_minute": res["images"]["n"] / max(t_img, 1e-9) * 60})
     res["summary"] = summary
     if out is not None:
