@@ -166,11 +166,11 @@ def evaluate_images(model: LLMCXR, ds, classifier_dir: str, cfg: EvalConfig) -> 
     # realism: against the reconstructions of the same studies' true codes (what the LM was taught to draw); the
     # floor is the distance of as many other studies' reconstructions from them (same n, so the same bias)
     ref = _embed(clf, _reconstructions(model, sub, r))
-    frechet = frechet_distance(_embed(clf, x), ref) if len(x) >= 2 and len(ref) >= 2 else None
+    frechet = frechet_distance(_embed(clf, x), ref) if len(sub) >= 2 else None
     chosen = set(sub["id"])
     rest = [i for i, sid in enumerate(ds["id"]) if sid not in chosen]
     floor = None
-    if len(rest) >= len(sub) >= 2:
+    if frechet is not None and len(rest) >= len(sub):
         others = ds.select(sorted(random.Random(cfg.seed + 3).sample(rest, len(sub))))
         floor = frechet_distance(_embed(clf, _reconstructions(model, others, r)), ref)
     names = list(clf.config.labels)
