@@ -11,6 +11,7 @@ demo: $(STAMP)
 	$(PY) -m llm_cxr demo --out $(OUT)
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 test-all: $(STAMP)

@@ -5,7 +5,7 @@
 Baseline (LLM-CXR's inference): one request at a time through Hugging Face ``generate`` with
 unconstrained sampling, stopping on the end key; the image tokens are then cut out of the
 text, and a request whose count is not H*W (or that contains other tokens) yields no image.
-Ours: :class:`llm_cxr.generation.LLMCXR` at batch 1 and batch 16 with constrained decoding
+Ours: :class:`llm_cxr.lm.generation.LLMCXR` at batch 1 and batch 16 with constrained decoding
 (exactly H*W image tokens). Same merged model, same prompts, same machine, one run.
 Targets: >= 4x images/min at batch 16 and a valid-image rate of 100%.
 """
@@ -26,8 +26,8 @@ from common import write_results  # noqa: E402
 
 def baseline_images(m, reports: list[str], max_new_tokens: int) -> tuple[float, float]:
     """(seconds, valid rate): one request at a time, unconstrained sampling, stop on EOS / end key."""
-    from llm_cxr.instruct import encode_prompt
-    from llm_cxr.prompts import image_prompt
+    from llm_cxr.lm.prompts import image_prompt
+    from llm_cxr.lm.sequence import encode_prompt
 
     valid = 0
     t = time.perf_counter()
@@ -53,8 +53,8 @@ def baseline_images(m, reports: list[str], max_new_tokens: int) -> tuple[float, 
 
 
 def baseline_reports(m, codes: torch.Tensor, max_new_tokens: int) -> float:
-    from llm_cxr.instruct import encode_prompt
-    from llm_cxr.prompts import report_prompt
+    from llm_cxr.lm.prompts import report_prompt
+    from llm_cxr.lm.sequence import encode_prompt
 
     t = time.perf_counter()
     for i, c in enumerate(codes):
@@ -77,7 +77,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from llm_cxr.data.dataset import load_dataset
-    from llm_cxr.generation import LLMCXR, Sampling
+    from llm_cxr.lm.generation import LLMCXR, Sampling
 
     m = LLMCXR.from_pretrained(args.model)
     ds = load_dataset(args.data, split="test").select(range(args.n))

@@ -23,12 +23,12 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-
 from common import write_results
-from llm_cxr.data.reports import format_report
-from llm_cxr.data.schema import DEVICES
+
 from llm_cxr.data.labeler import compare_labels, iu_reference_labels, label_report
 from llm_cxr.data.labeler_rules import IU_REFERENCE_TERMS
+from llm_cxr.data.reports import format_report
+from llm_cxr.data.schema import DEVICES
 
 IU_CSV = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "iu-reports-dev.csv"
 ATTRIBUTES = ("laterality", "location", "severity", "size_mm")

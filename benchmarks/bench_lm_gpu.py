@@ -15,7 +15,7 @@ its VQ-GAN and finding classifier and the test studies ``llm-cxr evaluate`` woul
 ``measure`` (needs CUDA):
 
 - **train**: a GPT-NeoX of the named Pythia size, random weights, with the image tokens, trained by
-  ``llm_cxr.lm_train.train_loop`` as ``llm-cxr train`` runs it (bf16 autocast through accelerate, length-grouped
+  ``llm_cxr.train.loop.train_loop`` as ``llm-cxr train`` runs it (bf16 autocast through accelerate, length-grouped
   batches, SDPA attention as ``pick_attention`` chooses on CUDA), with LoRA (the small preset's settings: r=64 on
   attention and MLP, image-token rows trainable) and with full fine-tuning; beside them the plain Trainer baseline of
   ``bench_lm_train.py`` (random batches, pad to longest), in fp32 and in bf16. Tokens/s counts real tokens over the
@@ -70,11 +70,11 @@ PEAK_TFLOPS = {"H100 80GB HBM3": 989.4, "H100 SXM": 989.4, "H200": 989.4, "H100 
 
 def pack(args) -> int:
     import datasets
-
     from bench_lm_train import make_model, tokenised_examples
+
     from llm_cxr.data.dataset import load_dataset
     from llm_cxr.evaluation.lm_eval import _take
-    from llm_cxr.lm_train import load_lm_config
+    from llm_cxr.train.config import load_lm_config
     from llm_cxr.vqgan.encode import read_codes_info
 
     out = Path(args.out)
@@ -92,7 +92,7 @@ def pack(args) -> int:
                                                "max_length": cfg.max_length, "config": args.config,
                                                "data": args.data, "base": args.base, "run": args.run}, indent=2))
     if args.run:
-        from llm_cxr.modeling import model_dir
+        from llm_cxr.lm.run import model_dir
 
         shutil.copytree(model_dir(args.run), out / "run" / "model")
         vq = Path(args.vqgan) / "model" if (Path(args.vqgan) / "model").exists() else Path(args.vqgan)
@@ -118,7 +118,7 @@ def pythia_model(size: str, tok, token_map, attn: str = "sdpa", seed: int = 0):
     exactly Pythia's parameter count."""
     from transformers import AutoModelForCausalLM, GPTNeoXConfig
 
-    from llm_cxr.tokens import add_image_tokens
+    from llm_cxr.lm.tokens import add_image_tokens
 
     d, layers, heads, ff = PYTHIA[size]
     cfg = GPTNeoXConfig(vocab_size=PYTHIA_VOCAB, hidden_size=d, num_hidden_layers=layers, num_attention_heads=heads,
@@ -181,7 +181,8 @@ def _free():
 def _maker(args, tok, token_map, mode: str, lora, attn: str = "sdpa"):
     """A function making a fresh model for one row: full fine-tuning (every weight trains) or ``lora``."""
     from bench_lm_train import weights_digest
-    from llm_cxr.modeling import apply_lora
+
+    from llm_cxr.train.lora import apply_lora
 
     def make():
         model = pythia_model(args.size, tok, token_map, attn)
@@ -207,7 +208,8 @@ ROWS = {"ours_lora": "llm-cxr train_loop, LoRA, bf16, length-grouped, SDPA",
 
 def part_train(args, packed: dict, tok, token_map, ex, peak: float | None, measured_peak: float) -> list[dict]:
     from bench_lm_train import run_ours, run_trainer
-    from llm_cxr.modeling import LoraSettings, pick_attention
+
+    from llm_cxr.train.lora import LoraSettings, pick_attention
 
     mean_len = float(np.mean(ex["length"]))
     attn = pick_attention("auto", "cuda", "bf16")
@@ -265,7 +267,8 @@ def part_train(args, packed: dict, tok, token_map, ex, peak: float | None, measu
 def part_profile(args, packed: dict, tok, token_map, ex) -> dict:
     """Where a training step's GPU time goes, LoRA against full fine-tuning (torch.profiler, steps 4-6 of 8)."""
     from bench_lm_train import run_ours
-    from llm_cxr.modeling import LoraSettings
+
+    from llm_cxr.train.lora import LoraSettings
 
     out = {}
     for mode in ("lora", "full"):
@@ -300,8 +303,8 @@ def part_profile(args, packed: dict, tok, token_map, ex) -> dict:
 def part_generate(args, packed: dict, tok, token_map, pack_dir: Path) -> list[dict]:
     import datasets
 
-    from llm_cxr.generation import LLMCXR
-    from llm_cxr.modeling import LoadedRun, RunInfo
+    from llm_cxr.lm.generation import LLMCXR
+    from llm_cxr.lm.run import LoadedRun, RunInfo
 
     reports = (datasets.load_from_disk(str(pack_dir / "test_images"))["report"] if (pack_dir / "test_images").exists()
                else ["Small right pleural effusion. No pneumothorax."])
@@ -353,8 +356,13 @@ def part_generate(args, packed: dict, tok, token_map, pack_dir: Path) -> list[di
 def part_run(args, pack_dir: Path, dtype: torch.dtype | None = None) -> dict:
     import datasets
 
-    from llm_cxr.evaluation.lm_eval import EvalConfig, evaluate_images, evaluate_reports, evaluate_vqa
-    from llm_cxr.generation import LLMCXR
+    from llm_cxr.evaluation.lm_eval import (
+        EvalConfig,
+        evaluate_images,
+        evaluate_reports,
+        evaluate_vqa,
+    )
+    from llm_cxr.lm.generation import LLMCXR
 
     _free()
     ds = {w: datasets.load_from_disk(str(pack_dir / f"test_{w}")) for w in SUBSETS}
@@ -398,8 +406,8 @@ def measure(args) -> int:
     import datasets
     import transformers
 
-    from llm_cxr.modeling import load_tokenizer
-    from llm_cxr.tokens import ImageTokenMap
+    from llm_cxr.lm.run import load_tokenizer
+    from llm_cxr.lm.tokens import ImageTokenMap
 
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
@@ -478,7 +486,7 @@ def main() -> int:
     p = sub.add_parser("pack", help="write the folder the GPU run reads (runs anywhere)")
     p.add_argument("--data", default="runs/synth-20k-codes")
     p.add_argument("--base", default="runs/lm-base-small/model", help="its tokenizer is used")
-    p.add_argument("--config", default="training/configs/small_stage1.yaml", help="stage mix, LoRA, template")
+    p.add_argument("--config", default="llm_cxr/train/presets/small_stage1.yaml", help="stage mix, LoRA, template")
     p.add_argument("--examples", type=int, default=3000)
     p.add_argument("--run", default=None, help="a trained run to evaluate on the GPU (optional)")
     p.add_argument("--vqgan", default="runs/vqgan-small-feat")

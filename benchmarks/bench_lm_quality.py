@@ -101,9 +101,9 @@ def main() -> int:
     ap.add_argument("--name", default="lm_quality")
     args = ap.parse_args()
 
-    from llm_cxr.evaluation.lm_eval import EvalConfig, evaluate_all, evaluate_images
     from llm_cxr.data.dataset import load_dataset
-    from llm_cxr.generation import LLMCXR
+    from llm_cxr.evaluation.lm_eval import EvalConfig, evaluate_all, evaluate_images
+    from llm_cxr.lm.generation import LLMCXR
 
     runs = {"stage 2" if args.stage1 else "model": Path(args.run)}
     if args.stage1:

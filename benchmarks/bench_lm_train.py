@@ -9,7 +9,7 @@ same tokenised examples, the same base model extended with the image tokens and 
 settings (taken from --config, the small stage-1 recipe), from a fresh copy with identical initial
 weights (checked by a digest):
 
-- ours:       ``llm_cxr.lm_train.train_loop`` as training runs it: bf16 autocast (accelerate),
+- ours:       ``llm_cxr.train.loop.train_loop`` as training runs it: bf16 autocast (accelerate),
               length-grouped batches (``LengthGroupedBatches``, ``collate`` pads to a multiple of 8),
               AdamW with gradient clipping;
 - ours fp32:  the same loop with ``mixed_precision="no"``: the gap to ``ours`` is the precision,
@@ -63,7 +63,7 @@ TARGET = 2.5
 
 def parse_stage_mix(text: str | None):
     """``report=1,image=1,vqa=2`` -> StageConfig (unnamed fields keep their defaults)."""
-    from llm_cxr.instruct import StageConfig
+    from llm_cxr.train.config import StageConfig
 
     if not text:
         return StageConfig()
@@ -84,8 +84,9 @@ def make_model(base: str, codes_info: dict, lora, seed: int, attn: str | None = 
 
     ``attn``: transformers' attention implementation (None: what ``load_causal_lm`` picks, SDPA).
     """
-    from llm_cxr.modeling import apply_lora, load_causal_lm
-    from llm_cxr.tokens import add_image_tokens
+    from llm_cxr.lm.run import load_causal_lm
+    from llm_cxr.lm.tokens import add_image_tokens
+    from llm_cxr.train.lora import apply_lora
 
     model, tok = load_causal_lm(base) if attn is None else load_causal_lm(base, attn_implementation=attn)
     token_map = add_image_tokens(tok, model, codes_info["n_embed"], codes_info["grid_size"], codes_info["fingerprint"])
@@ -107,7 +108,7 @@ def tokenised_examples(data: str, tok, token_map, stage, template: str, max_leng
     import datasets
 
     from llm_cxr.data.dataset import load_dataset
-    from llm_cxr.instruct import build_stage_dataset
+    from llm_cxr.train.examples import build_stage_dataset
 
     ds = load_dataset(data)
     per_study = max(1, (stage.report + stage.image + stage.vqa) * stage.repeats)
@@ -181,7 +182,8 @@ class Meter:
 
 def run_ours(make, train_ds, pad_id: int, args, mixed_precision: str, lr: float, warmup_lr: int) -> dict:
     from llm_cxr.accel import make_accelerator
-    from llm_cxr.lm_train import LoopConfig, train_loop
+    from llm_cxr.train.config import LoopConfig
+    from llm_cxr.train.loop import train_loop
 
     model, digest = make()
     accelerator = make_accelerator(mixed_precision)
@@ -203,7 +205,7 @@ class PadToLongest:
         self.pad_id = pad_id
 
     def __call__(self, feats: list[dict]) -> dict[str, torch.Tensor]:
-        from llm_cxr.instruct import collate
+        from llm_cxr.train.batching import collate
 
         return collate(feats, self.pad_id, pad_to_multiple=1)
 
@@ -237,7 +239,7 @@ def run_trainer(make, train_ds, pad_id: int, args, lr: float, warmup_lr: int, us
 
 def epoch_padding(lengths: np.ndarray, batch: int, epochs: int = 5) -> dict[str, float]:
     """Padding share of a whole epoch (mean over ``epochs`` seeds) for each batching method, from lengths alone."""
-    from llm_cxr.instruct import LengthGroupedBatches
+    from llm_cxr.train.batching import LengthGroupedBatches
 
     def share(batches, multiple: int) -> float:
         real = total = 0
@@ -272,7 +274,7 @@ ROWS = {"baseline": "Trainer fp32, random batches, pad to longest (SDPA, transfo
 def row_attention(row: str, mixed_precision: str) -> str:
     """The attention kernel a row loads: the baseline keeps transformers' default (SDPA); ours is
     what ``train_lm`` picks (``pick_attention``: eager for bf16 on CPU)."""
-    from llm_cxr.modeling import pick_attention
+    from llm_cxr.train.lora import pick_attention
 
     if row.endswith("_eager"):
         return "eager"
@@ -286,7 +288,7 @@ def _setup(args):
     import datasets
     import transformers
 
-    from llm_cxr.lm_train import load_lm_config
+    from llm_cxr.train.config import load_lm_config
     from llm_cxr.vqgan.encode import read_codes_info
 
     datasets.disable_progress_bars()
@@ -321,7 +323,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="runs/synth-20k-codes", help="dataset with a `codes` column")
     ap.add_argument("--base", default="runs/lm-base-small/model", help="base causal LM (hub name or folder)")
-    ap.add_argument("--config", default="training/configs/small_stage1.yaml",
+    ap.add_argument("--config", default="llm_cxr/train/presets/small_stage1.yaml",
                     help="training config whose lora, template, max_length, lr and warm-up are used")
     ap.add_argument("--steps", type=int, default=20, help="optimizer steps per measurement")
     ap.add_argument("--warmup", type=int, default=2, help="first steps left out of the timing")

@@ -24,8 +24,8 @@ from collections import Counter  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
-
 from common import write_results  # noqa: E402
+
 from llm_cxr.data.schema import DEVICES, PATHOLOGIES  # noqa: E402
 from llm_cxr.data.synth import SynthConfig, generate_dataset, generate_study, sample_findings  # noqa: E402
 

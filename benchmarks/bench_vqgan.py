@@ -54,7 +54,12 @@ def quality(model: VQGAN, data: str, classifier: str | None) -> dict:
            "codebook_usage": codes.unique().numel() / model.config.n_embed,
            "codes_used": codes.unique().numel(), "codebook_size": model.config.n_embed}
     if classifier:
-        from llm_cxr.classifier import FindingClassifier, evaluate_classifier, load_thresholds, targets_from_findings
+        from llm_cxr.classifier import (
+            FindingClassifier,
+            evaluate_classifier,
+            load_thresholds,
+            targets_from_findings,
+        )
 
         clf = FindingClassifier.from_pretrained(classifier)
         th = load_thresholds(classifier)

@@ -36,9 +36,9 @@ def main() -> None:
 
     from llm_cxr.data.dataset import load_dataset
     from llm_cxr.data.schema import findings_from_json
-    from llm_cxr.generation import LLMCXR
-    from llm_cxr.instruct import encode_example
-    from llm_cxr.prompts import DEFAULT_ASKABLE, NAMES, Example, checklist_qa, vqa_prompt
+    from llm_cxr.lm.generation import LLMCXR
+    from llm_cxr.lm.prompts import DEFAULT_ASKABLE, NAMES, Example, checklist_qa, vqa_prompt
+    from llm_cxr.lm.sequence import collate, encode_example
 
     m = LLMCXR.from_pretrained(args.run)
     ds = load_dataset(args.data, split=args.split)
@@ -56,8 +56,9 @@ def main() -> None:
         qa = checklist_qa(found, random.Random(i))
         enc = encode_example(Example("checklist", vqa_prompt(m.template, qa.question), qa.answer, ds[i]["codes"]),
                              m.tok, m.map, m.template, 10_000)
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            logp = m.model(torch.tensor([enc.input_ids])).logits[0].float().log_softmax(-1)
+        batch = collate([{"input_ids": enc.input_ids, "n_prompt": enc.n_prompt}], m.tok.pad_token_id, m.map)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # the model's one forward
+            logp = m.cxr.batch_forward(batch).logits[0].float().log_softmax(-1)
         resp = enc.input_ids[enc.n_prompt:]
         k = 0
         for j, t in enumerate(resp):

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import types
 import typing
-from dataclasses import fields
+from dataclasses import MISSING, field, fields, is_dataclass
 from typing import Any, TypeVar
 
 from llm_cxr.errors import ConfigError
@@ -17,6 +18,26 @@ T = TypeVar("T")
 # 143 at 0.4, 150 at 0.25. So 0.4 draws the findings asked for more surely and the images are no less realistic.
 IMAGE_TEMPERATURE = 0.4
 IMAGE_TOP_P = 0.95
+
+
+def option(default: Any = MISSING, *, help: str, default_factory: Any = MISSING) -> Any:
+    """A config field with its help text: the config reference (docs/configuration.md) and ``--help`` read it."""
+    return field(default=default, default_factory=default_factory, metadata={"help": help})
+
+
+def config_fields(cls: type) -> list[tuple[str, str, str, str]]:
+    """(name, type, default, help) of a config dataclass's fields, for references and ``--help``."""
+    out = []
+    for f in fields(cls):
+        if f.default is not MISSING:
+            default = repr(f.default)
+        elif f.default_factory is not MISSING:
+            made = f.default_factory()
+            default = "see below" if is_dataclass(made) else repr(made)
+        else:
+            default = "required"
+        out.append((f.name, str(f.type), default, f.metadata.get("help", "")))
+    return out
 
 
 def from_dict_strict(cls: type[T], d: dict[str, Any], what: str, source: str = "config") -> T:
@@ -36,6 +57,9 @@ def _typed(value: Any, hint: Any, name: str, source: str) -> Any:
 
     YAML 1.1 (PyYAML) reads ``1e-4`` (no dot) as a string: a number field takes such a string as its number
     rather than failing deep inside training. Fields of other types are passed through unchecked."""
+    origin = typing.get_origin(hint)
+    if origin is not None and origin is not typing.Union and origin is not types.UnionType:
+        return value  # list[int], dict[...]: passed through
     args = typing.get_args(hint)
     optional = type(None) in args
     plain = [a for a in args if a is not type(None)] if args else [hint]

@@ -68,9 +68,9 @@ def _stage_synth(stages: Stages, cfg: DemoConfig):
 
 def _stage_labeler(stages: Stages, cfg: DemoConfig, data_dir: Path):
     """Score the labeler on the synthetic reports: it must recover the planted findings."""
+    from llm_cxr.data import labeler
     from llm_cxr.data.dataset import load_dataset
     from llm_cxr.data.schema import findings_from_json
-    from llm_cxr.data import labeler
     from llm_cxr.evaluation import clinical
 
     fp = {"data": str(data_dir), "synth": stages.results["synth"].info, "code": code_hash(labeler, clinical)}
@@ -156,11 +156,15 @@ def _stage_classifier(stages: Stages, cfg: DemoConfig, data_dir: Path):
 
 def _stage_lm(stages: Stages, cfg: DemoConfig, codes_dir: Path):
     """Base LM on report text, then one LoRA stage with all three tasks (the `tiny` preset)."""
-    from llm_cxr import generation, instruct, lm_train, modeling, prompts, textlm, tokens
-    from llm_cxr.lm_train import LMTrainConfig, LoopConfig, PretrainConfig, pretrain_base, train_lm
+    from llm_cxr import lm, train
+    from llm_cxr.train.base import pretrain_base
+    from llm_cxr.train.config import LoopConfig, PretrainConfig, load_lm_config, preset_path
+    from llm_cxr.train.stage import train_lm
 
+    # the recipe is the shipped `tiny` preset (llm_cxr/train/presets/tiny_stage1.yaml), the same file
+    # `llm-cxr train --preset tiny --stage 1` reads; the demo sets only its paths, seed and length
     fp = {"encode": stages.results["encode"].info, "pre": cfg.lm_pretrain_steps, "steps": cfg.lm_steps,
-          "seed": cfg.seed, "code": code_hash(lm_train, instruct, modeling, prompts, textlm, tokens, generation)}
+          "seed": cfg.seed, "code": code_hash(lm, train)}
 
     def build(tmp: Path) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -169,11 +173,9 @@ def _stage_lm(stages: Stages, cfg: DemoConfig, codes_dir: Path):
                                                             warmup_steps=20, eval_every=0, seed=cfg.seed,
                                                             progress=cfg.progress)))
         t1 = time.perf_counter()
-        run = train_lm(LMTrainConfig(
-            data=str(codes_dir), out=str(tmp / "run"), base=str(base), max_length=256,
-            stage={"vqa": 3}, lora={"r": 32, "alpha": 64, "dropout": 0.0},
-            loop=LoopConfig(steps=cfg.lm_steps, batch_size=16, lr=2e-3, warmup_steps=30, eval_every=cfg.lm_steps,
-                            save_every=300, seed=cfg.seed, progress=cfg.progress)))
+        run = train_lm(load_lm_config(preset_path("tiny", 1), data=str(codes_dir), out=str(tmp / "run"),
+                                      base=str(base), steps=cfg.lm_steps, seed=cfg.seed, progress=cfg.progress,
+                                      eval_every=cfg.lm_steps))
         t2 = time.perf_counter()
         shutil.copy(run / "metrics.csv", tmp / "metrics.csv")
         trainable = __import__("json").loads((run / "trainable.json").read_text())
@@ -186,7 +188,7 @@ def _stage_generate(stages: Stages, cfg: DemoConfig, codes_dir: Path):
     """Reports for test images, images for test reports, answers; scored against the ground truth."""
     from llm_cxr.evaluation import lm_eval
     from llm_cxr.evaluation.lm_eval import evaluate_all
-    from llm_cxr.generation import LLMCXR
+    from llm_cxr.lm.generation import LLMCXR
 
     fp = {"lm": stages.results["lm"].info, "clf": stages.results["classifier"].info, "n": cfg.n_eval,
           "code": code_hash(lm_eval)}

@@ -27,9 +27,15 @@ STAGE_FILE = "stage.json"
 
 
 def code_hash(*modules: ModuleType) -> str:
-    """A short hash of the source of ``modules``: a stage reruns when its code changes."""
+    """A short hash of the source of ``modules`` (a package: all its files): a stage reruns when its code changes."""
     h = hashlib.sha256()
     for m in modules:
+        root = Path(m.__file__).parent
+        files = sorted([*root.rglob("*.py"), *root.rglob("*.yaml")]) if hasattr(m, "__path__") else None
+        if files:
+            for f in files:
+                h.update(f.read_bytes())
+            continue
         try:
             h.update(inspect.getsource(m).encode())
         except (OSError, TypeError):

@@ -32,7 +32,7 @@ from PIL import Image
 from llm_cxr.configs import IMAGE_TEMPERATURE, IMAGE_TOP_P
 from llm_cxr.data.images import read_image_bytes
 from llm_cxr.errors import ConfigError, InputError, LLMCXRError
-from llm_cxr.generation import LLMCXR, Sampling
+from llm_cxr.lm.generation import LLMCXR, Sampling
 
 log = logging.getLogger(__name__)
 

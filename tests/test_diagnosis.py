@@ -1,4 +1,4 @@
-"""The finding head (llm_cxr/diagnosis.py): targets, training on a separable toy task, sides, thresholds,
+"""The finding head (llm_cxr/py): targets, training on a separable toy task, sides, thresholds,
 save/load, and the guided prompt's items with sides."""
 
 import json
@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 
-from llm_cxr import diagnosis
 from llm_cxr.data.schema import Finding, findings_from_json
-from llm_cxr.diagnosis import FindingHead, finding_targets, load_head, save_head, train_finding_head, tune_thresholds
 from llm_cxr.errors import ConfigError, InputError
-from llm_cxr.prompts import _join, check_items, get_template, guide_items, report_prompt
+from llm_cxr.lm.addons.head import HEAD_FILE, FindingHead, load_head, save_head
+from llm_cxr.lm.prompts import _join, check_items, get_template, guide_items, report_prompt
+from llm_cxr.train.addons import finding_targets, train_finding_head, tune_thresholds, usable
 
 GRID = 4
 
@@ -31,11 +31,11 @@ def test_targets_follow_findings_sides_and_hedges():
     # a side is known only where the finding is present and lateralised; two nodules: both sides
     assert t.left.tolist() == [[-1, 0, -1, -1], [-1, -1, -1, 1], [-1] * 4, [-1, -1, 1, -1]]
     assert t.right.tolist() == [[-1, 1, -1, -1], [-1, -1, -1, 1], [-1] * 4, [-1, -1, 0, -1]]
-    names2, t2 = diagnosis.usable(t, names)
+    names2, t2 = usable(t, names)
     assert names2 == ["cardiomegaly", "pleural_effusion", "pneumothorax", "nodule"]
     never = finding_targets([_row([])] * 3, names)
     with pytest.raises(ConfigError, match="present in some training images"):
-        diagnosis.usable(never, names)
+        usable(never, names)
 
 
 def _toy(n, seed):
@@ -86,7 +86,7 @@ def test_head_learns_findings_and_sides_and_round_trips(tmp_path):
     assert torch.equal(back.thresholds, head.thresholds) and torch.equal(back.sided, head.sided)
     assert back.metrics["micro_f1"] == m["micro_f1"]
     assert load_head(tmp_path / "nowhere") is None
-    (tmp_path / diagnosis.HEAD_FILE).write_bytes(b"not a safetensors file")
+    (tmp_path / HEAD_FILE).write_bytes(b"not a safetensors file")
     with pytest.raises(ConfigError, match="not a valid finding head"):
         load_head(tmp_path)
 
@@ -124,7 +124,7 @@ def test_agreement_prefers_images_that_show_what_was_asked():
 
 
 def test_requested_findings_reads_positive_findings_with_sides():
-    from llm_cxr.prompts import requested_findings
+    from llm_cxr.lm.prompts import requested_findings
 
     assert requested_findings("FINDINGS: Small right pleural effusion. Possible pneumothorax. No consolidation.\n"
                               "IMPRESSION: Right pleural effusion.") == ["pleural_effusion:right"]

@@ -5,11 +5,10 @@ benchmarks/bench_lm_gpu.py's trained-run part, whose reading scores equal the CP
 
 import pytest
 import torch
-
-from llm_cxr.generation import LLMCXR, Sampling
-from llm_cxr.modeling import load_run
-
 from test_modeling import CODES, GRID, N_CODES, _generator, make_base, make_codes_dataset
+
+from llm_cxr.lm.generation import LLMCXR, Sampling
+from llm_cxr.lm.run import load_run
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -53,8 +52,8 @@ def test_fp32_weights_under_autocast_on_the_gpu(run):
 def test_bf16_training_stage_on_the_gpu_trains_the_image_rows(tmp_path):
     from llm_cxr.cli import main
     from llm_cxr.data.dataset import load_dataset
-    from llm_cxr.modeling import load_causal_lm
-    from llm_cxr.tokens import add_image_tokens
+    from llm_cxr.lm.run import load_causal_lm
+    from llm_cxr.lm.tokens import add_image_tokens
 
     data = make_codes_dataset(tmp_path / "codes", n=16)
     base = make_base(tmp_path / "base", "neox", texts=load_dataset(data)["report"])

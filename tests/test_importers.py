@@ -10,8 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from llm_cxr.data.labeler import dataset_labels
 from PIL import Image
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -19,6 +17,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from llm_cxr.cli import main
 from llm_cxr.data.dataset import load_dataset
 from llm_cxr.data.importers import import_folder, import_iu, import_mimic, import_table
+from llm_cxr.data.labeler import dataset_labels
 from llm_cxr.data.schema import LABEL_NAMES, REQUIRED_COLUMNS, Finding, empty_labels
 from llm_cxr.errors import ConfigError, DatasetError, NothingUsableError
 

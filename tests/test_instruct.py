@@ -1,5 +1,6 @@
 """Prompts, VQA from findings, tokenisation with response-only loss, truncation, length grouping."""
 
+import dataclasses
 import random
 
 import numpy as np
@@ -8,13 +9,27 @@ import torch
 
 from llm_cxr.data.schema import FINDING_NAMES, Finding
 from llm_cxr.errors import ConfigError, InputError
-from llm_cxr.instruct import (LengthGroupedBatches, StageConfig, collate, encode_example, study_examples,
-                              text_example)
-from llm_cxr.prompts import (CHECKLIST_QUESTIONS, GUIDE_PREFIX, GUIDE_QUESTION, IMAGE, PLAN_INDEX, PLAN_ITEMS,
-                             TEMPLATES, checklist_qa, get_template, make_vqa, parse_checklist, report_text,
-                             stated_items)
-from llm_cxr.textlm import train_text_tokenizer
-from llm_cxr.tokens import add_image_tokens
+from llm_cxr.lm.prompts import (
+    CHECKLIST_QUESTIONS,
+    GUIDE_PREFIX,
+    GUIDE_QUESTION,
+    IMAGE,
+    PLAN_INDEX,
+    PLAN_ITEMS,
+    TEMPLATES,
+    checklist_qa,
+    get_template,
+    make_vqa,
+    parse_checklist,
+    report_text,
+    stated_items,
+)
+from llm_cxr.lm.sequence import collate, encode_example
+from llm_cxr.lm.tokens import ImageTokenMap, add_image_tokens
+from llm_cxr.train.base import train_text_tokenizer
+from llm_cxr.train.batching import LengthGroupedBatches
+from llm_cxr.train.config import StageConfig
+from llm_cxr.train.examples import study_examples, text_example
 
 REPORT = ("FINDINGS: A large right effusion is present. The cardiac silhouette is not enlarged. No pneumothorax.\n"
           "IMPRESSION: Large right pleural effusion.")
@@ -89,10 +104,17 @@ def test_response_only_loss_and_image_span(tok_map):
     assert img.input_ids[img.n_prompt:] == span + [tok.eos_token_id]
     batch = collate([{"input_ids": rep.input_ids, "n_prompt": rep.n_prompt},
                      {"input_ids": img.input_ids, "n_prompt": img.n_prompt}], pad_id=tok.pad_token_id)
-    lab = batch["labels"]
+    lab = batch.labels
     assert (lab[0, :rep.n_prompt] == -100).all() and (lab[0, rep.n_prompt:len(rep.input_ids)] >= 0).all()
-    assert (lab[1, len(img.input_ids):] == -100).all() and batch["input_ids"].shape[1] % 8 == 0
-    assert batch["attention_mask"].sum(1).tolist() == [len(rep.input_ids), len(img.input_ids)]
+    assert (lab[1, len(img.input_ids):] == -100).all() and batch.input_ids.shape[1] % 8 == 0
+    assert batch.attention_mask.sum(1).tolist() == [len(rep.input_ids), len(img.input_ids)]
+    # with the token map, the prompt's image is read and the response's image is drawn (and nothing else)
+    image = collate([{"input_ids": rep.input_ids, "n_prompt": rep.n_prompt},
+                     {"input_ids": img.input_ids, "n_prompt": img.n_prompt}], tok.pad_token_id, m).image
+    codes = image.slots >= 0
+    assert codes.sum(1).tolist() == [m.tokens_per_image] * 2
+    assert torch.equal(image.read, codes & torch.tensor([[True], [False]]))
+    assert torch.equal(image.drawn, codes & torch.tensor([[False], [True]]))
 
 
 def test_truncation_cuts_the_report_never_the_image(tok_map):
@@ -237,7 +259,7 @@ def test_tokenised_stage_cache_follows_the_code(tok_map, tmp_path, monkeypatch):
     stage config) must make a new cache, never reuse the old one."""
     import datasets
 
-    import llm_cxr.instruct as instruct
+    import llm_cxr.train.examples as instruct
 
     rows = [{k: v for k, v in _row([Finding("pleural_effusion", "right")]).items() if k != "labels"} | {"id": f"s{i}"}
             for i in range(4)]
@@ -304,16 +326,18 @@ def test_guided_image_prompt_lists_what_the_report_states():
         "report": 0, "image": 0, "vqa": 0, "checklist": 0, "image_guided": 1, "guide_sides": True}),
         get_template("compact"), 0)
     assert imp.prompt[2] == GUIDE_PREFIX + "right pleural effusion"  # the impression leaves the tube out
-    # the image plan gets the same items as the list (llm_cxr.imagepos.ImagePlan); collate makes them a multi-hot
+    # the image plan gets the same items as the list (llm_cxr.lm.addons.plan.ImagePlan); collate makes them a multi-hot
     assert ex.meta["plan"] == ["pleural_effusion:right", "endotracheal_tube"] and imp.meta["plan"] == [
         "pleural_effusion:right"]
     rows = [{"input_ids": [1, 2, 3], "n_prompt": 1, "plan": [PLAN_INDEX[i] for i in ex.meta["plan"]]},
             {"input_ids": [4, 5], "n_prompt": 1, "plan": []}]
-    plan = collate(rows, pad_id=0)["plan"]
+    m = ImageTokenMap(first_id=100, n_codes=16, begin_id=116, end_id=117, grid_size=2, vqgan_fingerprint='fp',
+                      vocab_size=118)
+    plan = collate(rows, pad_id=0, token_map=m).image.plan
     assert plan.shape == (2, len(PLAN_ITEMS)) and plan.sum().item() == 2 and plan[1].sum().item() == 0
     assert [PLAN_ITEMS[i] for i in plan[0].nonzero().squeeze(1).tolist()] == sorted(
         ex.meta["plan"], key=PLAN_INDEX.get)
-    assert "plan" not in collate([{"input_ids": [1, 2], "n_prompt": 1}], pad_id=0)  # model inputs only
+    assert collate([{"input_ids": [1, 2], "n_prompt": 1}], pad_id=0, token_map=m).image.plan is None
     # a finding the report places in a zone of the lung is given again with its zone
     nodule = ("FINDINGS: There is a 9 mm pulmonary nodule in the left lower lobe.\n"
               "IMPRESSION: 9 mm left lower lobe nodule.")
@@ -326,7 +350,7 @@ def test_guided_image_prompt_lists_what_the_report_states():
 
 
 def test_plan_items_add_the_zone_the_report_places_a_finding_in():
-    from llm_cxr.prompts import PLAN_INDEX, location_zone, plan_items
+    from llm_cxr.lm.prompts import PLAN_INDEX, location_zone, plan_items
 
     assert [location_zone(x) for x in ("right upper lobe", "right middle lobe", "left lower lobe", "apical",
                                          "lingula", "basal", "retrocardiac", "perihilar", None, "")] == [
@@ -349,8 +373,9 @@ def test_image_focus_weighs_the_cells_that_show_the_drawn_findings(tok_map):
     import datasets
     from PIL import Image
 
-    from llm_cxr.instruct import build_stage_dataset, focus_slots, iterate_batches, lengths_of
-    from llm_cxr.lm_train import response_loss
+    from llm_cxr.lm.model import CXRModel, response_loss
+    from llm_cxr.train.batching import iterate_batches, lengths_of
+    from llm_cxr.train.examples import build_stage_dataset, focus_slots
 
     def mask(y0, y1, x0, x1):
         a = np.zeros((8, 8), dtype=np.uint8)
@@ -381,27 +406,26 @@ def test_image_focus_weighs_the_cells_that_show_the_drawn_findings(tok_map):
     assert all(r["focus"] == [] and r["focus_weight"] == 1.0 for r in tok_ds if r["task"] != "image")
     sampler = LengthGroupedBatches(lengths_of(tok_ds), len(tok_ds), seed=0)
     _, _, batch = next(iterate_batches(tok_ds, sampler, pad_id=0))
-    i = batch["labels"].ne(-100).sum(1).argmax()  # the image row: its 4 codes, the span's ends, end key, EOS
-    start = int(batch["labels"][i].ne(-100).nonzero()[0])  # <image>
-    assert batch["input_ids"][i, start] == token_map.begin_id
-    heavy = batch["weights"].ne(1).nonzero().tolist()
-    assert heavy == [[int(i), start + 1 + 2]] and batch["weights"][i, start + 3] == 4.0
+    i = batch.labels.ne(-100).sum(1).argmax()  # the image row: its 4 codes, the span's ends, end key, EOS
+    start = int(batch.labels[i].ne(-100).nonzero()[0])  # <image>
+    assert batch.input_ids[i, start] == token_map.begin_id
+    heavy = batch.weights.ne(1).nonzero().tolist()
+    assert heavy == [[int(i), start + 1 + 2]] and batch.weights[i, start + 3] == 4.0
     # the weighted loss is the weighted mean of the response tokens' cross-entropies
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
     torch.manual_seed(0)
     model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
                                              num_attention_heads=2, intermediate_size=64)).eval()
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
-    logits = model(**inputs).logits[:, :-1].float()
-    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), inputs["labels"][:, 1:], ignore_index=-100,
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch.labels[:, 1:], ignore_index=-100,
                                            reduction="none")
-    w = inputs["labels"][:, 1:].ne(-100) * batch["weights"][:, 1:]
-    assert torch.allclose(response_loss(model, inputs, "token", batch["weights"]), (ce * w).sum() / w.sum(),
-                          atol=1e-5)
+    w = batch.labels[:, 1:].ne(-100) * batch.weights[:, 1:]
+    cxr = CXRModel(model)
+    assert torch.allclose(response_loss(cxr, batch, "token"), (ce * w).sum() / w.sum(), atol=1e-5)
     per_example = (ce * w).sum(1) / w.sum(1)
-    assert torch.allclose(response_loss(model, inputs, "example", batch["weights"]), per_example.mean(), atol=1e-5)
-    assert not torch.allclose(response_loss(model, inputs, "token", batch["weights"]),
-                              response_loss(model, inputs, "token"))
+    assert torch.allclose(response_loss(cxr, batch, "example"), per_example.mean(), atol=1e-5)
+    unweighted = dataclasses.replace(batch, weights=None)
+    assert not torch.allclose(response_loss(cxr, batch, "token"), response_loss(cxr, unweighted, "token"))
     # without masks (or with image_focus 1) there are no weights
     plain = build_stage_dataset(ds.remove_columns("masks"), tok, token_map, StageConfig(**stage, image_focus=4.0),
                                 max_length=128, progress=False)

@@ -10,8 +10,6 @@ import time
 import numpy as np
 import pytest
 
-from llm_cxr.data.reports import format_report
-from llm_cxr.data.schema import LABEL_NAMES, Finding
 from llm_cxr.data.labeler import (
     LabelResult,
     compare_labels,
@@ -21,6 +19,8 @@ from llm_cxr.data.labeler import (
     label_reports,
 )
 from llm_cxr.data.labeler_rules import IU_REFERENCE_TERMS, AttributeRule, MentionRule
+from llm_cxr.data.reports import format_report
+from llm_cxr.data.schema import LABEL_NAMES, Finding
 
 
 def labels(text: str) -> dict[str, int | None]:

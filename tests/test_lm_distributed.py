@@ -4,12 +4,11 @@ trains, resumes and loads, with one metrics row per step written by the main ran
 import csv
 
 import torch
-
-from llm_cxr.data.dataset import load_dataset
-from llm_cxr.modeling import load_run
-
 from test_modeling import make_base, make_codes_dataset
 from test_vqgan_distributed import _launch
+
+from llm_cxr.data.dataset import load_dataset
+from llm_cxr.lm.run import load_run
 
 FAST = ["--batch-size", "2", "--mixed-precision", "no", "--set", "max_length=256", "--set", "lora.r=4",
         "--set", "loop.log_every=1", "--set", "loop.save_every=2", "--set", "loop.eval_every=2"]

@@ -3,13 +3,11 @@
 import json
 
 import pytest
+from test_modeling import make_codes_dataset
 
 from llm_cxr.data.schema import FINDING_NAMES
-from llm_cxr.prompts import NAMES
-
 from llm_cxr.evaluation.lm_eval import EvalConfig, evaluate_vqa
-
-from test_modeling import make_codes_dataset
+from llm_cxr.lm.prompts import NAMES
 
 
 class _SaysYes:

@@ -7,16 +7,18 @@ import shutil
 
 import pytest
 import torch
-
-from llm_cxr import imagepos
-from llm_cxr.cli import main
-from llm_cxr.diagnosis import HEAD_FILE, load_head
-from llm_cxr.errors import ConfigError
-from llm_cxr.lm_train import CHECKPOINT, METRICS, LMTrainConfig, load_lm_config, swap_prompt_images, train_lm
-from llm_cxr.modeling import load_causal_lm, load_run
-from llm_cxr.prompts import NAMES
-
 from test_modeling import N_CODES, make_base, make_codes_dataset, write_codes_info
+
+from llm_cxr.cli import main
+from llm_cxr.errors import ConfigError
+from llm_cxr.lm.addons.head import HEAD_FILE, load_head
+from llm_cxr.lm.addons import addon_file
+from llm_cxr.lm.addons.positions import find
+from llm_cxr.lm.prompts import NAMES
+from llm_cxr.lm.run import load_causal_lm, load_run
+from llm_cxr.train.config import LMTrainConfig, load_lm_config
+from llm_cxr.train.loop import CHECKPOINT, METRICS, swap_prompt_images
+from llm_cxr.train.stage import train_lm
 
 FAST = ["--batch-size", "2", "--mixed-precision", "no", "--set", "max_length=256", "--set", "lora.r=4",
         "--set", "loop.log_every=1"]
@@ -73,7 +75,7 @@ def test_two_step_cli_run_is_a_loadable_run(two_step_run, base):
     assert json.loads((run / "config.json").read_text())["lora"]["r"] == 4
     loaded = load_run(run)
     assert loaded.token_map.n_codes == N_CODES and len(loaded.tokenizer) == loaded.token_map.vocab_size
-    assert (run / "model" / imagepos.POSITIONS_FILE).exists() and imagepos.find(loaded.model) is not None
+    assert (run / "model" / addon_file("positions")).exists() and find(loaded.model) is not None
     # what was saved is what was trained: the checkpoint's adapter is the loaded one
     params = dict(loaded.model.named_parameters())
     state = _adapter_state(run)
@@ -163,7 +165,7 @@ def test_training_config_errors(tmp_path, data, base):
 def test_pretrain_tiny_base_is_a_hugging_face_model(data, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llm_cxr.textlm import BASE_PRESETS
+    from llm_cxr.train.base import BASE_PRESETS
 
     out = tmp_path / "pre"
     assert main(["-q", "lm", "pretrain", "--data", str(data), "--out", str(out), "--preset", "tiny", "--steps", "2",
@@ -200,26 +202,33 @@ def test_example_loss_weighs_every_example_the_same():
     as a 258-token image; with equal response lengths it is the token mean."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    from llm_cxr.instruct import collate
-    from llm_cxr.lm_train import LoopConfig, response_loss
+    from llm_cxr.lm.model import CXRModel, response_loss
+    from llm_cxr.lm.sequence import collate
+    from llm_cxr.train.config import LoopConfig
 
     torch.manual_seed(0)
     model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1,
                                              num_attention_heads=2, intermediate_size=64)).eval()
     rows = [{"input_ids": [3, 4, 5, 6, 7, 8, 9, 10], "n_prompt": 2}, {"input_ids": [11, 12, 13, 14], "n_prompt": 3}]
+    cxr = CXRModel(model)
+
+    def hf_loss(b):  # Hugging Face's own loss of the same batch
+        return model(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels).loss
+
     batch = collate(rows, pad_id=0, pad_to_multiple=1)
-    alone = [model(**collate([r], pad_id=0, pad_to_multiple=1)).loss for r in rows]  # 6 and 1 response tokens
-    assert torch.allclose(response_loss(model, batch, "example"), (alone[0] + alone[1]) / 2, atol=1e-5)
-    assert torch.allclose(model(**batch).loss, (6 * alone[0] + alone[1]) / 7, atol=1e-5)  # the token mean
+    alone = [hf_loss(collate([r], pad_id=0, pad_to_multiple=1)) for r in rows]  # 6 and 1 response tokens
+    assert torch.allclose(response_loss(cxr, batch, "example"), (alone[0] + alone[1]) / 2, atol=1e-5)
+    assert torch.allclose(response_loss(cxr, batch, "token"), (6 * alone[0] + alone[1]) / 7, atol=1e-5)
+    assert torch.allclose(hf_loss(batch), (6 * alone[0] + alone[1]) / 7, atol=1e-5)  # the token mean
     same = collate([rows[0], {"input_ids": [15, 16, 17, 18, 19, 20, 21, 22], "n_prompt": 2}], pad_id=0)
-    assert torch.allclose(response_loss(model, same, "example"), model(**same).loss, atol=1e-5)
+    assert torch.allclose(response_loss(cxr, same, "example"), hf_loss(same), atol=1e-5)
     with pytest.raises(ConfigError, match="loop.loss"):
         LoopConfig(loss="sample")
 
 
 def test_swapping_prompt_images_moves_whole_images_between_rows_only(tmp_path):
-    from llm_cxr.instruct import collate
-    from llm_cxr.tokens import ImageTokenMap
+    from llm_cxr.lm.sequence import collate
+    from llm_cxr.lm.tokens import ImageTokenMap
 
     m = ImageTokenMap(first_id=100, n_codes=16, begin_id=116, end_id=117, grid_size=2, vqgan_fingerprint="fp",
                       vocab_size=118)
@@ -230,20 +239,22 @@ def test_swapping_prompt_images_moves_whole_images_between_rows_only(tmp_path):
                 {"input_ids": [5, 6, *span, 1], "n_prompt": 3})
 
     rows = [row([0, 1, 2, 3]), row([4, 5, 6, 7]), row([8, 8, 8, 8], image_in_prompt=False), row([9, 9, 9, 9])]
-    batch = collate(rows, pad_id=0, pad_to_multiple=1)
+    batch = collate(rows, pad_id=0, token_map=m, pad_to_multiple=1)
     same, out = swap_prompt_images(batch, m)
     keep = [0, 1, 3]  # row 2's image is the target: not a prompt image, left out
-    assert all(torch.equal(same[k], batch[k][keep]) for k in batch)
-    ids = out["input_ids"]
+    assert all(torch.equal(getattr(same, k), getattr(batch, k)[keep]) for k in ("input_ids", "labels", "n_prompt"))
+    ids = out.input_ids
+    assert torch.equal(out.image.read, same.image.read)  # the swapped images are read as the originals were
     assert ids[0, 2:6].tolist() == [109] * 4 and ids[1, 2:6].tolist() == [100, 101, 102, 103]
     assert ids[2, 2:6].tolist() == [104, 105, 106, 107]
-    assert torch.equal(out["labels"], same["labels"]) and torch.equal(ids[:, 6:], same["input_ids"][:, 6:])
-    assert torch.equal(ids[:, :2], same["input_ids"][:, :2])
-    assert swap_prompt_images(collate(rows[:1] + rows[2:3], pad_id=0), m) is None  # one prompt image: no pairing
+    assert torch.equal(out.labels, same.labels) and torch.equal(ids[:, 6:], same.input_ids[:, 6:])
+    assert torch.equal(ids[:, :2], same.input_ids[:, :2])
+    one = collate(rows[:1] + rows[2:3], pad_id=0, token_map=m)
+    assert swap_prompt_images(one, m) is None  # one prompt image: no pairing
 
 
 def test_metrics_of_an_older_run_get_the_new_header_and_lose_rows_after_the_checkpoint(tmp_path):
-    from llm_cxr.lm_train import _tidy_metrics
+    from llm_cxr.train.loop import _tidy_metrics
 
     path = tmp_path / "metrics.csv"
     path.write_text("step,epoch,loss,eval_loss,lr,tokens_per_s,seconds\n1,0,2.5,,0.001,900,1.0\n"
@@ -257,11 +268,12 @@ def test_metrics_of_an_older_run_get_the_new_header_and_lose_rows_after_the_chec
 def test_image_reader_stage_pretrains_trains_and_reloads(data, base, tmp_path):
     """image_reader: conv end to end on the tiny dataset: the reader is pretrained on the labels, trained with
     the LM, saved with the run and restored by load_run; a dataset without labels is a clear error."""
+    from test_modeling import GRID, N_CODES
+
     from llm_cxr.data.dataset import load_dataset
     from llm_cxr.vqgan.config import VQGANConfig
     from llm_cxr.vqgan.encode import codes_info
     from llm_cxr.vqgan.model import VQGAN
-    from test_modeling import GRID, N_CODES
 
     torch.manual_seed(0)
     vq = VQGAN(VQGANConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), z_channels=8,
@@ -283,7 +295,7 @@ def test_image_reader_stage_pretrains_trains_and_reloads(data, base, tmp_path):
     assert main(["-q", "train", "--data", str(local), "--out", str(nxt), "--init-from", str(out), "--steps", "1",
                  *FAST]) == 0
     assert (nxt / "model" / HEAD_FILE).read_bytes() == (out / "model" / HEAD_FILE).read_bytes()
-    reader = imagepos.find(loaded.model).reader
+    reader = find(loaded.model).reader
     assert reader is not None and torch.equal(reader.codebook, vq.quantize.embedding.weight.detach().float())
     trained = torch.load(out / CHECKPOINT, weights_only=True)["trainable"]
     assert any("reader.trunk" in k for k in trained)  # trained with the LM, and resumable
@@ -312,10 +324,10 @@ def test_guided_report_runs_are_marked_and_later_stages_inherit_it(two_step_run,
                                     "loop": {"progress": False}},
                              data=str(data), out=str(tmp_path / out), steps=1, batch_size=2, mixed_precision="no",
                              max_length=256, **src)
-        extra = load_run(train_lm(cfg)).info.extra
-        return extra["guided_reports"], extra["guided_vqa"], extra["guide_sides"], extra["guided_images"]
+        g = load_run(train_lm(cfg)).info.guided
+        return g.reports, g.vqa, g.sides, g.images
 
-    assert load_run(two_step_run).info.extra.get("guided_reports") is False  # plain reports (the default)
+    assert load_run(two_step_run).info.guided.reports is False  # plain reports (the default)
     assert stage("g1", 0, 1, True, base=str(base)) == (True, False, True, False)
     assert stage("g2", 0, 0, init_from=str(tmp_path / "g1")) == (True, False, True, False)  # continues it
     assert stage("g3", 1, 0, init_from=str(tmp_path / "g1")) == (False, False, False, False)  # trained back to plain
@@ -338,14 +350,14 @@ def test_image_plan_trains_from_zero_saves_and_is_inherited(data, base, tmp_path
     drawing = ["--set", "stage.report=0", "--set", "stage.vqa=0", "--set", "stage.checklist=0",
                "--set", "stage.image=0", "--set", "stage.image_guided=1", "--set", "stage.guide_sides=true"]
     assert _train(data, base, out, 3, "--set", "image_plan=true", *drawing) == 0
-    plan = imagepos.find(load_run(out).model).plan
+    plan = find(load_run(out).model).plan
     assert plan is not None and float(plan.maps.abs().sum()) > 0  # moved from zero: the plans were used
     assert any(k.endswith("plan.maps") for k in _adapter_state(out))  # resumable
-    assert json.loads((out / "model" / "run.json").read_text())["extra"]["guided_images"] is True
+    assert json.loads((out / "model" / "run.json").read_text())["guided"]["images"] is True
     nxt = tmp_path / "next"
     assert main(["-q", "train", "--data", str(data), "--out", str(nxt), "--init-from", str(out), "--steps", "1",
                  *FAST, *drawing]) == 0
-    kept = imagepos.find(load_run(nxt).model).plan
+    kept = find(load_run(nxt).model).plan
     assert kept is not None and kept.items == plan.items
     with pytest.raises(ConfigError, match="image_plan needs image_positions: 2d"):
         LMTrainConfig(data="d", out="o", base="b", image_plan=True, image_positions="none")

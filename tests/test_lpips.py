@@ -42,9 +42,9 @@ def test_lpips_bad_files_name_the_problem(tmp_path):
 
 
 def test_training_with_lpips(tmp_path):
-    from llm_cxr.cli import main
-
     from test_vqgan_train import MICRO, make_dataset
+
+    from llm_cxr.cli import main
 
     vgg, lin = _write_weights(tmp_path)
     cfg = tmp_path / "c.yaml"

@@ -10,12 +10,20 @@ import torch
 
 from llm_cxr.cli import main
 from llm_cxr.errors import ConfigError, InputError
-from llm_cxr.generation import LLMCXR, Sampling
-from llm_cxr.instruct import collate, encode_prompt
-from llm_cxr.modeling import (LoraSettings, RunInfo, apply_lora, auto_lora_targets, ensure_pad_token,
-                              load_causal_lm, load_run, merge_run, save_model, trainable_summary)
-from llm_cxr.prompts import CHECKLIST_QUESTIONS, GUIDE_PREFIX, report_prompt, vqa_prompt
-from llm_cxr.tokens import add_image_tokens
+from llm_cxr.lm.generation import LLMCXR, Sampling
+from llm_cxr.lm.prompts import CHECKLIST_QUESTIONS, GUIDE_PREFIX, report_prompt, vqa_prompt
+from llm_cxr.lm.run import (
+    RunInfo,
+    ensure_pad_token,
+    load_causal_lm,
+    load_run,
+    merge_run,
+    save_model,
+    trainable_summary,
+)
+from llm_cxr.lm.sequence import collate, encode_prompt
+from llm_cxr.lm.tokens import add_image_tokens
+from llm_cxr.train.lora import LoraSettings, apply_lora, auto_lora_targets
 
 N_CODES, GRID = 16, 2
 TEXTS = ["FINDINGS: No pleural effusion or pneumothorax. The heart size is normal.\nIMPRESSION: Normal chest.",
@@ -30,7 +38,7 @@ def make_base(path, arch="neox", texts=TEXTS, context=256, vocab=400):
     """A tiny causal LM with a tokenizer trained in-process, saved as a Hugging Face folder."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    from llm_cxr.textlm import train_text_tokenizer
+    from llm_cxr.train.base import train_text_tokenizer
 
     tok = train_text_tokenizer(list(texts) * 5, vocab_size=vocab)
     torch.manual_seed(0)
@@ -244,11 +252,11 @@ def test_pad_token_defaults_to_eos_and_padding_is_masked_by_position():
     a = tok("No effusion.", add_special_tokens=False)["input_ids"] + [eos]
     b = tok("Mild cardiomegaly, small left effusion.", add_special_tokens=False)["input_ids"] + [eos]
     batch = collate([{"input_ids": a, "n_prompt": 1}, {"input_ids": b, "n_prompt": 2}], pad_id=tok.pad_token_id)
-    lab, ids = batch["labels"], batch["input_ids"]
+    lab, ids = batch.labels, batch.input_ids
     assert lab[0, len(a) - 1] == eos and lab[1, len(b) - 1] == eos  # the real EOS is learned ...
     assert (lab[0, len(a):] == -100).all() and (ids[0, len(a):] == eos).all()  # ... the padding EOS is not
     assert (lab[0, :1] == -100).all() and (lab[1, :2] == -100).all()
-    assert batch["attention_mask"].sum(1).tolist() == [len(a), len(b)]
+    assert batch.attention_mask.sum(1).tolist() == [len(a), len(b)]
 
     no_eos = PreTrainedTokenizerFast(tokenizer_object=tk)
     with pytest.raises(ConfigError, match="no EOS token"):
@@ -301,20 +309,20 @@ def test_generate_image_always_gives_a_full_grid_of_valid_codes(gen, batch, guid
 
 def test_decoding_computes_only_the_last_positions_logits_and_that_changes_nothing(gen, gen_llama):
     for g in (gen, gen_llama):  # LoRA runs (a PeftModel passes logits_to_keep on to the base model)
-        assert g._last_logits == {"logits_to_keep": 1}
+        assert g.cxr._keep_arg
         reports = ["Small left pleural effusion.", "", "No acute abnormality."]
         images = g.generate_image(reports, sampling=Sampling(), batch_size=3).codes
         texts = g.generate_report(CODES, sampling=Sampling(), max_new_tokens=10)
-        kept, g._last_logits = g._last_logits, {}
+        g.cxr._keep_arg = False  # every position's logits, the last one sliced after
         try:
             assert torch.equal(g.generate_image(reports, sampling=Sampling(), batch_size=3).codes, images)
             assert g.generate_report(CODES, sampling=Sampling(), max_new_tokens=10) == texts
         finally:
-            g._last_logits = kept
+            g.cxr._keep_arg = True
 
 
 def test_default_weights_dtype_is_bf16_on_a_gpu_unless_autocast_is_chosen(monkeypatch):
-    from llm_cxr.generation import default_dtype
+    from llm_cxr.lm.generation import default_dtype
 
     assert default_dtype(torch.device("cpu"), None) is None
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
@@ -413,7 +421,7 @@ def test_guided_reports_read_the_checklist_first_and_state_its_findings(gen, mon
         return ["cardiomegaly: yes; pneumothorax: no; chest tube: yes", "not a checklist"]
 
     monkeypatch.setattr(gen, "answer", fake_answer)
-    monkeypatch.setitem(gen.run.info.extra, "guided_reports", True)
+    monkeypatch.setattr(gen.run.info.guided, "reports", True)
     prompts.clear()
     texts = gen.generate_report(CODES[:2], sampling=Sampling(temperature=1.0, seed=0), max_new_tokens=3)
     assert len(texts) == 2 and asked == [(CHECKLIST_QUESTIONS[0], Sampling(), False)]  # the reading: unguided
@@ -429,7 +437,9 @@ def test_guided_reports_read_the_checklist_first_and_state_its_findings(gen, mon
 
 def _with_fixed_head(gen) -> LLMCXR:
     """``gen``'s run loaded with a finding head that reads cardiomegaly and a left pleural effusion in any image."""
-    from llm_cxr.diagnosis import HEAD_FILE, FindingHead, save_head
+    import dataclasses
+
+    from llm_cxr.lm.addons.head import FindingHead
 
     head = FindingHead(torch.randn(N_CODES, 4), GRID, ["cardiomegaly", "pleural_effusion", "chest_tube"], width=4,
                        features=4, regions=(1, 1))
@@ -437,12 +447,8 @@ def _with_fixed_head(gen) -> LLMCXR:
         head.head.weight.zero_()
         head.head.bias.copy_(torch.tensor([[5.0, 5.0, -5.0], [0.0, 5.0, -5.0], [0.0, -5.0, 5.0]]).flatten())
     head.sided.copy_(torch.tensor([False, True, True]))
-    path = save_head(head, gen.run.folder)
-    try:
-        model = LLMCXR(gen.run)
-    finally:
-        path.unlink()
-    assert model.finding_head is not None and not (gen.run.folder / HEAD_FILE).exists()
+    model = LLMCXR(dataclasses.replace(gen.run, addons={**gen.run.addons, "finding_head": head}))
+    assert model.finding_head is head and "finding_head" not in gen.run.addons
     return model
 
 
@@ -451,9 +457,9 @@ def test_guided_reports_state_the_finding_heads_reading_with_sides(gen, monkeypa
     loads it from its folder; sides go into the prompt when the run was trained with them."""
     model = _with_fixed_head(gen)
     monkeypatch.setattr(model, "answer", lambda *a, **k: pytest.fail("the LM's checklist was asked"))
-    monkeypatch.setitem(gen.run.info.extra, "guided_reports", True)
+    monkeypatch.setattr(gen.run.info.guided, "reports", True)
     assert model.read_findings(CODES[:2]) == [["cardiomegaly", "pleural_effusion"]] * 2
-    monkeypatch.setitem(gen.run.info.extra, "guide_sides", True)
+    monkeypatch.setattr(gen.run.info.guided, "sides", True)
     assert model.read_findings(CODES[:1]) == [["cardiomegaly", "pleural_effusion:left"]]
     prompts = []
     real_text = model._text
@@ -471,8 +477,8 @@ def test_guided_questions_state_the_reading(gen, monkeypatch):
     """A run trained with guided questions (stage.vqa_guided) answers with its reading in the prompt: the finding
     head's, or, without one, its own checklist answer -- asked unguided, once per image."""
     prompts = []
-    monkeypatch.setitem(gen.run.info.extra, "guided_vqa", True)
-    monkeypatch.setitem(gen.run.info.extra, "guide_sides", True)
+    monkeypatch.setattr(gen.run.info.guided, "vqa", True)
+    monkeypatch.setattr(gen.run.info.guided, "sides", True)
     model = _with_fixed_head(gen)
     for m in (model, gen):
         real_text = m._text
@@ -496,7 +502,7 @@ def test_guided_questions_state_the_reading(gen, monkeypatch):
 
 
 def test_image_candidates_are_reranked_by_the_finding_head(gen, monkeypatch):
-    from llm_cxr.diagnosis import FindingHead
+    from llm_cxr.lm.addons.head import FindingHead
 
     report = "Small left pleural effusion."
     with pytest.raises(ConfigError, match="no finding head"):
@@ -534,9 +540,9 @@ def test_guided_images_state_the_findings_the_report_asks_for(gen, monkeypatch):
 
     report = "IMPRESSION: Small left pleural effusion. Endotracheal tube in place."
     assert GUIDE_PREFIX not in said(report)  # a plain run
-    monkeypatch.setitem(gen.run.info.extra, "guided_images", True)
+    monkeypatch.setattr(gen.run.info.guided, "images", True)
     assert "Checklist findings: pleural effusion and endotracheal tube" in said(report)
-    monkeypatch.setitem(gen.run.info.extra, "guide_sides", True)
+    monkeypatch.setattr(gen.run.info.guided, "sides", True)
     assert "Checklist findings: left pleural effusion and endotracheal tube" in said(report)
     assert "Checklist findings: right chest tube" in said(report, findings=[["chest_tube:right"]])
     assert "Checklist findings: none" in said("IMPRESSION: No acute cardiopulmonary process.")
@@ -569,7 +575,7 @@ def test_cli_report_writes_the_findings_it_was_guided_by(gen, tmp_path, capsys):
 
 def test_cli_ask_answers_every_question_about_every_image_and_writes_the_findings_stated(gen, tmp_path, capsys,
                                                                                           monkeypatch):
-    import llm_cxr.cli_gen as cli_gen
+    import llm_cxr.cli.gen as cli_gen
 
     monkeypatch.setattr(cli_gen, "_load", lambda args: gen)
     monkeypatch.setattr(gen, "codes_of", lambda images: images if isinstance(images, torch.Tensor)

@@ -8,7 +8,13 @@ import re
 import numpy as np
 import pytest
 
-from llm_cxr.data.schema import DEVICES, PATHOLOGIES, Finding, dataset_features, labels_from_findings
+from llm_cxr.data.schema import (
+    DEVICES,
+    PATHOLOGIES,
+    Finding,
+    dataset_features,
+    labels_from_findings,
+)
 from llm_cxr.data.synth import (
     Correlation,
     SynthConfig,

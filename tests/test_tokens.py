@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from llm_cxr.errors import ConfigError, InputError
-from llm_cxr.tokens import BEGIN_IMAGE, END_IMAGE, ImageTokenMap, add_image_tokens, image_token
+from llm_cxr.lm.tokens import BEGIN_IMAGE, END_IMAGE, ImageTokenMap, add_image_tokens, image_token
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_map_errors_and_saved_map_check(tokenizer_factory, tmp_path):
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_codebook_init_keeps_codebook_geometry_and_leaves_text_rows(tokenizer_factory, tie):
-    from llm_cxr.tokens import init_image_rows_from_codebook
+    from llm_cxr.lm.tokens import init_image_rows_from_codebook
 
     tok = tokenizer_factory(100)
     model = _neox(len(tok), tie=tie)
@@ -120,7 +120,7 @@ def test_codebook_init_keeps_codebook_geometry_and_leaves_text_rows(tokenizer_fa
 
 
 def test_pick_attention():
-    from llm_cxr.modeling import pick_attention
+    from llm_cxr.train.lora import pick_attention
 
     assert pick_attention("auto", "cpu", "bf16") == "eager"
     assert pick_attention("auto", "cpu", "no") == "sdpa"

@@ -9,11 +9,10 @@ import sys
 import numpy as np
 import pytest
 import yaml
+from test_vqgan_train import MICRO, make_dataset
 
 from llm_cxr.data.dataset import load_dataset
 from llm_cxr.vqgan import VQGAN
-
-from test_vqgan_train import MICRO, make_dataset
 
 
 def _launch(args, tmp_path):

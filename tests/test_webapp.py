@@ -36,9 +36,9 @@ def make_tiny_run(root: Path) -> Path:
     """A 2-layer GPT-NeoX with image tokens for a 2-resolution VQ-GAN, saved as a run folder (with the VQ-GAN)."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    from llm_cxr.modeling import RunInfo, save_model
-    from llm_cxr.textlm import train_text_tokenizer
-    from llm_cxr.tokens import add_image_tokens
+    from llm_cxr.lm.run import RunInfo, save_model
+    from llm_cxr.lm.tokens import add_image_tokens
+    from llm_cxr.train.base import train_text_tokenizer
     from llm_cxr.vqgan import VQGAN, VQGANConfig
 
     torch.manual_seed(0)
@@ -52,8 +52,8 @@ def make_tiny_run(root: Path) -> Path:
     c = vq.config
     token_map = add_image_tokens(tok, model, c.n_embed, c.grid_size, c.fingerprint())
     # a few steps on image -> report prompts (random codes), so that the page shows words rather than noise
-    from llm_cxr.instruct import encode_prompt
-    from llm_cxr.prompts import get_template, report_prompt
+    from llm_cxr.lm.prompts import get_template, report_prompt
+    from llm_cxr.lm.sequence import encode_prompt
 
     rng = torch.Generator().manual_seed(0)
     prompts = [encode_prompt(tok, token_map, report_prompt(get_template("compact")),
@@ -81,7 +81,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from llm_cxr.generation import LLMCXR
+    from llm_cxr.lm.generation import LLMCXR
     from llm_cxr.webapp import build_app, launch
 
     run = make_tiny_run(tmp_path_factory.mktemp("webapp-model"))

@@ -33,6 +33,8 @@ from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from llm_cxr.data import labeler_rules as R
+from llm_cxr.data.labeler_rules import LabelAgreement, compare_labels, iu_reference_labels
 from llm_cxr.data.reports import parse_sections
 from llm_cxr.data.schema import (
     DEVICES,
@@ -43,8 +45,6 @@ from llm_cxr.data.schema import (
     UNCERTAIN,
     Finding,
 )
-from llm_cxr.data import labeler_rules as R
-from llm_cxr.data.labeler_rules import LabelAgreement, compare_labels, iu_reference_labels
 
 log = logging.getLogger(__name__)
 

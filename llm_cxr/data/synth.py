@@ -36,7 +36,14 @@ from llm_cxr.data.schema import (
     labels_from_findings,
 )
 from llm_cxr.data.synth_findings import DEVICE_DRAWERS, LOBE_ZONES, PATHOLOGY_DRAWERS
-from llm_cxr.data.synth_render import Canvas, PatientAnatomy, StudyView, finalize, render_anatomy, sample_anatomy
+from llm_cxr.data.synth_render import (
+    Canvas,
+    PatientAnatomy,
+    StudyView,
+    finalize,
+    render_anatomy,
+    sample_anatomy,
+)
 from llm_cxr.data.synth_report import write_report
 from llm_cxr.errors import ConfigError
 

@@ -25,9 +25,15 @@ import torch
 from llm_cxr.configs import IMAGE_TEMPERATURE, IMAGE_TOP_P
 from llm_cxr.data.schema import FINDING_NAMES, findings_from_json
 from llm_cxr.evaluation.clinical import score_reports
-from llm_cxr.generation import LLMCXR, Sampling
-from llm_cxr.prompts import (CHECKLIST_QUESTIONS, guide_items, make_vqa, parse_checklist, requested_findings,
-                             split_item)
+from llm_cxr.lm.generation import LLMCXR, Sampling
+from llm_cxr.lm.prompts import (
+    CHECKLIST_QUESTIONS,
+    guide_items,
+    make_vqa,
+    parse_checklist,
+    requested_findings,
+    split_item,
+)
 
 log = logging.getLogger(__name__)
 

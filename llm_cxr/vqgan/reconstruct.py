@@ -7,7 +7,6 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-
 from llm_cxr.data.images import load_image
 from llm_cxr.errors import InputError
 from llm_cxr.vqgan.metrics import psnr, ssim

@@ -30,7 +30,13 @@ from llm_cxr.configs import from_dict_strict, read_yaml_config, run_versions
 from llm_cxr.errors import ConfigError
 from llm_cxr.vqgan.config import VQGANConfig, preset
 from llm_cxr.vqgan.data import ImageTensorDataset
-from llm_cxr.vqgan.losses import FeatureLoss, NLayerDiscriminator, adaptive_weight, hinge_d_loss, load_feature_net
+from llm_cxr.vqgan.losses import (
+    FeatureLoss,
+    NLayerDiscriminator,
+    adaptive_weight,
+    hinge_d_loss,
+    load_feature_net,
+)
 from llm_cxr.vqgan.model import VQGAN
 
 log = logging.getLogger(__name__)

@@ -106,13 +106,13 @@ def add_generation_commands(sub) -> None:
 
 
 def _load(args):
-    from llm_cxr.generation import LLMCXR
+    from llm_cxr.lm.generation import LLMCXR
 
     return LLMCXR.from_pretrained(args.model, vqgan=args.vqgan, device=args.device)
 
 
 def _sampling(args):
-    from llm_cxr.generation import Sampling
+    from llm_cxr.lm.generation import Sampling
 
     return Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
 
@@ -167,7 +167,7 @@ def _cmd_image(args) -> int:
         raise InputError("no VQ-GAN to draw with: pass --vqgan RUN")
     asked = None
     if args.candidates > 1:
-        from llm_cxr.prompts import requested_findings
+        from llm_cxr.lm.prompts import requested_findings
 
         asked = [requested_findings(r) for r in reports]
     out = model.generate_image(reports, _sampling(args), guidance=args.guidance, batch_size=args.batch_size,

@@ -21,13 +21,24 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from llm_cxr import diagnosis, imagepos
 from llm_cxr.configs import IMAGE_TEMPERATURE, IMAGE_TOP_P
 from llm_cxr.errors import ConfigError, InputError
-from llm_cxr.instruct import encode_prompt, image_prompt_ids
-from llm_cxr.modeling import LoadedRun, load_run
-from llm_cxr.prompts import (CHECKLIST_QUESTIONS, check_items, get_template, image_prompt, parse_checklist,
-                             plan_items, report_prompt, requested_findings, split_item, vqa_prompt)
+from llm_cxr.lm.addons.positions import find
+from llm_cxr.lm.model import CXRModel
+from llm_cxr.lm.prompts import (
+    CHECKLIST_QUESTIONS,
+    check_items,
+    get_template,
+    image_prompt,
+    parse_checklist,
+    plan_items,
+    report_prompt,
+    requested_findings,
+    split_item,
+    vqa_prompt,
+)
+from llm_cxr.lm.run import LoadedRun, load_run
+from llm_cxr.lm.sequence import ImageInputs, encode_prompt, image_prompt_ids
 
 log = logging.getLogger(__name__)
 
@@ -77,16 +88,6 @@ def default_dtype(device: torch.device, autocast: bool | None) -> torch.dtype | 
     return None
 
 
-def _accepts(model, name: str) -> bool:
-    import inspect
-
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel passes kwargs on
-    try:
-        return name in inspect.signature(inner.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)  # (B, T)
@@ -117,12 +118,13 @@ class LLMCXR:
         self.template = get_template(run.info.template)
         self.max_length = run.info.max_length
         self.vqgan = vqgan
-        self._positions = imagepos.find(self.model)  # 2D image position embeddings, if the run has them
-        # only the last position's logits: the prompt's would be B x T x V floats (4 GB for 64 prompts of 300
-        # tokens with Pythia's 50k vocabulary)
-        self._last_logits = {"logits_to_keep": 1} if _accepts(self.model, "logits_to_keep") else {}
+        self._positions = find(self.model)  # 2D image position embeddings, if the run has them
+        # the one forward every decoding step goes through (decoding keeps only the last position's logits: the
+        # prompt's would be B x T x V floats, 4 GB for 64 prompts of 300 tokens with Pythia's 50k vocabulary)
+        self.cxr = CXRModel(self.model, self.map)
         # the run's finding classifier (finding_head: conv), whose reading a guided report states; None if it has none
-        self.finding_head = diagnosis.load_head(run.folder, self.device)
+        head = run.addons.get("finding_head")
+        self.finding_head = head.to(self.device) if head is not None else None
         if vqgan is not None:
             c = vqgan.config
             self.map.check_vqgan(c.n_embed, c.grid_size, c.fingerprint(), source="the VQ-GAN given")
@@ -181,12 +183,16 @@ class LLMCXR:
     @torch.inference_mode()
     def _decode(self, prompts: list[list[int]], steps: int, allowed: torch.Tensor, sampling: Sampling,
                 stop_at_eos: bool, uncond: list[list[int]] | None = None, guidance: float = 1.0,
-                image_span: bool = False, plan: torch.Tensor | None = None) -> torch.Tensor:
+                image_span: bool = False, plan: torch.Tensor | None = None,
+                logprobs: list | None = None) -> torch.Tensor:
         """Generate up to ``steps`` tokens for each prompt; returns (B, steps), EOS-padded after a stop.
 
-        ``image_span``: the prompts end with ``<image>`` and the t-th new token fills grid slot t
-        (given explicitly to models with image position embeddings, which see one token at a time).
+        ``image_span``: the prompts end with ``<image>`` and the t-th new token fills grid slot t (each step's
+        :class:`~llm_cxr.lm.sequence.ImageInputs` says so: the model sees one token at a time).
         ``plan`` (B, items): the image plan's input per prompt (the unconditional rows get none).
+        ``logprobs``: a list that receives, per step, the (B,) log-probability of the chosen tokens under the
+        model's constrained distribution (before temperature), what :meth:`CXRModel.token_logprobs` gives
+        teacher-forced.
         """
         B = len(prompts)
         seqs = prompts + (uncond or [])
@@ -200,25 +206,27 @@ class LLMCXR:
         out = torch.full((B, steps), self.tok.eos_token_id, dtype=torch.long)
         done = torch.zeros(B, dtype=torch.bool)
         past = None
-        step_ids = ids
-        step_pos = pos
-        if plan is not None and uncond is not None:
-            plan = torch.cat([plan, torch.zeros_like(plan)])
-        layout = self._positions.plan.layout(plan) if plan is not None else None  # the same at every step
+        step_ids, step_pos = ids, pos
+        image = ImageInputs.of(ids, self.map) if self.map is not None else None  # the prompt: all read
+        layout = None
+        if plan is not None and self._positions is not None and self._positions.plan is not None:
+            if uncond is not None:
+                plan = torch.cat([plan, torch.zeros_like(plan)])
+            layout = self._positions.plan.layout(plan)  # the same at every step of a drawing
         for t in range(steps):
+            if t > 0:
+                image = ImageInputs.drawing(step_ids, t - 1, layout) if image_span else None
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                if self._positions is not None and image_span and t > 0:
-                    feed = {"inputs_embeds": self._positions.embed(step_ids, torch.full_like(step_ids, t - 1),
-                                                                   layout)}
-                else:
-                    feed = {"input_ids": step_ids}
-                res = self.model(**feed, attention_mask=mask, position_ids=step_pos, past_key_values=past,
-                                 use_cache=True, **self._last_logits)
+                res = self.cxr(step_ids, mask, image, position_ids=step_pos, past_key_values=past, use_cache=True,
+                               logits_to_keep=1)
             past = res.past_key_values
             logits = res.logits[:, -1].float()
             if uncond is not None:
                 logits = logits[B:] + guidance * (logits[:B] - logits[B:])
             nxt = _pick(logits + allowed, sampling, gen).cpu()
+            if logprobs is not None:
+                lp = (logits + allowed).log_softmax(-1).gather(-1, nxt[:, None].to(logits.device)).squeeze(-1)
+                logprobs.append(lp.cpu())
             nxt[done] = self.tok.eos_token_id
             out[:, t] = nxt
             if stop_at_eos:
@@ -249,22 +257,22 @@ class LLMCXR:
     @property
     def guided_reports(self) -> bool:
         """Whether the run was trained to write reports from its own checklist (``stage.report_guided``)."""
-        return bool(self.run.info.extra.get("guided_reports"))
+        return self.run.info.guided.reports
 
     @property
     def guided_vqa(self) -> bool:
         """Whether the run was trained to answer questions with its reading in the prompt (``stage.vqa_guided``)."""
-        return bool(self.run.info.extra.get("guided_vqa"))
+        return self.run.info.guided.vqa
 
     @property
     def guided_images(self) -> bool:
         """Whether the run was trained to draw from reports with their findings listed (``stage.image_guided``)."""
-        return bool(self.run.info.extra.get("guided_images"))
+        return self.run.info.guided.images
 
     @property
     def guide_sides(self) -> bool:
         """Whether the guided report prompt gives sides (``stage.guide_sides``)."""
-        return bool(self.run.info.extra.get("guide_sides"))
+        return self.run.info.guided.sides
 
     def read_findings(self, images, batch_size: int = 16, max_new_tokens: int = 160) -> list[list[str]]:
         """The findings present per image, in the checklist's order: the run's finding head's reading
@@ -346,13 +354,13 @@ class LLMCXR:
 
         ``guided`` (default: what the run was trained for, :attr:`guided_images`): the prompt also lists the
         findings each report asks for, with their sides: ``findings``, or what the report labeler reads in the
-        report (:func:`llm_cxr.prompts.requested_findings`). A run with an image plan (``image_plan: true``)
+        report (:func:`llm_cxr.lm.prompts.requested_findings`). A run with an image plan (``image_plan: true``)
         is given the same findings as a layout, with the lung zone the report places each in
-        (:func:`llm_cxr.prompts.plan_items`).
+        (:func:`llm_cxr.lm.prompts.plan_items`).
 
         ``candidates > 1`` draws that many images per report and keeps the one the run's finding head
         (``finding_head: conv``) finds most likely to show ``findings`` (per report: guide items, ``name`` or
-        ``name:side``, e.g. what :func:`llm_cxr.prompts.requested_findings` reads in the report) and
+        ``name:side``, e.g. what :func:`llm_cxr.lm.prompts.requested_findings` reads in the report) and
         nothing else: reranking, as DALL-E did with CLIP. It costs ``candidates`` times the decoding."""
         if isinstance(reports, str):
             reports = [reports]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 import json
 from pathlib import Path
 
@@ -60,13 +61,18 @@ def add_lm_commands(sub) -> None:
     _loop_args(p)
     p.set_defaults(func=_cmd_pretrain)
 
+    from llm_cxr.train.config import config_help_text
+
     p = sub.add_parser("train", help="fine-tune a causal LM on image/report/VQA instructions (LoRA or full)",
-                       description="Train one multimodal stage. Settings come from --config (YAML with the keys of "
-                                   "LMTrainConfig: data, out, base or init_from, stage, lora, full_finetune, "
-                                   "template, max_length, loop) and the options below, which override it. Rerun "
-                                   "with the same --out to resume. Several processes: "
-                                   "`accelerate launch training/train.py --config YAML`.")
-    p.add_argument("--config", help="YAML config (see training/configs/)")
+                       epilog=config_help_text(), formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description=textwrap.fill(
+                           "Train one multimodal stage. Settings come from a shipped preset (--preset small --stage 1) "
+                           "or --config (YAML with the keys listed below) and the options below, which override it. "
+                           "Rerun with the same --out to resume. Several processes: "
+                           "`accelerate launch training/train.py --config YAML`.", 100))
+    p.add_argument("--config", help="YAML config file (keys of LMTrainConfig)")
+    p.add_argument("--preset", help="a shipped preset instead of --config: tiny or small (with --stage)")
+    p.add_argument("--stage", type=int, help="the preset's stage (small: 0, 1, 2; tiny: 1)")
     p.add_argument("--data", help="dataset with a codes column (`llm-cxr vqgan encode`)")
     p.add_argument("--out", help="run folder")
     p.add_argument("--base", help="base model: hub name or folder (e.g. RUN/model of `llm-cxr lm pretrain`)")
@@ -84,7 +90,8 @@ def add_lm_commands(sub) -> None:
 
 
 def _cmd_pretrain(args) -> int:
-    from llm_cxr.lm_train import PretrainConfig, pretrain_base
+    from llm_cxr.train.base import pretrain_base
+    from llm_cxr.train.config import PretrainConfig
 
     cfg = PretrainConfig(data=str(args.data), out=str(args.out), preset=args.preset)
     for k, v in _loop_overrides(args).items():
@@ -95,17 +102,25 @@ def _cmd_pretrain(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from llm_cxr.lm_train import load_lm_config, train_lm
+    from llm_cxr.train.config import load_lm_config, preset_path
+    from llm_cxr.train.stage import train_lm
 
     overrides = {"data": args.data, "out": args.out, "base": args.base, "init_from": args.init_from,
                  "full_finetune": args.full_finetune, **_loop_overrides(args)}
-    cfg = load_lm_config(args.config, sets=parse_set_pairs(args.set), **overrides)
+    config = args.config
+    if args.preset is not None or args.stage is not None:
+        if args.config:
+            raise LLMCXRError("give either --config or --preset/--stage, not both")
+        if args.preset is None or args.stage is None:
+            raise LLMCXRError("--preset needs --stage (e.g. --preset small --stage 1), and --stage needs --preset")
+        config = preset_path(args.preset, args.stage)
+    cfg = load_lm_config(config, sets=parse_set_pairs(args.set), **overrides)
     print(train_lm(cfg))
     return 0
 
 
 def _cmd_merge(args) -> int:
-    from llm_cxr.modeling import merge_run
+    from llm_cxr.lm.run import merge_run
 
     print(json.dumps({"merged": str(merge_run(args.run, args.out))}))
     return 0

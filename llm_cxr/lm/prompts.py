@@ -18,7 +18,7 @@ from typing import Iterable, Sequence
 
 from llm_cxr.data.labeler import label_report
 from llm_cxr.data.reports import parse_sections
-from llm_cxr.data.schema import DEVICES, FINDING_NAMES, LATERALITIES, Finding
+from llm_cxr.data.schema import DEVICES, FINDING_NAMES, LATERALITIES, Finding, findings_from_json
 from llm_cxr.errors import ConfigError, InputError
 
 TASKS = ("report", "image", "vqa")
@@ -109,7 +109,8 @@ NAMES: dict[str, str] = {
 _ARTICLE = {"cardiomegaly": "", "edema": "", "atelectasis": "", "consolidation": "", "pneumothorax": "a ",
             "pneumonia": "", "lung_opacity": "a ", "enlarged_cardiomediastinum": "an "}
 PRESENCE_QUESTIONS = ("Is there {a}{name}?", "Does this chest X-ray show {a}{name}?", "Is {a}{name} present?")
-LATERALITY_QUESTIONS = ("Which side is the {name} on?", "On which side is the {name}?", "Where is the {name}, left or right?")
+LATERALITY_QUESTIONS = ("Which side is the {name} on?", "On which side is the {name}?",
+                        "Where is the {name}, left or right?")
 SEVERITY_QUESTIONS = ("How severe is the {name}?", "What is the size of the {name}?")
 DEVICE_QUESTIONS = ("Which support devices are present?", "What lines and tubes are seen?")
 LIST_QUESTIONS = ("What abnormalities are seen in this chest X-ray?", "List the findings of this image.")
@@ -206,7 +207,8 @@ def guide_items(findings: Iterable[Finding], askable: Sequence[str] = DEFAULT_AS
     found: dict[str, set[str]] = {}
     for f in findings:
         if f.laterality in LATERALITIES:
-            found.setdefault(f.name, set()).update(("left", "right") if f.laterality == "bilateral" else (f.laterality,))
+            on = ("left", "right") if f.laterality == "bilateral" else (f.laterality,)
+            found.setdefault(f.name, set()).update(on)
     out = []
     for name, yes in checklist_items(findings, askable, uncertain):
         if not yes:
@@ -338,7 +340,7 @@ def report_prompt(template: PromptTemplate, rng: random.Random | None = None, se
                   findings: Iterable[str] | None = None, image: bool = True):
     """A CXR -> report prompt. ``findings`` (guide items, ``name`` or ``name:side``) makes it checklist-guided:
     the findings present are stated after the image (in training the truth the target text states, at inference
-    the run's reading: :meth:`llm_cxr.generation.LLMCXR.generate_report`). ``image=False``: the guided prompt
+    the run's reading: :meth:`llm_cxr.lm.generation.LLMCXR.generate_report`). ``image=False``: the guided prompt
     without the image (text-only training of the writer)."""
     pool = IMPRESSION_INSTRUCTIONS if sections == "impression" else REPORT_INSTRUCTIONS
     inputs: list = [IMAGE] if image else []
@@ -370,3 +372,14 @@ def vqa_prompt(template: PromptTemplate, question: str, findings: Iterable[str] 
     if findings is not None:
         inputs.append(_guide_line(findings) + GUIDE_QUESTION + question)
     return template.parts(question, inputs)
+
+
+def checklist_scope(row: dict) -> tuple[list, tuple[str, ...], tuple[str, ...]]:
+    """(findings, askable, uncertain) of a study: on synthetic data every finding the generator draws is
+    askable; on real data only what the labeler could read, never a hedged finding."""
+    findings = findings_from_json(row.get("findings") or "[]")
+    if row.get("source", "synthetic") == "synthetic":
+        return findings, FINDING_NAMES, ()
+    labels = row.get("labels") or {}
+    return (findings, tuple(n for n in NAMES if labels.get(n) in (0, 1)),
+            tuple(n for n, v in labels.items() if v == -1))

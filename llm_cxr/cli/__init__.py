@@ -41,7 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    # ---- data ---------------------------------------------------------------------------
+    _add_data_commands(sub)
+    _add_vqgan_commands(sub)
+    _add_classifier_and_demo_commands(sub)
+    return parser
+
+
+def _add_data_commands(sub) -> None:
+    """``llm-cxr data ...``: make, import, label and look at datasets."""
     data = sub.add_parser("data", help="make, import and inspect datasets")
     dsub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
     dsub.required = True
@@ -74,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_import)
     p = isub.add_parser("iu", help="IU X-ray as on Kaggle (indiana_reports.csv, indiana_projections.csv, images/)")
     p.add_argument("root", type=Path, help="folder with indiana_reports.csv and indiana_projections.csv")
-    p.add_argument("--images", type=Path, default=None, help="image folder (default: ROOT/images/images_normalized or ROOT/images)")
+    p.add_argument("--images", type=Path, default=None,
+                   help="image folder (default: ROOT/images/images_normalized or ROOT/images)")
     p.add_argument("--all-views", action="store_true", help="keep lateral views too (default: frontal only)")
     _add_common_import_args(p)
     p.set_defaults(func=_cmd_import)
@@ -83,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-column", default="image", help="column with the image path (default image)")
     p.add_argument("--report-column", default="report", help="column with the report text (default report)")
     p.add_argument("--patient-column", default=None, help="column with the patient id (default: one patient per row)")
-    p.add_argument("--root", type=Path, default=None, help="image paths are relative to this (default: the table's folder)")
+    p.add_argument("--root", type=Path, default=None,
+                   help="image paths are relative to this (default: the table's folder)")
     _add_common_import_args(p)
     p.set_defaults(func=_cmd_import)
     p = isub.add_parser("folder", help="a folder of images (PNG, JPEG, DICOM) without text")
@@ -102,15 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=16, help="number of images (default 16)")
     p.set_defaults(func=_cmd_sheet)
 
-    from llm_cxr.cli_gen import add_generation_commands
-    from llm_cxr.cli_lm import add_lm_commands
-    from llm_cxr.cli_serve import add_serve_command
+    from llm_cxr.cli.gen import add_generation_commands
+    from llm_cxr.cli.lm import add_lm_commands
+    from llm_cxr.cli.serve import add_serve_command
 
     add_lm_commands(sub)
     add_generation_commands(sub)
     add_serve_command(sub)
 
-    # ---- vqgan --------------------------------------------------------------------------
+
+def _add_vqgan_commands(sub) -> None:
+    """``llm-cxr vqgan ...``: train, encode, decode, reconstruct, import-taming."""
     vq = sub.add_parser("vqgan", help="the image tokenizer: train, encode, decode, import taming checkpoints")
     vsub = vq.add_subparsers(dest="vqgan_command", metavar="VQGAN_COMMAND")
     vsub.required = True
@@ -127,8 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="images per step and process")
     p.add_argument("--lr", type=float, help="learning rate")
     p.add_argument("--disc-start", type=int, help="step at which the discriminator switches on")
-    p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], help="mixed precision (default from config: no)")
-    p.add_argument("--feature-net", help="frozen network (torch.export .pt2 or TorchScript) for the feature loss, e.g. the classifier's feature_net.pt2")
+    p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"],
+                   help="mixed precision (default from config: no)")
+    p.add_argument("--feature-net", help="frozen network (torch.export .pt2 or TorchScript) for the feature loss, "
+                                                 "e.g. the classifier's feature_net.pt2")
     p.add_argument("--max-minutes", type=float, help="stop and save after this many minutes (resume later)")
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any training key")
@@ -140,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (faster on recent CPUs and GPUs)")
     p.add_argument("--resize", choices=["warn", "error", "silent"], default="warn",
-                   help="images of another size than the model's: resize with a warning (default), refuse, or resize quietly")
+                   help="images of another size than the model's: resize with a warning (default), refuse, or "
+                        "resize quietly")
     p.set_defaults(func=_cmd_vqgan_encode)
     p = vsub.add_parser("decode", help="codes -> PNG images")
     p.add_argument("--model", required=True, type=Path, help="VQ-GAN run or model folder")
@@ -162,7 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grayscale", action="store_true", help="convert an RGB model to one grayscale channel")
     p.set_defaults(func=_cmd_vqgan_import)
 
-    # ---- classifier ---------------------------------------------------------------------
+
+def _add_classifier_and_demo_commands(sub) -> None:
+    """``llm-cxr classifier ...``, the LM, generation and serving commands, and ``llm-cxr demo``."""
     cl = sub.add_parser("classifier", help="the finding classifier (checks images for findings)")
     csub = cl.add_subparsers(dest="classifier_command", metavar="CLASSIFIER_COMMAND")
     csub.required = True
@@ -176,7 +192,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write feature_net.pt2 (torch.export) for `vqgan train --feature-net`")
     p.set_defaults(func=_cmd_classifier_train)
 
-    # ---- demo ---------------------------------------------------------------------------
     p = sub.add_parser("demo", help="run everything end to end on synthetic data and write OUT/index.html",
                        description="End-to-end demo on the embedded synthetic data. Writes "
                                    "OUT/summary.json and OUT/index.html. A second run reuses cached work.")
@@ -193,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-eval", type=int, default=100, help="test studies per generation task (default 100)")
     p.add_argument("--fresh", action="store_true", help="ignore cached results and redo everything")
     p.set_defaults(func=_cmd_demo)
-    return parser
+
+
 
 
 # ---- command implementations ---------------------------------------------------------------
@@ -267,7 +283,7 @@ def _cmd_sheet(args: argparse.Namespace) -> int:
 
 
 def _cmd_vqgan_train(args: argparse.Namespace) -> int:
-    from llm_cxr.cli_lm import parse_set_pairs
+    from llm_cxr.cli.lm import parse_set_pairs
     from llm_cxr.vqgan.train import load_train_config, train_vqgan
 
     overrides = {k: v for k, v in {

@@ -1,0 +1,102 @@
+"""The one forward pass: logits of a batch of sequences, with the image add-ons applied from the batch.
+
+Training loss, evaluation loss, every decoding step, probes and explanation methods all call
+:meth:`CXRModel.forward` (nanoGPT's single ``forward``; Hugging Face's ``model(input_ids, ...)``
+contract), so what is measured, perturbed or hooked is exactly what produced an output. The input
+embeddings are always computed by calling the model's input-embedding module (a hook on
+``model.get_input_embeddings()`` fires for every token the model sees, also while an image is drawn
+one code at a time), with the sequence's :class:`~llm_cxr.lm.sequence.ImageInputs` passed explicitly.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+from llm_cxr.lm.addons.positions import ImagePositionEmbedding
+from llm_cxr.lm.sequence import Batch, ImageInputs
+from llm_cxr.lm.tokens import ImageTokenMap
+
+
+def _accepts(model, name: str) -> bool:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel passes kwargs on
+    try:
+        return name in inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class CXRModel(nn.Module):
+    """A causal LM (plain, peft or merged) with its image-token map: ``forward`` is the model's one function.
+
+    ``lm`` keeps its own parameter names (save it, merge it, wrap it with accelerate through this module)."""
+
+    def __init__(self, lm: nn.Module, token_map: ImageTokenMap | None = None):
+        super().__init__()
+        self.lm = lm
+        self.token_map = token_map
+        self._keep_arg = _accepts(lm, "logits_to_keep")
+
+    @property
+    def config(self):
+        return self.lm.config
+
+    def embed(self, input_ids: torch.Tensor, image: ImageInputs | None = None) -> torch.Tensor:
+        """Input embeddings (B, T, D), through the input-embedding module's call (hooks fire)."""
+        emb = self.lm.get_input_embeddings()
+        if isinstance(emb, ImagePositionEmbedding):
+            return emb(input_ids, image)
+        return emb(input_ids)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                image: ImageInputs | None = None, position_ids: torch.Tensor | None = None,
+                past_key_values=None, use_cache: bool = False, logits_to_keep: int = 0,
+                output_hidden_states: bool = False, inputs_embeds: torch.Tensor | None = None):
+        """The LM's output (``logits`` (B, T, V), ``past_key_values``, ``hidden_states`` on request) for ids (B, T).
+
+        ``image``: the sequences' image inputs (None: derived from the ids, every whole image a prompt image).
+        ``logits_to_keep``: only the last positions' logits (decoding needs one). ``inputs_embeds``: embeddings
+        to use instead of embedding ``input_ids`` (an attribution method that perturbs them)."""
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids, image)
+        extra = {"logits_to_keep": logits_to_keep} if logits_to_keep and self._keep_arg else {}
+        out = self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                      past_key_values=past_key_values, use_cache=use_cache,
+                      output_hidden_states=output_hidden_states, **extra)
+        if logits_to_keep and not extra:
+            out.logits = out.logits[:, -logits_to_keep:]
+        return out
+
+    def batch_forward(self, batch: Batch, **kwargs):
+        """:meth:`forward` of a :class:`~llm_cxr.lm.sequence.Batch`."""
+        return self(batch.input_ids, batch.attention_mask, batch.image, **kwargs)
+
+    def token_logprobs(self, batch: Batch, allowed: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T-1) log-probability of each next token ``input_ids[:, 1:]`` given the tokens before it, teacher
+        forced; ``allowed`` (V,) adds 0 / -inf per vocabulary entry first (the constraint decoding applies)."""
+        logits = self.batch_forward(batch).logits[:, :-1].float()
+        if allowed is not None:
+            logits = logits + allowed.to(logits.device)[:logits.shape[-1]]
+        return logits.log_softmax(-1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
+
+
+def response_loss(model: CXRModel, batch: Batch, mode: str = "token") -> torch.Tensor:
+    """Cross-entropy of the response tokens (``labels != -100``), weighted by ``batch.weights`` if any. ``mode``
+    "token": their mean over the batch; "example": averaged over each example's response tokens first, then over
+    the examples that have any."""
+    # model(...), not model.batch_forward(...): under DDP only the wrapper's own call synchronises gradients
+    logits = model(batch.input_ids, batch.attention_mask, batch.image).logits[:, :-1].float()
+    target = batch.labels[:, 1:]
+    per_token = nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
+    w = (target != -100).float()
+    if batch.weights is not None:
+        w = w * batch.weights[:, 1:].to(w)
+    if mode == "token":
+        return (per_token * w).sum() / w.sum().clamp_min(1e-9)
+    n = w.sum(1)
+    return ((per_token * w).sum(1)[n > 0] / n[n > 0]).mean()
+
+
+__all__ = ["CXRModel", "response_loss"]
