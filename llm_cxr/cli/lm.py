@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import textwrap
 import json
+import textwrap
 from pathlib import Path
 
 from llm_cxr.errors import LLMCXRError

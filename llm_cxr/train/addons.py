@@ -19,6 +19,7 @@ from llm_cxr.lm.addons.positions import find
 from llm_cxr.lm.addons.reader import CodeReader
 from llm_cxr.lm.prompts import NAMES, checklist_scope, guide_items, split_item
 from llm_cxr.lm.run import model_dir as run_model_dir
+from llm_cxr.rng import seeded
 from llm_cxr.train.config import LMTrainConfig
 
 log = logging.getLogger(__name__)
@@ -258,13 +259,11 @@ def _prepare_finding_head(cfg: LMTrainConfig, run: Path, train_rows, val_rows, c
     if "findings" not in cols:
         raise ConfigError(f"finding_head: conv trains on the findings of {cfg.data}, which has no `findings` column")
 
-    names, targets = usable(finding_targets(train_rows.select_columns(cols), list(NAMES)),
-                                      list(NAMES))
-    torch.manual_seed(cfg.loop.seed)
-    head = FindingHead(_codebook(codes_info, cfg.data), grid, names).to(device)
-    res = train_finding_head(head, _codes_of(train_rows), targets, cfg.finding_head_epochs,
-                                       seed=cfg.loop.seed, progress=progress,
-                                       autocast=cfg.loop.mixed_precision == "bf16")
+    names, targets = usable(finding_targets(train_rows.select_columns(cols), list(NAMES)), list(NAMES))
+    with seeded(cfg.loop.seed):
+        head = FindingHead(_codebook(codes_info, cfg.data), grid, names).to(device)
+    res = train_finding_head(head, _codes_of(train_rows), targets, cfg.finding_head_epochs, seed=cfg.loop.seed,
+                             progress=progress, autocast=cfg.loop.mixed_precision == "bf16")
     metrics = {"train_loss": res["loss"], "steps": res["steps"], "epochs": cfg.finding_head_epochs}
     if len(val_rows):
         metrics |= tune_thresholds(head, _codes_of(val_rows),

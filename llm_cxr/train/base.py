@@ -15,8 +15,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
 
-import torch
-
 from llm_cxr.configs import run_versions
 from llm_cxr.errors import ConfigError
 from llm_cxr.lm.prompts import (
@@ -32,6 +30,7 @@ from llm_cxr.lm.prompts import (
     TEMPLATES,
 )
 from llm_cxr.lm.run import trainable_summary
+from llm_cxr.rng import seeded
 from llm_cxr.train.config import PretrainConfig
 from llm_cxr.train.loop import train_loop
 from llm_cxr.train.lora import pick_attention
@@ -153,5 +152,5 @@ def build_base_model(preset: BasePreset, vocab_size: int, seed: int = 0):
                         num_attention_heads=preset.heads, intermediate_size=4 * preset.hidden,
                         max_position_embeddings=preset.context, rotary_pct=0.25, use_parallel_residual=True,
                         tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=1)
-    torch.manual_seed(seed)
-    return GPTNeoXForCausalLM(cfg)
+    with seeded(seed):
+        return GPTNeoXForCausalLM(cfg)

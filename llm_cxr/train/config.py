@@ -283,8 +283,9 @@ def config_reference() -> str:
 
     out = ["# Configuration reference", "",
            "Generated from the config dataclasses by `python scripts/config_reference.py`; do not edit by hand.",
-           "A stage config is YAML (`llm-cxr train --config FILE`, or a shipped preset with `--preset NAME --stage N`);",
-           "any key can be overridden with `--set KEY=VALUE` (dotted for nested keys: `--set stage.vqa=4`).", ""]
+           "A stage config is YAML (`llm-cxr train --config FILE`, or a shipped preset with",
+           "`--preset NAME --stage N`); any key can be overridden with `--set KEY=VALUE` (dotted for nested keys:",
+           "`--set stage.vqa=4`).", ""]
     for prefix, cls in _sections():
         out += [f"## `{prefix or 'top level'}`", "", (cls.__doc__ or "").strip().splitlines()[0], "",
                 "| key | type | default | meaning |", "|---|---|---|---|"]

@@ -22,6 +22,7 @@ from llm_cxr.lm.prompts import PLAN_ITEMS
 from llm_cxr.lm.run import GuidedModes, RunInfo, load_causal_lm, load_run, save_model, trainable_summary
 from llm_cxr.lm.run import model_dir as run_model_dir
 from llm_cxr.lm.tokens import add_image_tokens, init_image_rows_from_codebook
+from llm_cxr.rng import seeded
 from llm_cxr.train.addons import _codebook, _prepare_finding_head, _pretrain_reader
 from llm_cxr.train.config import LMTrainConfig
 from llm_cxr.train.examples import build_stage_dataset
@@ -39,15 +40,15 @@ def _start_model(cfg: LMTrainConfig, codes_info: dict, attn: str | None = None):
     model, tok, token_map, kind, base = _start_lm(cfg, codes_info, codebook, attn)
     reader = None
     if cfg.image_reader == "conv" and find(model).reader is None:
-        torch.manual_seed(cfg.loop.seed)
-        reader = CodeReader(codebook(), token_map.grid_size, find(model).pos.shape[1],
-                                     summary=cfg.reader_summary)
+        with seeded(cfg.loop.seed):
+            reader = CodeReader(codebook(), token_map.grid_size, find(model).pos.shape[1], summary=cfg.reader_summary)
         attach(model, token_map, reader=reader)
     wrapper = find(model)
     if cfg.image_plan and wrapper.plan is None:
-        torch.manual_seed(cfg.loop.seed)
-        attach(model, token_map, plan=ImagePlan(PLAN_ITEMS, token_map.tokens_per_image,
-                                                                  wrapper.pos.shape[1], row_std=wrapper.text_row_std()))
+        with seeded(cfg.loop.seed):
+            plan = ImagePlan(PLAN_ITEMS, token_map.tokens_per_image, wrapper.pos.shape[1],
+                             row_std=wrapper.text_row_std())
+        attach(model, token_map, plan=plan)
     return model, tok, token_map, kind, base, reader
 
 
@@ -82,7 +83,7 @@ def train_lm(cfg: LMTrainConfig, accelerator=None) -> Path:
 
     loop = cfg.loop
     accelerator = accelerator or make_accelerator(loop.mixed_precision)
-    torch.manual_seed(loop.seed)
+    torch.manual_seed(loop.seed)  # the run's entry: dropout and batch order follow its seed
     codes_info = read_codes_info(cfg.data)
     run = Path(cfg.out)
     attn = pick_attention(cfg.attn_implementation, accelerator.device, loop.mixed_precision)
