@@ -3,6 +3,10 @@
 Used to check that findings survive VQ-GAN reconstruction, to score generated images
 against the findings a report asked for, and, exported to TorchScript, as the frozen
 feature network of the VQ-GAN's clinical feature loss (as LLM-CXR used a CXR classifier).
+
+It is not one of the LM's add-ons and does not share their trunk (llm_cxr.lm.addons.reader.CodeCNN) on
+purpose: it reads pixels, not codes, so that it can judge an image whatever tokenizer made it, and it must stay
+independent of the model it grades (a judge trained on the codes would share the tokenizer's blind spots).
 """
 
 from __future__ import annotations
