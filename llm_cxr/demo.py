@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from llm_cxr import __version__
+from llm_cxr.accel import bf16_is_fast
 from llm_cxr.pipeline import Stages, code_hash
 from llm_cxr.report_html import Page, dataset_cards, dump_json
 
@@ -109,7 +110,7 @@ def _stage_vqgan(stages: Stages, cfg: DemoConfig, data_dir: Path):
         model = VQGAN.from_pretrained(run)
         test = load_dataset(data_dir, split="test")
         x = to_unit_range(ImageTensorDataset(test, model.config.resolution, 1, progress=False, preload=True).cache)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_is_fast("cpu")):
             codes = model.encode(x)
         rec = model.decode(codes)
         for i, (a, b) in enumerate(zip(VQGAN.to_pil(x[:8]), VQGAN.to_pil(rec[:8]))):

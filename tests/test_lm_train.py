@@ -361,3 +361,20 @@ def test_image_plan_trains_from_zero_saves_and_is_inherited(data, base, tmp_path
     assert kept is not None and kept.items == plan.items
     with pytest.raises(ConfigError, match="image_plan needs image_positions: 2d"):
         LMTrainConfig(data="d", out="o", base="b", image_plan=True, image_positions="none")
+
+
+def test_bf16_runs_as_fp32_where_the_cpu_emulates_it(monkeypatch, caplog):
+    """mixed_precision: bf16 on a CPU without AVX-512/AMX kernels (where bf16 autocast is many times slower than
+    fp32) trains in fp32, with a warning; on a CPU that has them it stays bf16."""
+    from llm_cxr import accel
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    accel._warn_slow_bf16.cache_clear()
+    with caplog.at_level("WARNING"):
+        assert accel.effective_precision("bf16", "cpu") == "no"
+    assert "slower than fp32" in caplog.text
+    assert accel.effective_precision("no", "cpu") == "no"
+    assert accel.make_accelerator("bf16").mixed_precision == "no"
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512_BF16")
+    assert accel.effective_precision("bf16", "cpu") == "bf16" and accel.bf16_is_fast("cpu")
+    assert accel.make_accelerator("bf16").mixed_precision == "bf16"

@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from llm_cxr.accel import bf16_is_fast
 from llm_cxr.configs import IMAGE_TEMPERATURE, IMAGE_TOP_P
 from llm_cxr.errors import ConfigError, InputError
 from llm_cxr.lm.addons.positions import find
@@ -131,8 +132,7 @@ class LLMCXR:
         # bf16 autocast where the hardware runs it well (CUDA, and CPUs with AVX-512 BF16 / AMX), unless the
         # weights already are in a low precision
         low = dtype is not None and dtype != torch.float32
-        self.autocast = (not low and (self.device.type == "cuda" or torch.backends.cpu.get_cpu_capability() in
-                                      ("AVX512", "AVX512_BF16", "AMX"))) if autocast is None else autocast
+        self.autocast = (not low and bf16_is_fast(self.device)) if autocast is None else autocast
         self._image_mask = torch.full((len(self.tok),), float("-inf"))
         self._image_mask[list(self.map.image_ids)] = 0.0
         self._text_mask = torch.zeros((len(self.tok),))

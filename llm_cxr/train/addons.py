@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from llm_cxr.accel import effective_precision
 from llm_cxr.errors import ConfigError
 from llm_cxr.lm.addons.head import HEAD_FILE, FindingHead, _side, load_head, save_head, side_bits
 from llm_cxr.lm.addons.positions import find
@@ -263,7 +264,8 @@ def _prepare_finding_head(cfg: LMTrainConfig, run: Path, train_rows, val_rows, c
     with seeded(cfg.loop.seed):
         head = FindingHead(_codebook(codes_info, cfg.data), grid, names).to(device)
     res = train_finding_head(head, _codes_of(train_rows), targets, cfg.finding_head_epochs, seed=cfg.loop.seed,
-                             progress=progress, autocast=cfg.loop.mixed_precision == "bf16")
+                             progress=progress,
+                             autocast=effective_precision(cfg.loop.mixed_precision, device) == "bf16")
     metrics = {"train_loss": res["loss"], "steps": res["steps"], "epochs": cfg.finding_head_epochs}
     if len(val_rows):
         metrics |= tune_thresholds(head, _codes_of(val_rows),
