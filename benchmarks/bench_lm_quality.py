@@ -114,7 +114,8 @@ def main() -> int:
     for name, run in runs.items():
         model = LLMCXR.from_pretrained(run)
         res = evaluate_all(model, args.data, "test", args.classifier, n=args.n, guidance=guidances[0],
-                           batch_size=args.batch_size, progress=True, out=RESULTS / f"{args.name}_{name.replace(' ', '')}.json")
+                           batch_size=args.batch_size, progress=True,
+                           out=RESULTS / f"{args.name}_{name.replace(' ', '')}.json")
         entry = {"summary": res["summary"], "report_per_class": res["reports"]["per_class"],
                  "vqa_by_kind": res["vqa"]["by_kind"], "report_examples": res["reports"]["examples"][:4],
                  "vqa_examples": res["vqa"]["examples"][:6]}

@@ -203,7 +203,8 @@ def main() -> int:
         tables.append(("Reconstruction quality, synthetic test split (targets: PSNR >= 30, SSIM >= 0.90, "
                        "usage >= 0.80, classifier within 2 points)", [row]))
         if "per_finding" in q:
-            tables.append(("Finding classifier per finding: recall on originals and on reconstructions", q["per_finding"]))
+            tables.append(("Finding classifier per finding: recall on originals and on reconstructions",
+                           q["per_finding"]))
     if "speed" in parts:
         s = speed(model)
         data["speed"] = s

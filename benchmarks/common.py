@@ -21,7 +21,8 @@ def machine() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
     }
     try:
-        info["cpu"] = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                           if line.startswith("model name"))
     except (OSError, StopIteration):
         info["cpu"] = platform.processor()
     try:
@@ -61,8 +62,8 @@ def write_results(name: str, title: str, data: dict[str, Any], tables: Sequence[
     """Write results/NAME.json (data + machine + command) and results/NAME.md (tables)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     m = machine()
-    payload = {"benchmark": name, "date": time.strftime("%Y-%m-%d"), "command": " ".join([Path(sys.executable).name] + sys.argv),
-               "machine": m, **data}
+    payload = {"benchmark": name, "date": time.strftime("%Y-%m-%d"),
+               "command": " ".join([Path(sys.executable).name] + sys.argv), "machine": m, **data}
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
     gpu = f", {m['cuda']}" if m.get("cuda") else ""
     md = [f"## {title}", "", f"`{payload['command']}` · {payload['date']} · {m.get('cpu')} "

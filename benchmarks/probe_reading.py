@@ -77,7 +77,8 @@ def main() -> None:
         a_tp, a_fp, a_fn = int((p & t).sum()), int((p & ~t).sum()), int((~p & t).sum())
         tp, fp, fn = tp + a_tp, fp + a_fp, fn + a_fn
         aucs.append(auc(t, s))
-        print(f"{a:20s} {int(t.sum()):4d}/{len(t):<5d} {aucs[-1]:6.3f} {2 * a_tp / max(1, 2 * a_tp + a_fp + a_fn):6.2f}")
+        print(f"{a:20s} {int(t.sum()):4d}/{len(t):<5d} {aucs[-1]:6.3f} "
+              f"{2 * a_tp / max(1, 2 * a_tp + a_fp + a_fn):6.2f}")
     print(f"mean AUC {np.nanmean(aucs):.3f}  micro-F1@0 {2 * tp / max(1, 2 * tp + fp + fn):.3f}")
 
 

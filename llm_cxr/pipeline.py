@@ -60,7 +60,8 @@ class Stages:
         self.fresh = fresh
         self.results: dict[str, StageResult] = {}
 
-    def run(self, name: str, fingerprint: dict[str, Any], build: Callable[[Path], dict[str, Any] | None]) -> StageResult:
+    def run(self, name: str, fingerprint: dict[str, Any],
+            build: Callable[[Path], dict[str, Any] | None]) -> StageResult:
         """Return stage ``name``, building it with ``build(tmp_dir) -> info`` unless cached."""
         folder = self.root / name
         fp = {"llm_cxr": __version__, **fingerprint}

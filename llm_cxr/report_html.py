@@ -124,7 +124,8 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def study_card(img_src: Sequence[tuple[str, str]], title: str, text: str, tags: Sequence[tuple[str, tuple]] = ()) -> str:
+def study_card(img_src: Sequence[tuple[str, str]], title: str, text: str,
+               tags: Sequence[tuple[str, tuple]] = ()) -> str:
     """One study: images (src, alt), a title, tags (label, colour) and the report text."""
     imgs = "".join(f'<img src="{html.escape(s)}" alt="{html.escape(a)}" title="{html.escape(a)}">' for s, a in img_src)
     tag_html = "".join(

@@ -11,8 +11,8 @@ from test_modeling import N_CODES, make_base, make_codes_dataset, write_codes_in
 
 from llm_cxr.cli import main
 from llm_cxr.errors import ConfigError
-from llm_cxr.lm.addons.head import HEAD_FILE, load_head
 from llm_cxr.lm.addons import addon_file
+from llm_cxr.lm.addons.head import HEAD_FILE, load_head
 from llm_cxr.lm.addons.positions import find
 from llm_cxr.lm.prompts import NAMES
 from llm_cxr.lm.run import load_causal_lm, load_run

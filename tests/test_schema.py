@@ -79,7 +79,7 @@ def test_write_dataset_counts_bad_items_and_keeps_good_ones(tmp_path):
     ds = load_dataset(tmp_path / "ds")
     assert ds["id"] == ["r0", "r1", "r3", "r4"]
     assert ds[0]["image"].mode == "L"
-    bad = [json.loads(l) for l in (tmp_path / "ds" / "bad_items.jsonl").read_text().splitlines()]
+    bad = [json.loads(line) for line in (tmp_path / "ds" / "bad_items.jsonl").read_text().splitlines()]
     assert bad == [{"item": "img2.png", "problem": "truncated file"}]
     assert json.loads((tmp_path / "ds" / "summary.json").read_text())["n_bad"] == 1
     assert len(load_dataset(tmp_path / "ds", split="test")) == 1

@@ -111,7 +111,8 @@ def test_cardiothoracic_ratio_from_the_rendered_masks(studies):
         cm = [f for f in st.findings if f.name == "cardiomegaly"]
         (enlarged if cm else normal).append(ctr)
         if cm:
-            assert abs(ctr - cm[0].extra["ctr"]) < 0.08 and np.array_equal(st.masks["cardiomegaly"], st.anatomy["heart"])
+            assert (abs(ctr - cm[0].extra["ctr"]) < 0.08
+                    and np.array_equal(st.masks["cardiomegaly"], st.anatomy["heart"]))
     assert enlarged and normal
     assert min(enlarged) > 0.5 and max(normal) < 0.5
 
@@ -184,7 +185,8 @@ def test_chest_tube_goes_on_the_side_of_the_pneumothorax():
 @pytest.mark.parametrize("spec", ["pneumothorax:chest_tube", "pneumothorax:chest_tube:1.5", "pneumothorax:chest_tube:x",
                                   "pneumonia:chest_tube:0.5", "chest_tube:pneumothorax:0.5", "a:b:c:d"])
 def test_invalid_correlate_specs_raise_clear_errors(spec):
-    with pytest.raises(ConfigError, match=re.escape(spec.split(":")[0]) if spec.count(":") == 2 else "FINDING:DEVICE:RATE"):
+    with pytest.raises(ConfigError,
+                       match=re.escape(spec.split(":")[0]) if spec.count(":") == 2 else "FINDING:DEVICE:RATE"):
         parse_correlate(spec)
 
 

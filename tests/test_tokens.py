@@ -16,7 +16,8 @@ def tokenizer_factory():
         tok = Tokenizer(models.BPE(unk_token="[UNK]"))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         text = ["No pleural effusion or pneumothorax.", "Small left pleural effusion.", "Heart size is normal."] * 20
-        tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["[UNK]", "<|endoftext|>"]))
+        tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=vocab_size,
+                                                          special_tokens=["[UNK]", "<|endoftext|>"]))
         return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="[UNK]")
 
     return make
@@ -48,15 +49,18 @@ def test_add_image_tokens_extends_any_vocab_and_starts_rows_at_the_mean(tokenize
         old_out = model.get_output_embeddings().weight.detach().clone()
         m = add_image_tokens(tok, model, n_codes=64, grid_size=8, vqgan_fingerprint="abc")
         assert m.first_id == len(tok) - 66 and m.vocab_size == len(tok)
-        assert tok.convert_tokens_to_ids([image_token(5), BEGIN_IMAGE, END_IMAGE]) == [m.first_id + 5, m.begin_id, m.end_id]
+        assert (tok.convert_tokens_to_ids([image_token(5), BEGIN_IMAGE, END_IMAGE])
+                == [m.first_id + 5, m.begin_id, m.end_id])
         emb = model.get_input_embeddings().weight
         assert emb.shape[0] == len(tok)
         assert torch.allclose(emb[m.first_id:], old_in.mean(0).expand(66, -1), atol=1e-6)
-        assert torch.allclose(model.get_output_embeddings().weight[m.first_id:], old_out.mean(0).expand(66, -1), atol=1e-6)
+        assert torch.allclose(model.get_output_embeddings().weight[m.first_id:], old_out.mean(0).expand(66, -1),
+                              atol=1e-6)
         # the reserved range is an identity: code -> id -> code
         codes = torch.arange(64).view(8, 8)
         assert torch.equal(m.ids_to_codes(m.codes_to_ids(codes)), codes)
-        assert m.is_image_id(torch.tensor([m.first_id - 1, m.first_id, m.first_id + 63, m.begin_id])).tolist() == [False, True, True, False]
+        assert (m.is_image_id(torch.tensor([m.first_id - 1, m.first_id, m.first_id + 63, m.begin_id])).tolist()
+                == [False, True, True, False])
         # the tokenizer keeps an image token whole and round-trips it
         text = f"{BEGIN_IMAGE}{image_token(3)}{image_token(63)}{END_IMAGE}"
         ids = tok(text, add_special_tokens=False)["input_ids"]

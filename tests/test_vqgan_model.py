@@ -32,7 +32,8 @@ def _taming_yaml(path, cfg: VQGANConfig):
                    "in_channels", "out_ch", "dropout", "double_z")}
     doc = {"model": {"base_learning_rate": 4.5e-6, "target": "taming.models.vqgan.VQModel",
                      "params": {"embed_dim": cfg.embed_dim, "n_embed": cfg.n_embed, "ddconfig": dd,
-                                "lossconfig": {"target": "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator"}}}}
+                                "lossconfig": {
+                                    "target": "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator"}}}}
     path.write_text(yaml.safe_dump(doc))
     return path
 

@@ -92,7 +92,7 @@ def test_training_changes_weights_and_reinitialises_dead_codes(tmp_path, micro_y
     run = train_vqgan(cfg)
     lines = (run / "metrics.csv").read_text().splitlines()
     header = lines[0].split(",")
-    reinit = [int(float(l.split(",")[header.index("reinit")])) for l in lines[1:]]
+    reinit = [int(float(line.split(",")[header.index("reinit")])) for line in lines[1:]]
     assert max(reinit) == 32
 
 
@@ -122,7 +122,7 @@ def test_resume_after_kill_finishes_the_run(tmp_path):
                  "--steps", str(done_before + 6)]) == 0
     assert torch.load(ck, weights_only=True)["step"] == done_before + 6
     assert (run / "DONE").exists()
-    steps = [int(l.split(",")[0]) for l in (run / "metrics.csv").read_text().splitlines()[1:]]
+    steps = [int(line.split(",")[0]) for line in (run / "metrics.csv").read_text().splitlines()[1:]]
     assert steps[-1] == done_before + 6
 
 

@@ -28,8 +28,9 @@ TEXTS = ["FINDINGS: No pleural effusion or pneumothorax. The heart size is norma
 _missing = [name for name in ("gradio", "playwright") if importlib.util.find_spec(name) is None]
 if not CHROMIUM.exists():
     _missing.append(str(CHROMIUM))
-needs_browser = pytest.mark.skipif(bool(_missing), reason=f"the browser test needs {', '.join(_missing)} (pip "
-                                                          "install 'llm-cxr[web]' playwright; apt-get install chromium)")
+needs_browser = pytest.mark.skipif(bool(_missing),
+                                   reason=f"the browser test needs {', '.join(_missing)} (pip "
+                                          "install 'llm-cxr[web]' playwright; apt-get install chromium)")
 
 
 def make_tiny_run(root: Path) -> Path:

@@ -367,7 +367,8 @@ def generate_dataset(n: int, out: str | Path, cfg: SynthConfig | None = None, se
         bar = tqdm(total=n, desc="synth", unit="img", disable=not progress)
         pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
         try:
-            results = pool.imap(make, tasks, chunksize=max(1, min(32, n // (4 * workers)))) if pool else map(make, tasks)
+            results = (pool.imap(make, tasks, chunksize=max(1, min(32, n // (4 * workers)))) if pool
+                       else map(make, tasks))
             for res in results:
                 bar.update(1)
                 if isinstance(res, tuple):

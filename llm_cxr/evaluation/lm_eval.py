@@ -73,7 +73,8 @@ def evaluate_reports(model: LLMCXR, ds, cfg: EvalConfig) -> dict[str, Any]:
     seconds = time.monotonic() - t  # reading and writing, as a user gets them
     scores = score_reports(texts, refs)
     out = {"n": len(sub), "guided": model.guided_reports, "seconds": seconds, "micro_f1": scores.micro_f1,
-           "macro_f1": scores.macro_f1, "exact_match": scores.exact_match, "laterality_accuracy": scores.laterality_accuracy,
+           "macro_f1": scores.macro_f1, "exact_match": scores.exact_match,
+           "laterality_accuracy": scores.laterality_accuracy,
            "per_class": {k: {"f1": v.f1, "support": v.support} for k, v in scores.per_class.items()},
            "examples": [{"id": i, "generated": t, "reference": r} | ({"stated": f} if stated else {}) for i, t, r, f
                         in list(zip(sub["id"], texts, sub["report"], stated or [None] * len(texts)))[:8]]}
@@ -221,7 +222,8 @@ def evaluate_vqa(model: LLMCXR, ds, cfg: EvalConfig) -> dict[str, Any]:
                              len(qs), cfg.batch_size, desc, cfg.progress)
 
     def core_accuracy(got: list[str]) -> float:
-        core = [g.strip().lower() == a.lower() for g, a, k in zip(got, answers, kinds) if k in ("presence", "laterality")]
+        core = [g.strip().lower() == a.lower() for g, a, k in zip(got, answers, kinds)
+                if k in ("presence", "laterality")]
         return sum(core) / max(1, len(core))
 
     got = ask(per_question, "questions")

@@ -25,7 +25,7 @@ from llm_cxr.accel import bf16_is_fast
 from llm_cxr.configs import IMAGE_TEMPERATURE, IMAGE_TOP_P
 from llm_cxr.errors import ConfigError, InputError
 from llm_cxr.lm.addons.positions import find
-from llm_cxr.lm.model import CXRModel
+from llm_cxr.lm.model import CXRModel, cache_of
 from llm_cxr.lm.prompts import (
     CHECKLIST_QUESTIONS,
     check_items,
@@ -217,9 +217,9 @@ class LLMCXR:
             if t > 0:
                 image = ImageInputs.drawing(step_ids, t - 1, layout) if image_span else None
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                res = self.cxr(step_ids, mask, image, position_ids=step_pos, past_key_values=past, use_cache=True,
+                res = self.cxr(step_ids, mask, image, position_ids=step_pos, cache=past, use_cache=True,
                                logits_to_keep=1)
-            past = res.past_key_values
+            past = cache_of(res)
             logits = res.logits[:, -1].float()
             if uncond is not None:
                 logits = logits[B:] + guidance * (logits[:B] - logits[B:])

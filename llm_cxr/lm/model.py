@@ -38,6 +38,8 @@ class CXRModel(nn.Module):
         self.lm = lm
         self.token_map = token_map
         self._keep_arg = _accepts(lm, "logits_to_keep")
+        # transformers >= 5.x names the KV cache ``cache`` (``past_key_values`` is deprecated there)
+        self._cache_arg = "cache" if _accepts(lm, "cache") else "past_key_values"
 
     @property
     def config(self):
@@ -52,9 +54,11 @@ class CXRModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 image: ImageInputs | None = None, position_ids: torch.Tensor | None = None,
-                past_key_values=None, use_cache: bool = False, logits_to_keep: int = 0,
-                output_hidden_states: bool = False, inputs_embeds: torch.Tensor | None = None):
-        """The LM's output (``logits`` (B, T, V), ``past_key_values``, ``hidden_states`` on request) for ids (B, T).
+                cache=None, use_cache: bool = False, logits_to_keep: int = 0,
+                output_hidden_states: bool = False, inputs_embeds: torch.Tensor | None = None,
+                output_attentions: bool = False):
+        """The LM's output (``logits`` (B, T, V), the KV cache (:func:`cache_of`), ``hidden_states`` /
+        ``attentions`` on request) for ids (B, T).
 
         ``image``: the sequences' image inputs (None: derived from the ids, every whole image a prompt image).
         ``logits_to_keep``: only the last positions' logits (decoding needs one). ``inputs_embeds``: embeddings
@@ -62,9 +66,12 @@ class CXRModel(nn.Module):
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids, image)
         extra = {"logits_to_keep": logits_to_keep} if logits_to_keep and self._keep_arg else {}
+        if cache is not None:
+            extra[self._cache_arg] = cache
+        if output_attentions:
+            extra["output_attentions"] = True
         out = self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                      past_key_values=past_key_values, use_cache=use_cache,
-                      output_hidden_states=output_hidden_states, **extra)
+                      use_cache=use_cache, output_hidden_states=output_hidden_states, **extra)
         if logits_to_keep and not extra:
             out.logits = out.logits[:, -logits_to_keep:]
         return out
@@ -80,6 +87,12 @@ class CXRModel(nn.Module):
         if allowed is not None:
             logits = logits + allowed.to(logits.device)[:logits.shape[-1]]
         return logits.log_softmax(-1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
+
+
+def cache_of(out):
+    """The KV cache in a model output (``cache`` in transformers 5, ``past_key_values`` before)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
 
 
 def response_loss(model: CXRModel, batch: Batch, mode: str = "token") -> torch.Tensor:
@@ -99,4 +112,4 @@ def response_loss(model: CXRModel, batch: Batch, mode: str = "token") -> torch.T
     return ((per_token * w).sum(1)[n > 0] / n[n > 0]).mean()
 
 
-__all__ = ["CXRModel", "response_loss"]
+__all__ = ["CXRModel", "cache_of", "response_loss"]

@@ -48,7 +48,8 @@ class VQGANConfig:
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be > 0, got {getattr(self, name)}")
         if self.in_channels not in (1, 3) or self.out_ch not in (1, 3):
-            problems.append(f"in_channels/out_ch must be 1 (grayscale) or 3 (RGB), got {self.in_channels}/{self.out_ch}")
+            problems.append(f"in_channels/out_ch must be 1 (grayscale) or 3 (RGB), "
+                            f"got {self.in_channels}/{self.out_ch}")
         if self.resolution % self.downsample_factor:
             problems.append(f"resolution {self.resolution} is not divisible by the downsampling factor "
                             f"{self.downsample_factor} (2**(len(ch_mult)-1))")

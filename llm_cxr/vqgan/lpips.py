@@ -95,7 +95,8 @@ class LPIPS(nn.Module):
 def _read(path: str | Path, what: str) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.exists():
-        raise ConfigError(f"{what} weights {path} do not exist (LPIPS needs both files supplied; nothing is downloaded)")
+        raise ConfigError(f"{what} weights {path} do not exist "
+                          f"(LPIPS needs both files supplied; nothing is downloaded)")
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure means an unusable file

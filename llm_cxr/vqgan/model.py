@@ -158,7 +158,8 @@ class VQGAN(nn.Module):
         for f in (CONFIG_FILE, WEIGHTS_FILE):
             if not (path / f).exists():
                 raise ConfigError(f"{path} is not a VQ-GAN model folder: {f} is missing "
-                                  f"(train one with `llm-cxr vqgan train` or convert one with `llm-cxr vqgan import-taming`)")
+                                  f"(train one with `llm-cxr vqgan train` "
+                                  f"or convert one with `llm-cxr vqgan import-taming`)")
         model = cls(VQGANConfig.load(path / CONFIG_FILE))
         load_state_dict_checked(model, load_file(str(path / WEIGHTS_FILE)), source=str(path / WEIGHTS_FILE))
         return model.to(device).channels_last().eval()

@@ -41,7 +41,8 @@ def read_taming_config(path: str | Path) -> VQGANConfig:
         params = model["params"]
         dd = dict(params["ddconfig"])
     except (KeyError, TypeError) as e:
-        raise ConfigError(f"{path}: expected model.params.ddconfig in a taming-transformers config ({e} missing)") from e
+        raise ConfigError(f"{path}: expected model.params.ddconfig in a taming-transformers config "
+                          f"({e} missing)") from e
     target = model.get("target", "")
     if target and target not in _SUPPORTED_TARGETS:
         raise ConfigError(f"{path}: model target {target!r} is not supported; llm-cxr loads {_SUPPORTED_TARGETS[0]}")

@@ -281,7 +281,8 @@ def train_vqgan(cfg: VQGANTrainConfig, accelerator=None) -> Path:
     # before the main one checks for it, and the header would be lost (seen in CI).
     new_file = accelerator.is_main_process and not metrics_path.exists()
     t_start = time.monotonic()
-    bar = tqdm(total=cfg.steps, initial=state.step, desc="vqgan", disable=not (cfg.progress and accelerator.is_main_process))
+    bar = tqdm(total=cfg.steps, initial=state.step, desc="vqgan",
+               disable=not (cfg.progress and accelerator.is_main_process))
     batches = _batches(ds, cfg, state.step, accelerator)
     with (open(metrics_path, "a", newline="") if accelerator.is_main_process else open(os.devnull, "w")) as mf:
         writer = csv.writer(mf)
@@ -296,7 +297,8 @@ def train_vqgan(cfg: VQGANTrainConfig, accelerator=None) -> Path:
             bar.set_postfix(l1=f"{row['rec_l1']:.4f}", usage=f"{row['usage']:.0%}", ppl=f"{row['perplexity']:.0f}")
             if accelerator.is_main_process and (state.step % cfg.log_every == 0 or state.step == cfg.steps):
                 writer.writerow([state.step] + [f"{row[k]:.6g}" for k in ("loss", "rec_l1", "qloss", "g_loss", "d_loss",
-                                "d_weight", "perplexity", "usage", "reinit", "lr")] + [f"{time.monotonic() - t_start:.1f}"])
+                                "d_weight", "perplexity", "usage", "reinit", "lr")]
+                                + [f"{time.monotonic() - t_start:.1f}"])
                 mf.flush()
             if accelerator.is_main_process and state.step % cfg.sample_every == 0:
                 _write_sample(run, state.step, x, row["recon"])
