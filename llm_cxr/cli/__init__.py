@@ -111,6 +111,7 @@ def _add_data_commands(sub) -> None:
     p.add_argument("--n", type=int, default=16, help="number of images (default 16)")
     p.set_defaults(func=_cmd_sheet)
 
+    from llm_cxr.cli.explain import add_explain_command
     from llm_cxr.cli.gen import add_generation_commands
     from llm_cxr.cli.lm import add_lm_commands
     from llm_cxr.cli.serve import add_serve_command
@@ -118,6 +119,7 @@ def _add_data_commands(sub) -> None:
     add_lm_commands(sub)
     add_generation_commands(sub)
     add_serve_command(sub)
+    add_explain_command(sub)
 
 
 def _add_vqgan_commands(sub) -> None:

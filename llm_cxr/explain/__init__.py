@@ -1,0 +1,157 @@
+"""Explanations of what the model read and wrote: attribution methods behind one registry.
+
+``explain(model, image=...)`` says which image regions drove each sentence of the report the model writes (or a
+phrase the caller gives); ``explain(model, report=...)`` says which words drove the drawing. Methods register by
+name (:func:`register`); the CLI's ``--method`` choices come from :data:`METHODS`. Every method reads the model
+through its one forward (:class:`~llm_cxr.lm.model.CXRModel`) on the same :class:`~llm_cxr.explain.cases.Case`.
+
+The routes an image takes to a sentence: the LM's own reading of the image tokens, and, for a run that writes
+from a findings list (checklist-guided reports), the finding head's reading stated in the prompt. The methods here
+attribute the first route; for a guided run the stated list is held fixed, and the explanation says so (``notes``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+from llm_cxr.errors import ConfigError, InputError
+from llm_cxr.explain import baselines
+from llm_cxr.explain.cases import (
+    IMAGE_TO_REPORT,
+    REPORT_TO_IMAGE,
+    Case,
+    check_target,
+    image_to_report,
+    plan_for,
+    report_to_image,
+    sentences,
+)
+from llm_cxr.explain.m2ib import M2IBSettings, m2ib
+from llm_cxr.explain.result import Explanation
+
+log = logging.getLogger(__name__)
+
+METHODS: dict[str, Callable] = {}
+
+
+def register(name: str):
+    """``@register("name")`` on ``fn(cxr, case, **options) -> (S,) scores`` for the case's source positions."""
+    def deco(fn):
+        if name in METHODS:
+            raise ConfigError(f"an explanation method named {name!r} is registered already")
+        METHODS[name] = fn
+        return fn
+    return deco
+
+
+@register("m2ib")
+def _m2ib(cxr, case, **options):
+    return m2ib(cxr, case, M2IBSettings(**options))
+
+
+register("random")(baselines.random_scores)
+register("occlusion")(baselines.occlusion)
+register("gradient_x_input")(baselines.gradient_x_input)
+register("integrated_gradients")(baselines.integrated_gradients)
+register("attention_rollout")(baselines.attention_rollout)
+
+
+def explain(model, image=None, report: str | None = None, method: str = "m2ib", target: str | None = None,
+            codes: torch.Tensor | None = None, progress: bool = False, **options) -> Explanation:
+    """Explain one output of ``model`` (an :class:`~llm_cxr.lm.generation.LLMCXR`).
+
+    ``image`` (a path, PIL image or codes): which of its regions drove each sentence of the report the model
+    writes for it (greedy), or the phrase ``target``. ``report``: which of its words drove the image the model
+    draws for it (or the given ``codes``, (H*W,)). ``options`` go to the method (M2IB: layer, beta, steps, lr,
+    samples, normalize)."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown explanation method {method!r}; choose from {', '.join(sorted(METHODS))}")
+    if (image is None) == (report is None):
+        raise InputError("explain needs exactly one of an image (image -> report) or a report (report -> image)")
+    t0 = time.perf_counter()
+    cases, ex = (_image_cases(model, image, target) if image is not None
+                 else _report_cases(model, report, codes))
+    fn = METHODS[method]
+    from tqdm.auto import tqdm
+
+    maps = []
+    was_training = model.cxr.training
+    model.cxr.eval()
+    try:
+        for case in tqdm(cases, desc=f"explain ({method})", disable=not progress):
+            scores = fn(model.cxr, case, **options).detach().float().cpu()
+            maps.append(_shape(case, scores))
+    finally:
+        model.cxr.train(was_training)
+    ex.method, ex.maps, ex.seconds = method, np.stack(maps), time.perf_counter() - t0
+    ex.settings = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in options.items()}
+    return ex
+
+
+def _shape(case: Case, scores: torch.Tensor) -> np.ndarray:
+    if case.direction == IMAGE_TO_REPORT:
+        return scores.reshape(case.grid, case.grid).numpy()
+    words = torch.zeros(len(case.words))
+    words.index_add_(0, torch.as_tensor(case.word_of), scores)
+    return words.numpy()
+
+
+def _image_cases(model, image, target: str | None) -> tuple[list[Case], Explanation]:
+    from llm_cxr.lm.generation import Sampling
+
+    if isinstance(image, torch.Tensor) and not image.is_floating_point():
+        image = image.reshape(1, -1)  # one image's codes, (H, W) or (H*W,)
+    codes = model.codes_of(image if isinstance(image, torch.Tensor) else [image])[:1]
+    stated = model.stated_findings(codes)
+    stated = stated[0] if stated is not None else None
+    notes = []
+    if stated is not None:
+        notes.append("guided run: the findings list the finding head read is held fixed; the map attributes the "
+                     "LM's own reading of the image")
+    if target is not None:
+        text = check_target(target)
+        cases = [image_to_report(model, codes[0], text, None, stated)]
+        return cases, Explanation(IMAGE_TO_REPORT, "", [text], np.zeros(0), report=text,
+                                  codes=codes[0].tolist(), notes=notes)
+    report = model.generate_report(codes, Sampling(), findings=[stated] if stated is not None else None)[0]
+    spans = sentences(report)
+    if not spans:
+        raise InputError(f"the model's report has no sentence to explain: {report!r}")
+    cases = [image_to_report(model, codes[0], report, span, stated) for span in spans]
+    return cases, Explanation(IMAGE_TO_REPORT, "", [c.label for c in cases], np.zeros(0), report=report,
+                              codes=codes[0].tolist(), notes=notes)
+
+
+def _report_cases(model, report: str, codes: torch.Tensor | None) -> tuple[list[Case], Explanation]:
+    from llm_cxr.lm.prompts import requested_findings, split_item
+
+    report = check_target(report)
+    stated = None
+    if model.guided_images:
+        stated = requested_findings(report)
+        if not model.guide_sides:
+            stated = [split_item(i)[0] for i in stated]
+    if codes is None:
+        codes = model.generate_image([report], seed_sampling(), findings=[stated] if stated is not None else None,
+                                     guided=model.guided_images).codes[0]
+    plan = plan_for(model, report, stated)
+    case = report_to_image(model, report, codes.reshape(-1), stated, plan=plan)
+    ex = Explanation(REPORT_TO_IMAGE, "", [case.label], np.zeros(0), report=report, words=case.words,
+                     codes=codes.reshape(-1).tolist())
+    return [case], ex
+
+
+def seed_sampling(seed: int = 0):
+    """The run's default image sampling, seeded: an explained drawing can be drawn again."""
+    from llm_cxr.configs import IMAGE_TEMPERATURE, IMAGE_TOP_P
+    from llm_cxr.lm.generation import Sampling
+
+    return Sampling(temperature=IMAGE_TEMPERATURE, top_p=IMAGE_TOP_P, seed=seed)
+
+
+__all__ = ["METHODS", "Case", "Explanation", "explain", "register"]
