@@ -135,3 +135,32 @@ def test_cli_explains_a_drawing_and_refuses_bad_input(gen, tmp_path, capsys):
     assert "no such image file" in capsys.readouterr().err
     assert main(["explain", "--model", str(gen.run.folder), "--report", "the of", "--out", str(out)]) == 2
     assert "stop words" in capsys.readouterr().err
+
+
+def test_localisation_metrics_on_known_maps():
+    from llm_cxr.explain.metrics import dilate, mask_cells, mass_in_mask, pointing_game
+
+    mask = np.zeros((16, 16), dtype=np.uint8)
+    mask[12:16, 0:4] = 255  # bottom-left corner of a 4x4 grid
+    cells = mask_cells(mask, 4)
+    assert cells.sum() == 1 and cells[3, 0]
+    assert dilate(cells).sum() == 4 and not dilate(cells)[0, 3]  # no wrap-around
+    m = np.zeros((4, 4))
+    m[3, 0] = 1.0
+    assert pointing_game(m, cells) and mass_in_mask(m, cells) == 1.0
+    m[3, 0], m[2, 1] = 0.0, 1.0  # one cell off diagonally: inside the dilated mask, outside the mask
+    assert pointing_game(m, cells) and mass_in_mask(m, cells) == 0.0
+    m[2, 1], m[0, 3] = 0.0, 1.0
+    assert not pointing_game(m, cells)
+
+
+def test_deletion_and_insertion_curves_end_where_they_must(gen):
+    from llm_cxr.explain.baselines import _score
+    from llm_cxr.explain.metrics import deletion_insertion
+
+    case = image_to_report(gen, CODES, "Small left pleural effusion.")
+    res = deletion_insertion(gen.cxr, case, torch.arange(GRID * GRID, dtype=torch.float32), fractions=(0, 0.5, 1))
+    full = float(_score(gen.cxr, case, case.ids)[0])
+    assert res["deletion"][0] == pytest.approx(full, abs=1e-5) and res["insertion"][-1] == pytest.approx(full, abs=1e-5)
+    assert res["deletion"][-1] == pytest.approx(res["insertion"][0], abs=1e-5)  # all codes neutral, both ways
+    assert np.isfinite([res["deletion_area"], res["insertion_area"]]).all()
