@@ -88,11 +88,12 @@ def main() -> int:
                                                      args.repeats)}
     rows.append(naive)
     fast = next(r for r in rows if r["method"] == "m2ib")
+    per_sentence = naive["image -> report, s per sentence"] / fast["image -> report, s per sentence"]
+    per_drawing = naive["report -> image, s per drawing"] / fast["report -> image, s per drawing"]
     notes = (f"M2IB defaults (block 0.75 of 6 = 4 (5th), beta 0.1, 10 steps x 10 samples). Computing the 4 blocks "
-             f"below the bottleneck once: {naive['image -> report, s per sentence'] / fast['image -> report, s per sentence']:.2f}x "
-             f"faster per sentence, {naive['report -> image, s per drawing'] / fast['report -> image, s per drawing']:.2f}x per drawing. "
-             f"Sequence lengths: {sentence.ids.shape[1]} tokens (image -> report), {drawing.ids.shape[1]} (report -> image). "
-             f"Median of {args.repeats} after a warm-up; fp32 (this CPU has no fast bf16).")
+             f"below the bottleneck once: {per_sentence:.2f}x faster per sentence, {per_drawing:.2f}x per drawing. "
+             f"Sequence lengths: {sentence.ids.shape[1]} tokens (image -> report), {drawing.ids.shape[1]} "
+             f"(report -> image). Median of {args.repeats} after a warm-up; fp32 (this CPU has no fast bf16).")
     write_results(args.name, "Cost of an explanation (small-preset shape)", {"rows": rows},
                   [("Seconds per explanation, each method", rows)], notes=notes)
     return 0

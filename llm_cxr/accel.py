@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 
 import torch
 
@@ -47,9 +48,13 @@ def effective_precision(mixed_precision: str, device: str | torch.device) -> str
 def make_accelerator(mixed_precision: str = "no", **kwargs):
     """An ``Accelerator``; "bf16" runs as fp32 on a CPU where bf16 is slow (:func:`effective_precision`)."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.state import AcceleratorState
 
-    mixed_precision = effective_precision(mixed_precision, PartialState().device)
+    # the device accelerate will pick, without creating its state first (that would fix the distributed set-up
+    # before Accelerator reads its arguments)
+    use_cpu = kwargs.get("cpu") or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    device = "cuda" if torch.cuda.is_available() and not use_cpu else "cpu"
+    mixed_precision = effective_precision(mixed_precision, device)
     try:
         return Accelerator(mixed_precision=mixed_precision, **kwargs)
     except ValueError as e:
