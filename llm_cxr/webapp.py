@@ -12,8 +12,9 @@ handles medical images:
   so PNG, JPEG and DICOM are interpreted exactly as in training, and a file that is not an
   image gives a one-line message in the page, never a traceback.
 
-Per-sentence explanation heatmaps plug in through ``explainer`` (see :data:`Explainer`); until
-an explanation method is passed, their gallery stays hidden.
+Per-sentence explanation heatmaps plug in through ``explainer`` (see :data:`Explainer`;
+:func:`method_explainer` makes one from any method of :mod:`llm_cxr.explain`); without one, their gallery
+stays hidden.
 """
 
 from __future__ import annotations
@@ -51,6 +52,21 @@ class SentenceHeatmap:
 
 # (model, the image as the model saw it, the generated report) -> one heatmap per sentence
 Explainer = Callable[[LLMCXR, Image.Image, str], list[SentenceHeatmap]]
+
+
+def method_explainer(method: str = "m2ib", **options) -> Explainer:
+    """An :data:`Explainer` from a registered explanation method (:data:`llm_cxr.explain.METHODS`): one map per
+    sentence of the report the page shows, over the image as the model saw it."""
+    from llm_cxr.explain import METHODS, explain
+
+    if method not in METHODS:
+        raise ConfigError(f"unknown explanation method {method!r}; choose from {', '.join(sorted(METHODS))}")
+
+    def explainer(model: LLMCXR, image: Image.Image, report: str) -> list[SentenceHeatmap]:
+        ex = explain(model, image=image, method=method, written=report, **options)
+        return [SentenceHeatmap(t, m) for t, m in zip(ex.targets, ex.maps)]
+
+    return explainer
 
 
 def _gradio():
@@ -238,9 +254,12 @@ def launch(app, host: str = "127.0.0.1", port: int = 7860, max_upload_mb: float 
 
 
 def serve(run: str | Path, host: str = "127.0.0.1", port: int = 7860, vqgan: str | Path | None = None,
-          device: str = "cpu", max_upload_mb: float = 10, max_queue: int = 16, block: bool = True):
-    """Load a trained run and serve it until interrupted (or in the background with ``block=False``)."""
+          device: str = "cpu", max_upload_mb: float = 10, max_queue: int = 16, block: bool = True,
+          explain: str | None = "m2ib"):
+    """Load a trained run and serve it until interrupted (or in the background with ``block=False``). ``explain``:
+    the method whose per-sentence maps the report tab shows (None: none)."""
     _gradio()  # fail before the model loads if Gradio is missing
+    explainer = method_explainer(explain) if explain else None
     model = LLMCXR.from_pretrained(run, vqgan=vqgan, device=device)
-    app = build_app(model, max_upload_mb=max_upload_mb, max_queue=max_queue)
+    app = build_app(model, max_upload_mb=max_upload_mb, max_queue=max_queue, explainer=explainer)
     return launch(app, host, port, max_upload_mb, block)

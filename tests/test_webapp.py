@@ -18,6 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
+from llm_cxr.errors import ConfigError
+
 CHROMIUM = Path("/usr/bin/chromium")
 MICRO = {"ch": 16, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [], "z_channels": 8,
          "resolution": 16, "n_embed": 32, "embed_dim": 8, "norm_groups": 8}
@@ -83,13 +85,14 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     from llm_cxr.lm.generation import LLMCXR
-    from llm_cxr.webapp import build_app, launch
+    from llm_cxr.webapp import build_app, launch, method_explainer
 
     run = make_tiny_run(tmp_path_factory.mktemp("webapp-model"))
     saved = os.environ.get("GRADIO_TEMP_DIR")
     os.environ["GRADIO_TEMP_DIR"] = str(tmp_path_factory.mktemp("gradio-uploads"))  # not the shared /tmp/gradio
     try:
-        app = build_app(LLMCXR.from_pretrained(run, autocast=False), max_upload_mb=1)
+        app = build_app(LLMCXR.from_pretrained(run, autocast=False), max_upload_mb=1,
+                        explainer=method_explainer("m2ib", steps=2, samples=2))
         port = _free_port()
         launch(app, "127.0.0.1", port, max_upload_mb=1, block=False)
         yield f"http://127.0.0.1:{port}/"
@@ -152,6 +155,8 @@ def test_upload_gives_a_report_and_a_report_gives_an_image(page, tmp_path):
     assert "FINDINGS" in report and "<img_" not in report
     assert page.locator("#report-status textarea").input_value() == ""
     page.locator("#report-seen img").wait_for(timeout=10_000)
+    page.locator("#report-explain img").first.wait_for(timeout=30_000)  # a map per sentence (M2IB)
+    assert page.locator("#report-explain img").count() >= 1
     _screenshot(page, tmp_path, "webapp_report.png")
 
     page.get_by_role("tab", name="Report → X-ray").click()
@@ -208,3 +213,18 @@ def test_the_explanation_hook_overlays_one_heatmap_per_sentence():
     assert [cap for _, cap in pairs] == ["Small left effusion", "Mild cardiomegaly."]
     overlay = np.asarray(pairs[0][0])
     assert overlay.shape == (16, 16, 3) and overlay[0, 0, 0] > overlay[0, 0, 1] and overlay[0, 15, 0] == 100
+
+
+def test_a_registered_method_explains_each_sentence_of_the_page_report(tmp_path):
+    from llm_cxr.lm.generation import LLMCXR
+    from llm_cxr.webapp import method_explainer
+
+    model = LLMCXR.from_pretrained(make_tiny_run(tmp_path), autocast=False)
+    image = Image.fromarray(np.full((16, 16), 120, np.uint8))
+    report = "FINDINGS: Small left pleural effusion. No pneumothorax."
+    maps = method_explainer("m2ib", steps=2, samples=2)(model, image, report)
+    grid = model.map.grid_size
+    assert [m.sentence for m in maps] == ["Small left pleural effusion.", "No pneumothorax."]
+    assert all(m.heatmap.shape == (grid, grid) and np.isfinite(m.heatmap).all() for m in maps)
+    with pytest.raises(ConfigError, match="unknown explanation method"):
+        method_explainer("saliency-magic")

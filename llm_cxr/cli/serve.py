@@ -20,6 +20,11 @@ def add_serve_command(sub) -> None:
     p.add_argument("--max-upload-mb", type=float, default=10, help="largest accepted upload in MB (default 10)")
     p.add_argument("--max-queue", type=int, default=16,
                    help="requests that may wait while one runs; more are refused with a message (default 16)")
+    from llm_cxr.explain import METHODS
+
+    p.add_argument("--explain", default="m2ib", choices=[*sorted(METHODS), "none"],
+                   help="method of the per-sentence maps on the report tab (default m2ib, a few seconds a sentence "
+                        "on a CPU; none turns them off)")
     p.set_defaults(func=_cmd_serve)
 
 
@@ -27,7 +32,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from llm_cxr.webapp import serve
 
     app = serve(args.model, host=args.host, port=args.port, vqgan=args.vqgan, device=args.device,
-                max_upload_mb=args.max_upload_mb, max_queue=args.max_queue, block=False)
+                max_upload_mb=args.max_upload_mb, max_queue=args.max_queue, block=False,
+                explain=None if args.explain == "none" else args.explain)
     print(f"serving {args.model} at http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
     try:
         while app.is_running:

@@ -62,19 +62,20 @@ register("attention_rollout")(baselines.attention_rollout)
 
 
 def explain(model, image=None, report: str | None = None, method: str = "m2ib", target: str | None = None,
-            codes: torch.Tensor | None = None, progress: bool = False, **options) -> Explanation:
+            codes: torch.Tensor | None = None, progress: bool = False, written: str | None = None,
+            **options) -> Explanation:
     """Explain one output of ``model`` (an :class:`~llm_cxr.lm.generation.LLMCXR`).
 
     ``image`` (a path, PIL image or codes): which of its regions drove each sentence of the report the model
-    writes for it (greedy), or the phrase ``target``. ``report``: which of its words drove the image the model
-    draws for it (or the given ``codes``, (H*W,)). ``options`` go to the method (M2IB: layer, beta, steps, lr,
-    samples, normalize)."""
+    writes for it (greedy; ``written``: the report it already wrote), or the phrase ``target``. ``report``: which
+    of its words drove the image the model draws for it (or the given ``codes``, (H*W,)). ``options`` go to the
+    method (M2IB: layer, beta, steps, lr, samples, normalize)."""
     if method not in METHODS:
         raise ConfigError(f"unknown explanation method {method!r}; choose from {', '.join(sorted(METHODS))}")
     if (image is None) == (report is None):
         raise InputError("explain needs exactly one of an image (image -> report) or a report (report -> image)")
     t0 = time.perf_counter()
-    cases, ex = (_image_cases(model, image, target) if image is not None
+    cases, ex = (_image_cases(model, image, target, written) if image is not None
                  else _report_cases(model, report, codes))
     fn = METHODS[method]
     from tqdm.auto import tqdm
@@ -101,7 +102,7 @@ def _shape(case: Case, scores: torch.Tensor) -> np.ndarray:
     return words.numpy()
 
 
-def _image_cases(model, image, target: str | None) -> tuple[list[Case], Explanation]:
+def _image_cases(model, image, target: str | None, written: str | None) -> tuple[list[Case], Explanation]:
     from llm_cxr.lm.generation import Sampling
 
     if isinstance(image, torch.Tensor) and not image.is_floating_point():
@@ -118,7 +119,8 @@ def _image_cases(model, image, target: str | None) -> tuple[list[Case], Explanat
         cases = [image_to_report(model, codes[0], text, None, stated)]
         return cases, Explanation(IMAGE_TO_REPORT, "", [text], np.zeros(0), report=text,
                                   codes=codes[0].tolist(), notes=notes)
-    report = model.generate_report(codes, Sampling(), findings=[stated] if stated is not None else None)[0]
+    report = written if written is not None else model.generate_report(
+        codes, Sampling(), findings=[stated] if stated is not None else None)[0]
     spans = sentences(report)
     if not spans:
         raise InputError(f"the model's report has no sentence to explain: {report!r}")
