@@ -183,3 +183,32 @@ def test_evaluation_on_a_dataset_with_masks_scores_every_focal_finding(tmp_path)
         m = res["methods"][name]
         assert 0 <= m["pointing"] <= 1 and 0 <= m["mass_in_mask"] <= 1 and m["per_finding"]
         assert np.isfinite([m["deletion_area"], m["insertion_area"]]).all()
+
+
+def test_a_guided_sentence_is_explained_through_both_routes(gen, monkeypatch):
+    """For a run that writes from its finding head's reading, M2IB also bottlenecks what the head reads, fitting
+    the head's decisions the sentence states, and combines the maps; routes="lm" keeps the LM's route alone."""
+    from llm_cxr.explain import attribute
+    from llm_cxr.explain.routes import combine, head_decisions, m2ib_head
+    from llm_cxr.lm.addons.head import FindingHead
+
+    torch.manual_seed(0)
+    head = FindingHead(torch.randn(N_CODES, 4), GRID, ["cardiomegaly", "pleural_effusion", "pneumothorax"], width=4,
+                       features=4, regions=(1, 2))
+    head.sided.copy_(torch.tensor([False, True, True]))
+    decisions = head_decisions(head, "Small left pleural effusion. No pneumothorax.")
+    assert decisions == {"pleural_effusion": (True, "left"), "pneumothorax": (False, None)}
+    assert head_decisions(head, "The lungs are clear.") == {}
+    hm = m2ib_head(head, CODES, decisions, M2IBSettings(steps=3, samples=4))
+    assert hm.shape == (GRID * GRID,) and bool((hm >= 0).all()) and torch.isfinite(hm).all()
+    both = combine(torch.rand(GRID * GRID), hm)
+    assert float(both.min()) >= 0 and float(both.max()) <= 1
+
+    monkeypatch.setattr(gen, "finding_head", head)
+    case = image_to_report(gen, CODES, "Small left pleural effusion.", None, stated=["pleural_effusion:left"])
+    opts = {"layer": 1, "steps": 2, "samples": 2}
+    lm_only = attribute(gen, case, "m2ib", routes="lm", **opts)
+    torch.testing.assert_close(lm_only, m2ib(gen.cxr, case, M2IBSettings(**opts)))
+    assert not torch.allclose(attribute(gen, case, "m2ib", **opts), lm_only)
+    plain = image_to_report(gen, CODES, "Small left pleural effusion.")  # not guided: the LM's route only
+    torch.testing.assert_close(attribute(gen, plain, "m2ib", **opts), m2ib(gen.cxr, plain, M2IBSettings(**opts)))

@@ -6,8 +6,9 @@ name (:func:`register`); the CLI's ``--method`` choices come from :data:`METHODS
 through its one forward (:class:`~llm_cxr.lm.model.CXRModel`) on the same :class:`~llm_cxr.explain.cases.Case`.
 
 The routes an image takes to a sentence: the LM's own reading of the image tokens, and, for a run that writes
-from a findings list (checklist-guided reports), the finding head's reading stated in the prompt. The methods here
-attribute the first route; for a guided run the stated list is held fixed, and the explanation says so (``notes``).
+from a findings list (checklist-guided reports), the finding head's reading stated in the prompt. M2IB bottlenecks
+both (:mod:`llm_cxr.explain.routes`) and combines their maps (``routes="lm"``: the LM's only); the other methods
+attribute the LM's route with the stated list held fixed, and the explanation says so (``notes``).
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ register("attention_rollout")(baselines.attention_rollout)
 
 def explain(model, image=None, report: str | None = None, method: str = "m2ib", target: str | None = None,
             codes: torch.Tensor | None = None, progress: bool = False, written: str | None = None,
-            **options) -> Explanation:
+            routes: str = "all", **options) -> Explanation:
     """Explain one output of ``model`` (an :class:`~llm_cxr.lm.generation.LLMCXR`).
 
     ``image`` (a path, PIL image or codes): which of its regions drove each sentence of the report the model
@@ -77,7 +78,6 @@ def explain(model, image=None, report: str | None = None, method: str = "m2ib", 
     t0 = time.perf_counter()
     cases, ex = (_image_cases(model, image, target, written) if image is not None
                  else _report_cases(model, report, codes))
-    fn = METHODS[method]
     from tqdm.auto import tqdm
 
     maps = []
@@ -85,13 +85,33 @@ def explain(model, image=None, report: str | None = None, method: str = "m2ib", 
     model.cxr.eval()
     try:
         for case in tqdm(cases, desc=f"explain ({method})", disable=not progress):
-            scores = fn(model.cxr, case, **options).detach().float().cpu()
-            maps.append(_shape(case, scores))
+            maps.append(_shape(case, attribute(model, case, method, routes, **options)))
+            if method == "m2ib" and routes == "all" and case.stated is not None and model.finding_head is not None:
+                note = "m2ib: the LM's and the finding head's routes, combined (each min-max normalised, averaged)"
+                if note not in ex.notes:
+                    ex.notes.append(note)
     finally:
         model.cxr.train(was_training)
     ex.method, ex.maps, ex.seconds = method, np.stack(maps), time.perf_counter() - t0
     ex.settings = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in options.items()}
     return ex
+
+
+def attribute(model, case: Case, method: str, routes: str = "all", **options) -> torch.Tensor:
+    """(S,) scores of ``method`` for ``case``. M2IB on a guided run's sentence (``routes="all"``) also bottlenecks
+    the finding head's route and combines the two maps (:mod:`llm_cxr.explain.routes`)."""
+    if routes not in ("all", "lm"):
+        raise ConfigError(f"routes must be 'all' or 'lm', got {routes!r}")
+    scores = METHODS[method](model.cxr, case, **options).detach().float().cpu()
+    head = model.finding_head
+    if method != "m2ib" or routes != "all" or case.stated is None or head is None or case.direction != IMAGE_TO_REPORT:
+        return scores
+    from llm_cxr.explain.routes import combine, head_decisions, m2ib_head
+
+    decisions = head_decisions(head, case.label)
+    codes = case.ids[0, case.sources] - model.map.first_id
+    head_map = m2ib_head(head, codes, decisions, M2IBSettings(**options)) if decisions else None
+    return combine(scores, head_map)
 
 
 def _shape(case: Case, scores: torch.Tensor) -> np.ndarray:
@@ -112,8 +132,8 @@ def _image_cases(model, image, target: str | None, written: str | None) -> tuple
     stated = stated[0] if stated is not None else None
     notes = []
     if stated is not None:
-        notes.append("guided run: the findings list the finding head read is held fixed; the map attributes the "
-                     "LM's own reading of the image")
+        notes.append("guided run: the prompt states the findings the finding head read; methods other than m2ib "
+                     "hold that list fixed and attribute the LM's own reading of the image")
     if target is not None:
         text = check_target(target)
         cases = [image_to_report(model, codes[0], text, None, stated)]
@@ -156,4 +176,4 @@ def seed_sampling(seed: int = 0):
     return Sampling(temperature=IMAGE_TEMPERATURE, top_p=IMAGE_TOP_P, seed=seed)
 
 
-__all__ = ["METHODS", "Case", "Explanation", "explain", "register"]
+__all__ = ["METHODS", "Case", "Explanation", "attribute", "explain", "register"]

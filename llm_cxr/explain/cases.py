@@ -39,6 +39,7 @@ class Case:
     grid: int = 0  # image -> report: the code grid's side
     words: list[str] = field(default_factory=list)  # report -> image: the report's words
     word_of: list[int] = field(default_factory=list)  # report -> image: the word of each source token
+    stated: list[str] | None = None  # the findings list of a guided prompt (the finding head's reading)
 
     def batch(self, ids: torch.Tensor | None = None) -> Batch:
         ids = self.ids if ids is None else ids
@@ -97,7 +98,8 @@ def image_to_report(model, codes: torch.Tensor, response: str, span: tuple[int, 
     sources = image.read[0].nonzero().squeeze(1)
     if len(sources) != tmap.tokens_per_image:
         raise InputError("the prompt holds no whole image to explain")
-    return Case(IMAGE_TO_REPORT, ids, image, sources, target, response[lo:hi].strip(), grid=tmap.grid_size)
+    return Case(IMAGE_TO_REPORT, ids, image, sources, target, response[lo:hi].strip(), grid=tmap.grid_size,
+                stated=stated)
 
 
 def report_to_image(model, report: str, codes: torch.Tensor, stated: list[str] | None = None,

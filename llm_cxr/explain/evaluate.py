@@ -54,7 +54,7 @@ def evaluate_methods(model, rows, methods: dict[str, dict], faithfulness: tuple[
     explanation."""
     from tqdm.auto import tqdm
 
-    from llm_cxr.explain import METHODS
+    from llm_cxr.explain import attribute
 
     grid = model.map.grid_size
     targets = [t for row in rows for t in targets_of(row, grid)]
@@ -67,7 +67,7 @@ def evaluate_methods(model, rows, methods: dict[str, dict], faithfulness: tuple[
             stated = model.stated_findings(t.codes[None])
             case = image_to_report(model, t.codes, t.phrase, None, stated[0] if stated else None)
             t0 = time.perf_counter()
-            scores = METHODS[name](model.cxr, case, **options).detach().float().cpu()
+            scores = attribute(model, case, name, **options)
             seconds.append(time.perf_counter() - t0)
             m = scores.reshape(grid, grid).numpy()
             row = per.setdefault(t.finding, {"n": 0, "hits": 0, "mass": 0.0})

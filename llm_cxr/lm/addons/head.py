@@ -84,8 +84,12 @@ class FindingHead(CodeCNN):
         """Nothing to attach: the head reads the codes beside the LM (``LLMCXR.read_findings``)."""
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
-        maps = self.features(codes)  # (N, features, H, W)
-        return self.head(self.pooled(maps)).view(len(codes), 3, len(self.names))
+        return self.from_vectors(self.vectors(codes))
+
+    def from_vectors(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Codebook vectors on the grid (N, C, H, W) -> logits (N, 3, K)."""
+        maps = self.trunk(vectors)  # (N, features, H, W)
+        return self.head(self.pooled(maps)).view(len(vectors), 3, len(self.names))
 
     @torch.no_grad()
     def probabilities(self, codes: torch.Tensor, batch_size: int = 256) -> torch.Tensor:

@@ -47,7 +47,12 @@ class CodeCNN(AddOn):
 
     def features(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (N, H*W) -> feature maps (N, features, H, W)."""
-        return self.trunk(code_maps(self.codebook, codes, self.grid))
+        return self.trunk(self.vectors(codes))
+
+    def vectors(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (N, H*W) -> their codebook vectors on the grid (N, C, H, W): what the trunk reads (an attribution
+        method may perturb them and call :meth:`trunk` itself)."""
+        return code_maps(self.codebook, codes, self.grid)
 
     def pooled(self, maps: torch.Tensor) -> torch.Tensor:
         """Feature maps (N, features, H, W) -> (N, features * rows * columns), max over each region."""

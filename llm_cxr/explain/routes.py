@@ -1,0 +1,88 @@
+"""The second route from an image to a guided report's sentence: the finding head.
+
+A run that writes checklist-guided reports (the `small` preset) states in its prompt the findings its finding head
+read from the codes, and the LM writes from that list. A sentence such as "Small left pleural effusion." then comes
+from the image twice: through the LM's own reading of the image tokens, and through the head's decision that a left
+effusion is there. A bottleneck on the LM's image positions alone explains the first route only.
+
+Here the second route gets its own bottleneck, on what the head reads (the codebook vectors of the codes on the
+grid), with the head's own likelihood of the decisions the sentence depends on as the fitting term: each finding the
+sentence mentions (read by the report labeler), present or absent as the sentence says, and on its side. The two
+maps are min-max normalised and averaged where the head decided something the sentence states; whether that mix is
+the faithful one is what the deletion test on the full pipeline decides (llm_cxr.explain.metrics).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llm_cxr.explain.m2ib import M2IBSettings, capacity
+
+
+def head_decisions(head, sentence: str) -> dict[str, tuple[bool, str | None]]:
+    """The head's findings that ``sentence`` states, as (present, side): "No pneumothorax." -> absent pneumothorax."""
+    from llm_cxr.data.labeler import label_report
+
+    res = label_report(sentence)
+    sides = {f.name: f.laterality for f in res.findings}
+    out = {}
+    for name in head.names:
+        v = res.labels.get(name)
+        if v in (0, 1):
+            side = sides.get(name) if v == 1 else None
+            out[name] = (v == 1, side if side in ("left", "right", "bilateral") else None)
+    return out
+
+
+def _fit(logits: torch.Tensor, head, decisions) -> torch.Tensor:
+    """Mean log-likelihood, under the head's logits (N, 3, K), of the decisions: (N,)."""
+    from llm_cxr.lm.addons.head import side_bits
+
+    terms = []
+    index = {n: k for k, n in enumerate(head.names)}
+    for name, (present, side) in decisions.items():
+        k = index[name]
+        terms.append(torch.nn.functional.logsigmoid(logits[:, 0, k] if present else -logits[:, 0, k]))
+        if present and side and bool(head.sided[k]):
+            for j, bit in enumerate(side_bits(side), start=1):
+                terms.append(torch.nn.functional.logsigmoid(logits[:, j, k] if bit else -logits[:, j, k]))
+    return torch.stack(terms, 1).mean(1)
+
+
+def m2ib_head(head, codes: torch.Tensor, decisions: dict, settings: M2IBSettings | None = None) -> torch.Tensor:
+    """(H*W,) attribution of the head's route: M2IB on the codebook vectors it reads, fitting its own decisions."""
+    s = settings or M2IBSettings()
+    device = head.codebook.device
+    v = head.vectors(codes.reshape(1, -1).to(device)).detach().float()  # (1, C, H, W)
+    x = v[0].flatten(1).T  # (H*W, C)
+    mean = x.mean(0) if s.normalize else torch.zeros_like(x[0])
+    std = x.std(0).clamp_min(1e-5) if s.normalize else torch.ones_like(x[0])
+    alpha = torch.nn.Parameter(torch.full_like(x, s.alpha))
+    opt = torch.optim.Adam([alpha], lr=s.lr)
+    gen = torch.Generator(device=device).manual_seed(s.seed)
+    kl = torch.zeros_like(x)
+    grid = v.shape[-1]
+    for _ in range(s.steps):
+        lam = torch.sigmoid(alpha)
+        mu, var = (x - mean) / std * lam, (1 - lam) ** 2
+        kl = capacity(mu, var)
+        eps = torch.randn((s.samples, *x.shape), generator=gen, device=device)
+        z = (mu + var.sqrt() * eps) * std + mean  # (N, H*W, C)
+        maps = z.transpose(1, 2).reshape(s.samples, -1, grid, grid)
+        loss = s.beta * kl.mean() - _fit(head.from_vectors(maps), head, decisions).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return kl.detach().sum(-1).cpu()
+
+
+def combine(lm_map: torch.Tensor, head_map: torch.Tensor | None) -> torch.Tensor:
+    """The two routes' maps, each min-max normalised, averaged (the LM's alone when the head decided nothing)."""
+    def norm(m):
+        m = m.float()
+        return (m - m.min()) / (m.max() - m.min()) if float(m.max() - m.min()) > 0 else torch.zeros_like(m)
+
+    return norm(lm_map) if head_map is None else (norm(lm_map) + norm(head_map)) / 2
+
+
+__all__ = ["combine", "head_decisions", "m2ib_head"]
