@@ -212,3 +212,18 @@ def test_a_guided_sentence_is_explained_through_both_routes(gen, monkeypatch):
     assert not torch.allclose(attribute(gen, case, "m2ib", **opts), lm_only)
     plain = image_to_report(gen, CODES, "Small left pleural effusion.")  # not guided: the LM's route only
     torch.testing.assert_close(attribute(gen, plain, "m2ib", **opts), m2ib(gen.cxr, plain, M2IBSettings(**opts)))
+
+
+def test_the_randomisation_sanity_check_moves_the_map_and_restores_the_weights(gen):
+    from llm_cxr.explain.metrics import cascading_randomisation, rank_correlation
+
+    assert rank_correlation([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert rank_correlation([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    case = image_to_report(gen, CODES, "Small left pleural effusion.")
+    before = {k: v.clone() for k, v in gen.cxr.lm.state_dict().items()}
+    logits = gen.cxr(case.ids).logits
+    rows = cascading_randomisation(gen.cxr, case, lambda cxr, c: m2ib(cxr, c, M2IBSettings(layer=0, steps=2,
+                                                                                            samples=2)))
+    assert [r["randomised_blocks"] for r in rows] == [1, 2] and all(-1 <= r["rank_correlation"] <= 1 for r in rows)
+    assert all(torch.equal(v, before[k]) for k, v in gen.cxr.lm.state_dict().items())
+    torch.testing.assert_close(gen.cxr(case.ids).logits, logits)

@@ -92,4 +92,41 @@ def deletion_insertion(cxr, case, scores: torch.Tensor, fractions=tuple(i / 10 f
             "deletion_area": float(_trapezoid(dele, x)), "insertion_area": float(_trapezoid(ins, x))}
 
 
-__all__ = ["deletion_insertion", "dilate", "mask_cells", "mass_in_mask", "pointing_game"]
+__all__ = ["cascading_randomisation", "deletion_insertion", "dilate", "mask_cells", "mass_in_mask", "pointing_game",
+           "rank_correlation"]
+
+
+def rank_correlation(a, b) -> float:
+    """Spearman's rank correlation of two maps (ties broken by order)."""
+    ra = np.argsort(np.argsort(np.asarray(a, dtype=np.float64).reshape(-1)))
+    rb = np.argsort(np.argsort(np.asarray(b, dtype=np.float64).reshape(-1)))
+    if ra.std() == 0 or rb.std() == 0:
+        return 0.0
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def cascading_randomisation(cxr, case, method, seed: int = 0) -> list[dict]:
+    """Adebayo et al.'s model-randomisation sanity check (NeurIPS 2018): re-initialise the LM's blocks from the top
+    down, one more at a time, and compare each map with the trained model's (rank correlation). A method that
+    explains the model gives maps that drift away; one that only reflects the input stays put. ``method(cxr, case)``
+    -> (S,) scores. The weights are restored afterwards."""
+    from llm_cxr.explain.tail import decoder_layers
+
+    owner, name = decoder_layers(cxr.lm)
+    blocks = list(getattr(owner, name))
+    saved = [{k: v.detach().clone() for k, v in b.state_dict().items()} for b in blocks]
+    reference = method(cxr, case).detach().float().cpu().numpy()
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    try:
+        for i, block in enumerate(reversed(blocks)):
+            with torch.no_grad():
+                for p in block.parameters():
+                    p.copy_(torch.randn(p.shape, generator=gen).to(p) * float(p.detach().float().std().clamp_min(1e-3)))
+            scores = method(cxr, case).detach().float().cpu().numpy()
+            rows.append({"randomised_blocks": i + 1, "rank_correlation": rank_correlation(reference, scores)})
+    finally:
+        with torch.no_grad():
+            for block, state in zip(blocks, saved):
+                block.load_state_dict(state)
+    return rows
