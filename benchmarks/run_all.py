@@ -31,7 +31,12 @@ Measured by the scripts in this folder (`python benchmarks/run_all.py`); each wr
 def collect() -> Path:
     parts = [HEADER]
     for md in sorted(RESULTS.glob("*.md")):
+        if md.name[:1].isdigit():  # dated notes (history, one-off checks) are linked, not tables to collect
+            continue
         parts.append(md.read_text().strip() + "\n")
+    dated = sorted(m.name for m in RESULTS.glob("*.md") if m.name[:1].isdigit())
+    if dated:
+        parts.append("## Dated notes\n\n" + "".join(f"- [{n}](results/{n})\n" for n in dated))
     out = HERE / "README.md"
     out.write_text("\n".join(parts))
     return out
