@@ -2,7 +2,7 @@
 over the same sequence computes, and every token the model sees goes through the input-embedding module."""
 
 import torch
-from test_imagepos import _plan, _reader
+from test_addons import _plan, _reader
 from test_modeling import GRID, N_CODES, make_base
 
 from llm_cxr.lm.addons.positions import attach, find

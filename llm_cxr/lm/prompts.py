@@ -153,7 +153,7 @@ ZONES: tuple[str, ...] = ("upper", "middle", "lower")
 _LOCATION_ZONE = {"apical": "upper", "lingula": "middle", "perihilar": "middle", "mid lung": "middle",
                   "basal": "lower", "retrocardiac": "lower"}
 _GUIDE_ITEMS = tuple(NAMES) + tuple(f"{n}:{s}" for n in NAMES for s in LATERALITIES)
-# Every item an image plan (llm_cxr/imagepos.py: ImagePlan) can be given: each finding, bare and with each side,
+# Every item an image plan (llm_cxr/lm/addons/plan.py: ImagePlan) can be given: each finding, bare and with each side,
 # and each of those in each zone (``"nodule:right@upper"``). New items go at the end: a saved plan's items must stay
 # a prefix of these (ImagePlan.grown).
 PLAN_ITEMS: tuple[str, ...] = _GUIDE_ITEMS + tuple(f"{i}@{z}" for i in _GUIDE_ITEMS for z in ZONES)

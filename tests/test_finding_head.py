@@ -1,5 +1,5 @@
-"""The finding head (llm_cxr/py): targets, training on a separable toy task, sides, thresholds,
-save/load, and the guided prompt's items with sides."""
+"""The finding head (llm_cxr/lm/addons/head.py, trained by llm_cxr/train/addons.py): targets, training on a
+separable toy task, sides, thresholds, save/load, and the guided prompt's items with sides."""
 
 import json
 

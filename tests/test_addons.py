@@ -1,4 +1,5 @@
-"""2D image position embeddings: slots, training, saving/loading/merging, and incremental decoding."""
+"""The add-ons (llm_cxr/lm/addons): the position table and its slots, the image reader, the image plan; saving, loading,
+merging, and incremental decoding."""
 
 import pytest
 import torch
