@@ -555,7 +555,9 @@ def test_guided_images_state_the_findings_the_report_asks_for(gen, monkeypatch):
         gen.generate_image([report], findings=[[], []])
 
 
-def test_cli_report_writes_the_findings_it_was_guided_by(gen, tmp_path, capsys):
+def test_cli_report_writes_the_findings_it_was_guided_by(gen, tmp_path, capsys, monkeypatch):
+    import llm_cxr.cli.gen as cli_gen
+
     data = make_codes_dataset(tmp_path / "codes", n=8)
     run = str(gen.run.folder)
     out = tmp_path / "reports.jsonl"
@@ -564,6 +566,11 @@ def test_cli_report_writes_the_findings_it_was_guided_by(gen, tmp_path, capsys):
     assert main(base + ["--out", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 2 and all(set(r) == {"id", "report"} for r in rows)  # a plain run: no checklist pass
+    # a run not trained to write from a list refuses one, rather than writing what the list confuses it into
+    assert main(base + ["--findings", "pleural_effusion, chest_tube", "--out", str(out)]) == 2
+    assert "not trained to write reports from a findings list" in capsys.readouterr().err
+    monkeypatch.setattr(cli_gen, "_load", lambda args: gen)
+    monkeypatch.setattr(gen.run.info.guided, "reports", True)
     assert main(base + ["--findings", "pleural_effusion, chest_tube", "--out", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["findings"] for r in rows] == [["pleural_effusion", "chest_tube"]] * 2
@@ -589,6 +596,9 @@ def test_cli_ask_answers_every_question_about_every_image_and_writes_the_finding
                                                                 ("b.png", qs[1])]
     assert all("findings" not in r for r in rows)  # a plain run
     assert [r["answer"] for r in rows] == gen.answer(CODES[[0, 0, 1, 1]], qs * 2)
+    assert main(base + ["--findings", "pleural_effusion:right", "--out", str(out)]) == 2  # not trained for lists
+    assert "not trained to write answers from a findings list" in capsys.readouterr().err
+    monkeypatch.setattr(gen.run.info.guided, "vqa", True)
     assert main(base + ["--findings", "pleural_effusion:right", "--out", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["findings"] for r in rows] == [["pleural_effusion:right"]] * 4

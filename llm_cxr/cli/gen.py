@@ -194,6 +194,12 @@ def _stated(model, args, codes, task: str) -> list[list[str]] | None:
     """What the prompts will state per image (read once, written beside the output), or None: plain."""
     if args.findings and args.plain:
         raise InputError("--findings and --plain exclude each other")
+    trained = model.guided_reports if task == "report" else model.guided_vqa
+    if args.findings and not trained:
+        what = "reports" if task == "report" else "answers"
+        flag = "stage.report_guided" if task == "report" else "stage.vqa_guided"
+        raise InputError(f"{args.model} was not trained to write {what} from a findings list ({flag}), so "
+                         f"--findings would only confuse it; leave it out, or use a run trained with guided prompts")
     given = [[f.strip() for f in args.findings.split(",") if f.strip()]] * len(codes) if args.findings else None
     return model.stated_findings(codes, False if args.plain else None, given, args.batch_size, task=task)
 
