@@ -588,6 +588,8 @@ def test_cli_ask_answers_every_question_about_every_image_and_writes_the_finding
     monkeypatch.setattr(gen, "codes_of", lambda images: images if isinstance(images, torch.Tensor)
                         else CODES[[int(str(i).endswith("b.png")) for i in images]])  # a.png -> row 0, b.png -> 1
     out = tmp_path / "answers.jsonl"
+    for name in ("a.png", "b.png"):
+        (tmp_path / name).write_bytes(b"read by the patched codes_of")
     qs = ["Is there a pneumothorax?", "Which side is the effusion on?"]
     base = ["-q", "ask", "--model", "run", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "-Q", qs[0], "-Q", qs[1]]
     assert main(base + ["--out", str(out)]) == 0

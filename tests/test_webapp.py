@@ -228,3 +228,26 @@ def test_a_registered_method_explains_each_sentence_of_the_page_report(tmp_path)
     assert all(m.heatmap.shape == (grid, grid) and np.isfinite(m.heatmap).all() for m in maps)
     with pytest.raises(ConfigError, match="unknown explanation method"):
         method_explainer("saliency-magic")
+
+
+def test_cli_report_skips_unreadable_files_and_fails_only_when_none_is_usable(tmp_path, capsys):
+    import json
+
+    from llm_cxr.cli import main
+
+    run = make_tiny_run(tmp_path / "m")
+    good = tmp_path / "good.png"
+    Image.fromarray(np.full((20, 16), 90, np.uint8)).save(good)
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    out = tmp_path / "r.jsonl"
+    base = ["-q", "generate", "report", "--model", str(run), "--max-new-tokens", "4"]
+    assert main(base + [str(good), str(bad), "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [str(good)]
+    err = capsys.readouterr().err
+    assert f"skipped {bad}" in err and "1 of 2 image(s) skipped" in err
+    assert main(base + [str(bad)]) == 3
+    assert "none of the 1 image(s) could be read" in capsys.readouterr().err
+    assert main(base + [str(tmp_path / "typo.png")]) == 3  # refused before the model loads
+    assert "missing, or not a file" in capsys.readouterr().err

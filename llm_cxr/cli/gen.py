@@ -126,9 +126,45 @@ def _dataset_rows(args):
     return ds
 
 
+def _check_files(paths: list[Path]) -> None:
+    """Before the model loads: every path must at least be a file (a typo should not cost a model load)."""
+    missing = [str(p) for p in paths if not Path(p).is_file()]
+    if missing and len(missing) == len(paths):
+        from llm_cxr.errors import NothingUsableError
+
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise NothingUsableError(f"no image file to read (missing, or not a file): {shown}")
+
+
+def _read_images(model, paths: list) -> tuple[list, list]:
+    """(good paths, their images at the model's size); a file that cannot be read is reported on stderr, counted,
+    and skipped; none usable is an error (exit 3)."""
+    from llm_cxr.data.images import load_image
+    from llm_cxr.errors import LLMCXRError, NothingUsableError
+
+    if model.vqgan is None:  # codes_of says what is missing
+        return [str(p) for p in paths], [str(p) for p in paths]
+    good, images, bad = [], [], []
+    for p in paths:
+        try:
+            images.append(load_image(p, size=model.vqgan.config.resolution))
+            good.append(str(p))
+        except (LLMCXRError, OSError) as e:
+            bad.append(f"{p}: {e}")
+    for line in bad:
+        print(f"skipped {line}", file=sys.stderr)
+    if bad:
+        print(f"{len(bad)} of {len(paths)} image(s) skipped", file=sys.stderr)
+    if not good:
+        raise NothingUsableError(f"none of the {len(paths)} image(s) could be read")
+    return good, images
+
+
 def _cmd_report(args) -> int:
     import torch
 
+    if args.images and not args.data:
+        _check_files(args.images)
     model = _load(args)
     if args.data:
         ds = _dataset_rows(args)
@@ -136,7 +172,7 @@ def _cmd_report(args) -> int:
         inputs = torch.as_tensor(ds.with_format("numpy")[:]["codes"]).long() if "codes" in ds.column_names \
             else list(ds["image"])
     elif args.images:
-        ids, inputs = [str(p) for p in args.images], [str(p) for p in args.images]
+        ids, inputs = _read_images(model, args.images)
     else:
         raise InputError("give image files or --data")
     codes = model.codes_of(inputs)
@@ -205,9 +241,10 @@ def _stated(model, args, codes, task: str) -> list[list[str]] | None:
 
 
 def _cmd_ask(args) -> int:
+    _check_files(args.images)
     model = _load(args)
-    files = [str(p) for p in args.images]
-    codes = model.codes_of(files)
+    files, images = _read_images(model, args.images)
+    codes = model.codes_of(images)
     findings = _stated(model, args, codes, "vqa")
     n = len(args.question)
     answers = model.answer(codes.repeat_interleave(n, 0), [q for _ in files for q in args.question], _sampling(args),
