@@ -281,3 +281,15 @@ def test_cli_synth(tmp_path, capsys):
     assert len(_rows(tmp_path / "ds")) == 8
     assert main(["-q", "data", "synth", "--n", "2", "--size", "16", "--out", str(tmp_path / "x")]) == 2
     assert "64 to 512" in capsys.readouterr().err
+
+
+def test_progress_bars_written_to_a_pipe_update_rarely(tmp_path):
+    """A command whose stderr is a file or a pipe (a log) gets a progress line every few seconds, not one per step."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "llm_cxr", "data", "synth", "--n", "600", "--size", "64", "--out",
+                           str(tmp_path / "ds")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    updates = [s for s in proc.stderr.replace("\r", "\n").splitlines() if "img/s" in s]
+    assert 1 <= len(updates) <= 6, len(updates)

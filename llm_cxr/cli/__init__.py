@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -393,6 +394,12 @@ _GLOBAL_FLAGS = ("-q", "--quiet", "-v", "-vv", "-vvv", "--verbose")
 
 
 def main(argv: list[str] | None = None) -> int:
+    if not sys.stderr.isatty():
+        # progress bars written to a file or a pipe: one update every 10 s, not a carriage-return line per step.
+        # tqdm reads these when it is first imported (every bar, ours and the libraries'), so before the parser
+        # (which imports the library) is built
+        os.environ.setdefault("TQDM_MININTERVAL", "10")
+        os.environ.setdefault("TQDM_MAXINTERVAL", "60")
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     # -q / -v are global, but users type them after the subcommand too: accept both places
