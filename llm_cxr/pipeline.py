@@ -12,6 +12,7 @@ import hashlib
 import inspect
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -41,6 +42,30 @@ def code_hash(*modules: ModuleType) -> str:
         except (OSError, TypeError):
             h.update(m.__name__.encode())
     return h.hexdigest()[:16]
+
+
+def _repoint(folder: Path, tmp: Path) -> None:
+    """What a stage built may record absolute paths into its build folder (a run's ``run.json`` names its base
+    model): after the move, JSON files under ``folder`` name the final place instead of a folder that is gone."""
+    old, new = str(tmp.resolve()), str(folder.resolve())
+
+    def fix(x):
+        if isinstance(x, str) and (x == old or x.startswith(old + os.sep)):
+            return new + x[len(old):]
+        if isinstance(x, dict):
+            return {k: fix(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [fix(v) for v in x]
+        return x
+
+    for path in folder.rglob("*.json"):
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        fixed = fix(doc)
+        if fixed != doc:
+            path.write_text(json.dumps(fixed, indent=2) + "\n")
 
 
 @dataclass
@@ -89,6 +114,7 @@ class Stages:
         if folder.exists():
             shutil.rmtree(folder)
         tmp.rename(folder)
+        _repoint(folder, tmp)
         res = StageResult(name, folder, False, seconds, info)
         self.results[name] = res
         log.info("stage %s: done in %.1f s", name, seconds)

@@ -36,3 +36,20 @@ def test_interrupted_stage_leaves_no_trusted_output(tmp_path):
     assert not (tmp_path / "a").exists()
     r = s.run("a", {}, lambda tmp: {"ok": True})
     assert not r.cached and r.info == {"ok": True}
+
+
+def test_paths_recorded_into_the_build_folder_name_the_final_one(tmp_path):
+    """A run built in the stage's temporary folder records its base model there; after the move, run.json names
+    where the base is now (issue: run.json recorded a temporary folder that no longer exists)."""
+
+    def build(tmp):
+        (tmp / "base").mkdir()
+        (tmp / "run").mkdir()
+        (tmp / "run" / "run.json").write_text(json.dumps({"base": str((tmp / "base").resolve()), "kind": "lora",
+                                                          "extra": {"refs": [str(tmp.resolve()), "hub/name"]}}))
+        return {}
+
+    r = Stages(tmp_path).run("lm", {}, build)
+    doc = json.loads((r.path / "run" / "run.json").read_text())
+    assert doc["base"] == str((r.path / "base").resolve()) and (r.path / "base").exists()
+    assert doc["extra"]["refs"] == [str(r.path.resolve()), "hub/name"] and doc["kind"] == "lora"
