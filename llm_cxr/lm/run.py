@@ -185,7 +185,9 @@ def save_model(model, tokenizer, token_map: ImageTokenMap | None, info: RunInfo,
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     with detached(model) as wrapper:  # transformers/peft see the plain model's parameter names
-        model.save_pretrained(folder)
+        # a peft adapter on a model whose vocabulary grew must carry the resized embedding matrices; saying so
+        # explicitly is what peft's "Setting save_embedding_layers to True" warning asks for
+        model.save_pretrained(folder, **({"save_embedding_layers": True} if hasattr(model, "peft_config") else {}))
     every = sorted([*(wrapper.addons if wrapper is not None else []), *addons], key=lambda a: ORDER.index(a.name))
     for stale in [*folder.glob(addon_file("*")), folder / POSITIONS_FILE, folder / LEGACY_HEAD_FILE]:
         stale.unlink(missing_ok=True)
