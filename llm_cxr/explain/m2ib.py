@@ -56,6 +56,29 @@ def fitting(logits: torch.Tensor, ids: torch.Tensor, target: torch.Tensor) -> to
     return (lp * w).sum(1) / w.sum().clamp_min(1e-9)
 
 
+def bottleneck(x: torch.Tensor, fit, s: M2IBSettings) -> torch.Tensor:
+    """Optimise a bottleneck on ``x`` (S, D) for ``s.steps`` Adam steps: each samples ``s.samples`` noisy copies
+    z (N, S, D) and minimises beta * mean KL - mean ``fit(z)`` (N,). Returns the KL per position, summed over features,
+    from the last step's forward (as M2IB's code reads its buffer)."""
+    mean = x.mean(0) if s.normalize else torch.zeros_like(x[0])
+    std = x.std(0).clamp_min(1e-5) if s.normalize else torch.ones_like(x[0])
+    alpha = torch.nn.Parameter(torch.full_like(x, s.alpha))
+    opt = torch.optim.Adam([alpha], lr=s.lr)
+    gen = torch.Generator(device=x.device).manual_seed(s.seed)
+    kl = torch.zeros_like(x)
+    for _ in range(s.steps):
+        lam = torch.sigmoid(alpha)
+        mu, var = (x - mean) / std * lam, (1 - lam) ** 2
+        kl = capacity(mu, var)
+        eps = torch.randn((s.samples, *x.shape), generator=gen, device=x.device)
+        z = (mu + var.sqrt() * eps) * std + mean  # (N, S, D)
+        loss = s.beta * kl.mean() - fit(z).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return kl.detach().sum(-1).cpu()
+
+
 def m2ib(cxr, case, settings: M2IBSettings | None = None) -> torch.Tensor:
     """(S,) attribution of the case's source positions: each one's KL, summed over features, at the end."""
     s = settings or M2IBSettings()
@@ -64,31 +87,19 @@ def m2ib(cxr, case, settings: M2IBSettings | None = None) -> torch.Tensor:
     with torch.no_grad():
         h = hidden_at(cxr, batch, layer).detach().float()  # (1, T, D): once per explanation
     src = case.sources.to(h.device)
-    x = h[0, src]  # (S, D)
-    mean = x.mean(0) if s.normalize else torch.zeros_like(x[0])
-    std = x.std(0).clamp_min(1e-5) if s.normalize else torch.ones_like(x[0])
-    alpha = torch.nn.Parameter(torch.full_like(x, s.alpha))
-    opt = torch.optim.Adam([alpha], lr=s.lr)
-    gen = torch.Generator(device=h.device).manual_seed(s.seed)
     use_tail = not s.naive and tail_matches(cxr, batch, layer)
-    kl = torch.zeros_like(x)
-    for _ in range(s.steps):
-        lam = torch.sigmoid(alpha)
-        mu, var = (x - mean) / std * lam, (1 - lam) ** 2
-        kl = capacity(mu, var)
-        eps = torch.randn((s.samples, *x.shape), generator=gen, device=x.device)
-        z = (mu + var.sqrt() * eps) * std + mean  # (N, S, D)
-        hidden = h.expand(s.samples, -1, -1).clone()
+    ids, target = case.ids.to(h.device), case.target.to(h.device)
+
+    def fit(z: torch.Tensor) -> torch.Tensor:
+        hidden = h.expand(len(z), -1, -1).clone()
         hidden[:, src] = z
         if use_tail:
             logits = tail_logits(cxr, batch, hidden.to(cxr.lm.dtype), layer)
         else:
             logits = _full_logits(cxr, batch, hidden, src, layer)
-        loss = s.beta * kl.mean() - fitting(logits, case.ids.to(h.device), case.target.to(h.device)).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return kl.detach().sum(-1).cpu()
+        return fitting(logits, ids, target)
+
+    return bottleneck(h[0, src], fit, s)
 
 
 def _full_logits(cxr, batch, hidden: torch.Tensor, src: torch.Tensor, layer: int) -> torch.Tensor:
@@ -107,4 +118,4 @@ def _full_logits(cxr, batch, hidden: torch.Tensor, src: torch.Tensor, layer: int
         return cxr(ids, batch.attention_mask.expand(n, -1), image).logits
 
 
-__all__ = ["M2IBSettings", "capacity", "fitting", "m2ib"]
+__all__ = ["M2IBSettings", "bottleneck", "capacity", "fitting", "m2ib"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from llm_cxr.explain.m2ib import M2IBSettings, capacity
+from llm_cxr.explain.m2ib import M2IBSettings, bottleneck
 
 
 def head_decisions(head, sentence: str) -> dict[str, tuple[bool, str | None]]:
@@ -52,28 +52,13 @@ def _fit(logits: torch.Tensor, head, decisions) -> torch.Tensor:
 def m2ib_head(head, codes: torch.Tensor, decisions: dict, settings: M2IBSettings | None = None) -> torch.Tensor:
     """(H*W,) attribution of the head's route: M2IB on the codebook vectors it reads, fitting its own decisions."""
     s = settings or M2IBSettings()
-    device = head.codebook.device
-    v = head.vectors(codes.reshape(1, -1).to(device)).detach().float()  # (1, C, H, W)
-    x = v[0].flatten(1).T  # (H*W, C)
-    mean = x.mean(0) if s.normalize else torch.zeros_like(x[0])
-    std = x.std(0).clamp_min(1e-5) if s.normalize else torch.ones_like(x[0])
-    alpha = torch.nn.Parameter(torch.full_like(x, s.alpha))
-    opt = torch.optim.Adam([alpha], lr=s.lr)
-    gen = torch.Generator(device=device).manual_seed(s.seed)
-    kl = torch.zeros_like(x)
+    v = head.vectors(codes.reshape(1, -1).to(head.codebook.device)).detach().float()  # (1, C, H, W)
     grid = v.shape[-1]
-    for _ in range(s.steps):
-        lam = torch.sigmoid(alpha)
-        mu, var = (x - mean) / std * lam, (1 - lam) ** 2
-        kl = capacity(mu, var)
-        eps = torch.randn((s.samples, *x.shape), generator=gen, device=device)
-        z = (mu + var.sqrt() * eps) * std + mean  # (N, H*W, C)
-        maps = z.transpose(1, 2).reshape(s.samples, -1, grid, grid)
-        loss = s.beta * kl.mean() - _fit(head.from_vectors(maps), head, decisions).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return kl.detach().sum(-1).cpu()
+
+    def fit(z: torch.Tensor) -> torch.Tensor:  # z (N, H*W, C)
+        return _fit(head.from_vectors(z.transpose(1, 2).reshape(len(z), -1, grid, grid)), head, decisions)
+
+    return bottleneck(v[0].flatten(1).T, fit, s)
 
 
 def combine(lm_map: torch.Tensor, head_map: torch.Tensor | None) -> torch.Tensor:
