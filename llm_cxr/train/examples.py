@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llm_cxr.data import labeler, labeler_rules
+from llm_cxr.data import labeler, labeler_patterns, labeler_rules
 from llm_cxr.errors import DatasetError, InputError
 from llm_cxr.lm import prompts, sequence, tokens
 from llm_cxr.lm.prompts import (
@@ -216,7 +216,7 @@ def build_stage_dataset(ds, tokenizer, token_map: ImageTokenMap, stage: StageCon
                                   "focus_weight": datasets.Value("float32")})
     # datasets fingerprints fn by pickling it, which names the functions it calls but not their code: the source of
     # what makes the examples goes in too, or a cache made by older code would be reused silently
-    code = code_hash(sys.modules[__name__], prompts, sequence, tokens, labeler, labeler_rules)
+    code = code_hash(sys.modules[__name__], prompts, sequence, tokens, labeler, labeler_patterns, labeler_rules)
     tok = ds.map(fn, batched=True, batch_size=256, remove_columns=ds.column_names, features=features,
                  fn_kwargs={"code_version": code},
                  num_proc=num_proc if num_proc and num_proc > 1 else None, desc=f"tokenising ({stage.sections})")
