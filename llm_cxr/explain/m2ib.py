@@ -87,7 +87,7 @@ def m2ib(cxr, case, settings: M2IBSettings | None = None) -> torch.Tensor:
     with torch.no_grad():
         h = hidden_at(cxr, batch, layer).detach().float()  # (1, T, D): once per explanation
     src = case.sources.to(h.device)
-    use_tail = not s.naive and tail_matches(cxr, batch, layer)
+    use_tail = not s.naive and _tail_works(cxr, batch, layer)
     ids, target = case.ids.to(h.device), case.target.to(h.device)
 
     def fit(z: torch.Tensor) -> torch.Tensor:
@@ -100,6 +100,15 @@ def m2ib(cxr, case, settings: M2IBSettings | None = None) -> torch.Tensor:
         return fitting(logits, ids, target)
 
     return bottleneck(h[0, src], fit, s)
+
+
+def _tail_works(cxr, batch, layer: int) -> bool:
+    """Whether the upper-blocks shortcut reproduces this model's forward at ``layer``: a property of its
+    architecture, so checked once per model and layer (the check costs three forwards), not per explanation."""
+    checked = cxr.__dict__.setdefault("_tail_checked", {})
+    if layer not in checked:
+        checked[layer] = tail_matches(cxr, batch, layer)
+    return checked[layer]
 
 
 def _full_logits(cxr, batch, hidden: torch.Tensor, src: torch.Tensor, layer: int) -> torch.Tensor:
