@@ -78,7 +78,6 @@ def main() -> int:
     from llm_cxr.explain import METHODS
     from llm_cxr.explain.cases import image_to_report, report_to_image
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     model = small_shaped_model(Path(tempfile.mkdtemp()) / "run")
     codes = torch.randint(0, 512, (256,), generator=torch.Generator().manual_seed(0))
     sentence = image_to_report(model, codes, REPORT, (10, 80))  # one sentence of a report

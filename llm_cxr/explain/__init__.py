@@ -13,7 +13,6 @@ attribute the LM's route with the stated list held fixed, and the explanation sa
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Callable
 
@@ -34,8 +33,6 @@ from llm_cxr.explain.cases import (
 )
 from llm_cxr.explain.m2ib import M2IBSettings, m2ib
 from llm_cxr.explain.result import Explanation
-
-log = logging.getLogger(__name__)
 
 METHODS: dict[str, Callable] = {}
 

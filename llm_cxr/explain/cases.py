@@ -141,7 +141,9 @@ def _words(text: str, offsets: list[tuple[int, int]]) -> tuple[list[str], list[i
 
 def plan_for(model, report: str, stated: list[str] | None) -> torch.Tensor | None:
     """The image plan's input for a drawing of ``report`` (None when the run has no plan or draws unguided)."""
-    positions = getattr(model, "_positions", None)
+    from llm_cxr.lm.addons.positions import find
+
+    positions = find(model.model)
     if positions is None or positions.plan is None or stated is None:
         return None
     return positions.plan.vector([plan_items(stated, report)])

@@ -11,7 +11,6 @@ A prompt is encoded by the same functions for training and generation, so the tw
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -21,9 +20,6 @@ import torch
 from llm_cxr.errors import ConfigError, InputError
 from llm_cxr.lm.prompts import PLAN_ITEMS, Example, ImageSlot, PromptTemplate
 from llm_cxr.lm.tokens import ImageTokenMap
-
-log = logging.getLogger(__name__)
-
 
 # --------------------------------------------------------------------------- tokenisation
 

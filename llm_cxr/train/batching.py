@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -11,9 +10,6 @@ import numpy as np
 from llm_cxr.errors import DatasetError
 from llm_cxr.lm.sequence import Batch, collate
 from llm_cxr.lm.tokens import ImageTokenMap
-
-log = logging.getLogger(__name__)
-
 
 # --------------------------------------------------------------------------- batching
 

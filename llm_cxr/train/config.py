@@ -7,7 +7,6 @@ wrong types are a :class:`~llm_cxr.errors.ConfigError` naming the key. Presets s
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,8 +14,6 @@ from typing import Any
 from llm_cxr.configs import from_dict_strict, option, read_yaml_config
 from llm_cxr.errors import ConfigError
 from llm_cxr.train.lora import LoraSettings
-
-log = logging.getLogger(__name__)
 
 
 @dataclass

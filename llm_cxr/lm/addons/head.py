@@ -16,7 +16,6 @@ a run has one.
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -28,9 +27,6 @@ from llm_cxr.errors import ConfigError
 from llm_cxr.lm.addons import addon_file, register, save_addon
 from llm_cxr.lm.addons.reader import CodeCNN
 from llm_cxr.lm.prompts import split_item
-
-log = logging.getLogger(__name__)
-
 
 HEAD_FILE = addon_file("finding_head")
 LEGACY_HEAD_FILE = "finding_head.safetensors"  # runs saved before add-ons had a registry

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -10,8 +9,6 @@ from torch import nn
 
 from llm_cxr.errors import ConfigError
 from llm_cxr.lm.addons import AddOn, register
-
-log = logging.getLogger(__name__)
 
 
 @dataclass

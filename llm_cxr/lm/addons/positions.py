@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +31,6 @@ from llm_cxr.lm.addons.plan import ImagePlan
 from llm_cxr.lm.addons.reader import CodeReader
 from llm_cxr.lm.sequence import ImageInputs
 from llm_cxr.lm.tokens import ImageTokenMap
-
-log = logging.getLogger(__name__)
-
 
 POSITIONS_FILE = "image_positions.safetensors"  # runs saved before add-ons had a registry
 

@@ -9,15 +9,12 @@ LM stage (:func:`llm_cxr.train.addons.pretrain_reader`).
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from llm_cxr.lm.addons import AddOn, register
-
-log = logging.getLogger(__name__)
 
 
 def conv_trunk(channels: int, width: int, features: int) -> nn.Sequential:
