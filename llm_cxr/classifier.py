@@ -185,7 +185,7 @@ def train_classifier(cfg: ClassifierTrainConfig) -> dict[str, Any]:
             opt.step()
             sched.step()
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     bar.close()
     model.eval()
     thresholds = _fit_thresholds(predict_proba(model, x["val"]), y["val"])

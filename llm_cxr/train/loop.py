@@ -246,7 +246,7 @@ def train_loop(model, train_ds, eval_ds, pad_id: int, cfg: LoopConfig, run: Path
             loss_sum, n_tokens = _train_step(model, opt, params, batches, pos, lr, cfg, accelerator)
             tokens += n_tokens
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum:.3f}", epoch=pos.epoch)
+            bar.set_postfix(loss=f"{loss_sum:.3f}", epoch=pos.epoch, refresh=False)
             eval_loss = read_loss = swapped_loss = float("nan")
             if cfg.eval_every and (pos.step % cfg.eval_every == 0 or pos.step == cfg.steps):
                 eval_loss, read_loss, swapped_loss = evaluate_loss(model, eval_ds, pad_id, cfg, accelerator, token_map)

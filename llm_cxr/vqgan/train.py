@@ -294,7 +294,9 @@ def train_vqgan(cfg: VQGANTrainConfig, accelerator=None) -> Path:
             row = _train_step(x, model, raw, disc, opt_g, opt_d, feat, lp, state, cfg, accelerator)
             state.step += 1
             bar.update(1)
-            bar.set_postfix(l1=f"{row['rec_l1']:.4f}", usage=f"{row['usage']:.0%}", ppl=f"{row['perplexity']:.0f}")
+            # refresh=False: the bar's own interval decides when to redraw (every step would flood a log file)
+            bar.set_postfix(l1=f"{row['rec_l1']:.4f}", usage=f"{row['usage']:.0%}", ppl=f"{row['perplexity']:.0f}",
+                            refresh=False)
             if accelerator.is_main_process and (state.step % cfg.log_every == 0 or state.step == cfg.steps):
                 writer.writerow([state.step] + [f"{row[k]:.6g}" for k in ("loss", "rec_l1", "qloss", "g_loss", "d_loss",
                                 "d_weight", "perplexity", "usage", "reinit", "lr")]
