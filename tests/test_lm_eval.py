@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 from test_modeling import make_codes_dataset
 
@@ -89,3 +90,12 @@ def test_frechet_distance_matches_the_closed_form():
     assert np.isfinite(frechet_distance(few, few + 0.5)) and frechet_distance(few, few + 0.5) > 0
     with pytest.raises(ValueError, match="2 samples"):
         frechet_distance(a[:1], b)
+
+
+def test_auroc_by_hand():
+    from llm_cxr.evaluation.lm_eval import auroc
+
+    # positives 0.9 and 0.4, negatives 0.4 and 0.1: of the 4 pairs, 3 ranked right and 1 tie -> (3 + 0.5) / 4
+    assert auroc(np.array([0.9, 0.4, 0.4, 0.1]), np.array([1, 1, 0, 0])) == pytest.approx(0.875)
+    assert auroc(np.array([0.2, 0.8]), np.array([1, 0])) == 0.0
+    assert auroc(np.array([0.2, 0.8]), np.array([1, 1])) is None  # one class only: undefined

@@ -17,6 +17,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -143,6 +144,18 @@ def _reconstructions(model: LLMCXR, rows, r: int) -> torch.Tensor:
     return _judge_input(images, r)
 
 
+def auroc(score: np.ndarray, truth: np.ndarray) -> float | None:
+    """Area under the ROC curve (the Mann-Whitney U statistic, ties counted half); None without both classes."""
+    from scipy.stats import rankdata
+
+    pos = truth.astype(bool)
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    ranks = rankdata(score)
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
 def evaluate_images(model: LLMCXR, ds, classifier_dir: str, cfg: EvalConfig) -> dict[str, Any]:
     from llm_cxr.classifier import FindingClassifier, load_thresholds, predict_proba
 
@@ -169,7 +182,8 @@ def evaluate_images(model: LLMCXR, ds, classifier_dir: str, cfg: EvalConfig) -> 
     valid = min(len(images), int(in_range.sum())) / max(1, len(sub))
     r = clf.config.resolution  # the classifier's own input size, as it was trained
     x = _judge_input(images, r)
-    pred = (predict_proba(clf, x) >= thr).numpy()
+    proba = predict_proba(clf, x).numpy()
+    pred = (proba >= thr).astype(np.int64)
     # realism: against the reconstructions of the same studies' true codes (what the LM was taught to draw); the
     # floor is the distance of as many other studies' reconstructions from them (same n, so the same bias)
     ref = _embed(clf, _reconstructions(model, sub, r))
@@ -193,7 +207,8 @@ def evaluate_images(model: LLMCXR, ds, classifier_dir: str, cfg: EvalConfig) -> 
     for j, n in enumerate(names):
         t, p_, f_ = (pred[:, j] * want[:, j]).sum(), (pred[:, j] * (1 - want[:, j])).sum(), \
             ((1 - pred[:, j]) * want[:, j]).sum()
-        per[n] = {"f1": float(2 * t / max(1, 2 * t + p_ + f_)), "support": int(want[:, j].sum())}
+        per[n] = {"f1": float(2 * t / max(1, 2 * t + p_ + f_)), "support": int(want[:, j].sum()),
+                  "auroc": auroc(proba[:, j], want[:, j])}
     return {"n": len(sub), "micro_f1": 2 * tp / max(1.0, 2 * tp + fp + fn), "valid_image_rate": valid,
             "frechet": frechet, "frechet_floor": floor, "exact_match": float((pred == want).all(1).mean()),
             "per_class": per, "images": images[:16], "reports": reports[:16]}
@@ -327,5 +342,28 @@ def evaluate_all(model: LLMCXR, data: str, split: str = "test", classifier: str 
         samples = res.get("images", {}).pop("images", [])
         for i, im in enumerate(samples):
             im.save(out.parent / f"{out.stem}_image_{i:02d}.png")
+        _per_class_pngs(res, out)
         out.write_text(json.dumps(res, indent=2, default=str) + "\n")
     return res
+
+
+def _per_class_pngs(res: dict[str, Any], out: Path) -> None:
+    """Per-class bars beside the results JSON: report F1, and image F1 and AUROC (the judge's scores)."""
+    from llm_cxr.evaluation.plots import bars_png
+
+    figures = {}
+    if "reports" in res:
+        per = res["reports"]["per_class"]
+        figures["reports"] = bars_png({"F1": {k: v["f1"] for k, v in per.items()}}, list(per),
+                                      "Reports: findings the labeler reads vs. the truth", "F1",
+                                      {k: v["support"] for k, v in per.items()})
+    if "images" in res:
+        per = res["images"]["per_class"]
+        figures["images"] = bars_png({"F1": {k: v["f1"] for k, v in per.items()},
+                                      "AUROC": {k: v.get("auroc") or 0.0 for k, v in per.items()}}, list(per),
+                                     "Images: findings the judge classifier finds vs. those asked for", "score",
+                                     {k: v["support"] for k, v in per.items()})
+    for name, png in figures.items():
+        if png is not None:
+            (out.parent / f"{out.stem}_{name}_per_class.png").write_bytes(png)
+
