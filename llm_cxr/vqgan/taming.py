@@ -88,7 +88,14 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return _Stub
 
 
-_restricted_pickle = SimpleNamespace(Unpickler=_RestrictedUnpickler, load=pickle.load, __name__="restricted_pickle")
+def _restricted_load(file: Any, **kwargs: Any) -> Any:
+    # torch's legacy (non-zip) reader calls ``pickle_module.load`` for its header before it builds an Unpickler:
+    # that call must be restricted too, or a crafted header runs code before any check
+    return _RestrictedUnpickler(file, **kwargs).load()
+
+
+_restricted_pickle = SimpleNamespace(Unpickler=_RestrictedUnpickler, load=_restricted_load,
+                                     __name__="restricted_pickle")
 
 
 def read_checkpoint_state(path: str | Path) -> StateDict:
