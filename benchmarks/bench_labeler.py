@@ -5,10 +5,11 @@
    and laterality / location / severity / size agreement on the findings found.
 2. IU X-ray reports (``../shared/data/iu-reports-dev.csv``, findings + impression) against
    the annotators' MeSH problem lists, mapped to eight classes by
-   ``labeler_rules.IU_REFERENCE_TERMS``. The rules were tuned on the *dev* half
-   (uid % 4 == 1; every uid in this file is odd) and never on the *holdout* half
-   (uid % 4 == 3); both halves and all rows are reported, with uncertain labels counted as
-   positive and as negative.
+   ``labeler_rules.IU_REFERENCE_TERMS`` and the rules stated in ``MAPPING_NOTES`` (a lung
+   opacity qualified "round" is a nodule; clips, wires and stents are not support devices).
+   The labeler's rules were tuned on the *dev* half (uid % 4 == 1; every uid in this file
+   is odd) and never on the *holdout* half (uid % 4 == 3); both halves and all rows are
+   reported, with uncertain labels counted as positive and as negative.
 3. Speed: reports per second on one core (best of three passes).
 
     python benchmarks/bench_labeler.py [--quick]
@@ -31,6 +32,16 @@ from llm_cxr.data.reports import format_report
 from llm_cxr.data.schema import DEVICES
 
 IU_CSV = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "iu-reports-dev.csv"
+# What iu_reference_labels does beyond looking the terms up (labeler_rules states why).
+MAPPING_NOTES = (
+    "cardiomegaly also 'Cardiac Shadow/enlarged'; 'Opacity' counts for lung_opacity only in the "
+    "lung (no ribs, clavicle, mediastinum, ... qualifier); lung_lesion also an 'Opacity' or "
+    "'Density' qualified both 'lung' and 'round' (the annotators' code for a nodular opacity: a "
+    "nodule is a rounded opacity, and CheXpert's lung-lesion phrases include 'nodular opacity'), "
+    "unless the report codes a round calcification or granuloma ('Calcinosis', 'Granuloma' or "
+    "'Calcified Granuloma' qualified 'round'); 'Calcified Granuloma' itself is not a lung lesion; "
+    "'Surgical Instruments' (clips, sternotomy wires), 'Stents', 'Sutures' and 'Foreign Bodies' "
+    "are not support devices")
 ATTRIBUTES = ("laterality", "location", "severity", "size_mm")
 
 
@@ -121,7 +132,8 @@ def main() -> int:
     args = ap.parse_args()
     syn, syn_rows, speed = synthetic(500 if args.quick else 3000)
     data: dict = {"synthetic": syn, "synthetic_attributes": syn_rows,
-                  "iu_reference_terms": {k: list(v) for k, v in IU_REFERENCE_TERMS.items()}}
+                  "iu_reference_terms": {k: list(v) for k, v in IU_REFERENCE_TERMS.items()},
+                  "iu_reference_notes": MAPPING_NOTES}
     tables = [("Synthetic reports: finding sets and laterality", [
         {k: v for k, v in syn.items() if k != "findings_wrong"}]),
         ("Synthetic reports: attribute agreement on found findings", syn_rows)]
@@ -143,7 +155,7 @@ def main() -> int:
              "'right lower lobe' atelectasis written as 'right basilar' reads as 'basal'). "
              "IU reference classes (MeSH terms): "
              + "; ".join(f"{k}: {', '.join(v)}" for k, v in IU_REFERENCE_TERMS.items())
-             + " (cardiomegaly also 'Cardiac Shadow/enlarged'; 'Opacity' only in the lung). "
+             + f" ({MAPPING_NOTES}). "
              "Rules were tuned on the dev half only.")
     write_results("labeler", "Rule-based report labeler", data, tables, notes)
     return 0

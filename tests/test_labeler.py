@@ -213,6 +213,106 @@ def test_devices_and_their_sides():
     assert only_ng["support_devices"] == 1 and only_ng["central_line"] is None
 
 
+@pytest.mark.parametrize("text", [
+    "Bilateral chest wall ports.",
+    "Right internal jugular Permacath.",
+    "Implantable loop recorder projects over the left chest.",
+    "Intra-aortic balloon pump in place.",
+    "ECMO cannula terminating in the right atrium.",
+    "IVC filter in the upper abdomen.",
+    "Ventriculoperitoneal shunt tubing along the right chest wall.",
+    "Defibrillator pads over the left chest.",
+    "Postsurgical hardware in the cervical spine.",
+    "Right shoulder arthroplasty.",
+    "Bone anchors in the left humeral head.",
+    "Plate and screws fixing the right clavicle.",
+    "Embolization coils in the right lower lobe.",
+])
+def test_devices_named_by_type(text):
+    lab = labels(text)
+    assert lab["support_devices"] == 1, text
+    assert lab["no_finding"] == 1  # devices are not pathology
+
+
+@pytest.mark.parametrize("text", [
+    "Median sternotomy wires are intact.",
+    "Surgical clips in the left axilla.",
+    "Coronary artery stents.",
+    "Endplate degenerative changes of the thoracic spine.",
+    "End plate osteophytes of the lower thoracic spine.",
+])
+def test_clips_wires_stents_and_end_plates_are_not_support_devices(text):
+    assert labels(text)["support_devices"] is None, text
+
+
+def test_external_pads_are_no_pacemaker():
+    for text in ("Defibrillator pads over the left chest.", "External pacer pads."):
+        lab = labels(text)
+        assert lab["support_devices"] == 1 and lab["pacemaker"] is None, text
+
+
+def test_plate_like_atelectasis_is_no_device():
+    for text in ("Plate-like atelectasis at the right base.", "Left basilar plate atelectasis."):
+        lab = labels(text)
+        assert lab["atelectasis"] == 1 and lab["support_devices"] is None, text
+    assert labels("No orthopedic hardware.")["support_devices"] == 0
+
+
+# --- edema and lung lesions ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", [
+    "No pulmonary edema or vascular congestion.",
+    "Normal pulmonary vascularity without edema.",
+    "The pulmonary vessels are not engorged.",
+    "There are no findings of heart failure.",
+    "No signs of overt pulmonary edema.",
+    "Interval resolution of the interstitial edema.",
+    "Pleural effusions, consolidation and edema are not seen.",
+])
+def test_negated_edema(text):
+    assert labels(text)["edema"] == 0, text
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Indistinct pulmonary vascular margins.", 1),
+    ("The vascular margination is indistinct at both hila.", 1),
+    ("Vascular margins are normal.", 0),
+    ("Central vascular congestion.", 1),
+    ("Opacities may reflect infection or early edema.", -1),
+    ("The differential includes atypical infection and interstitial edema.", -1),
+])
+def test_edema_vascular_signs_and_hedges(text, expected):
+    lab = labels(text)
+    assert lab["edema"] == expected, text
+    if "edema" not in text:
+        assert lab["lung_opacity"] is None  # vascular signs are no parenchymal opacity
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("No suspicious pulmonary nodule or mass.", 0),
+    ("Nodules or masses are not identified.", 0),
+    ("No focal nodule, mass or consolidation.", 0),
+    ("Bilateral apical fibronodular infiltrates.", 1),
+    ("Cavitary lesion in the left apex.", 1),
+    ("Right hilar mass.", 1),
+    ("Calcified granulomas in both lungs.", None),
+    ("Pericardial mass versus prominent epicardial fat.", None),
+    ("Left pleural mass.", None),
+    ("Anterior mediastinal mass.", None),
+    ("Soft tissue mass over the right shoulder.", None),
+    ("CT would be more sensitive for detecting small nodules.", -1),
+    ("Recommend CT for further evaluation for nodules.", -1),
+])
+def test_lung_lesion_phrasings(text, expected):
+    assert labels(text)["lung_lesion"] == expected, text
+
+
+def test_fibronodular_infiltrate_is_a_nodular_opacity():
+    lab = labels("Fibronodular infiltrates in the right upper lobe.")
+    assert lab["nodule"] == 1 and lab["lung_opacity"] == 1
+
+
 def test_no_finding_logic():
     assert labels("Normal chest. No acute cardiopulmonary abnormality.")["no_finding"] == 1
     assert labels("Possible small left pleural effusion.")["no_finding"] == 0
@@ -312,6 +412,32 @@ def test_iu_reference_mapping():
     assert ref["pleural_effusion"] == 0
     assert iu_reference_labels("Opacity/ribs/left")["lung_opacity"] == 0
     assert set(iu_reference_labels("normal").values()) == {0}
+
+
+@pytest.mark.parametrize("mesh, lesion", [
+    ("Nodule/lung/upper lobe/left", 1),
+    ("Mass/lung/hilum/right", 1),
+    ("Cavitation/lung/apex/left", 1),
+    # a round opacity in the lung is a nodule ...
+    ("Opacity/lung/lower lobe/right/round/small", 1),
+    ("Density/lung/middle lobe/right/round", 1),
+    # ... unless it is not placed in the lung, or it is a round calcification / granuloma
+    ("Density/ribs/left/round", 0),
+    ("Opacity/round", 0),
+    ("Density/lung/base/left/round;Calcinosis/lung/base/left/round", 0),
+    ("Opacity/lung/apex/right/round;Granuloma/lung/apex/right/round", 0),
+    ("Calcified Granuloma/lung/upper lobe/right", 0),
+    ("Opacity/lung/base/left/patchy", 0),
+])
+def test_iu_reference_lung_lesion(mesh, lesion):
+    assert iu_reference_labels(mesh)["lung_lesion"] == lesion
+
+
+def test_iu_reference_support_devices():
+    assert iu_reference_labels("Implanted Medical Device/humerus/left")["support_devices"] == 1
+    for mesh in ("Surgical Instruments/mediastinum", "Stents/coronary vessels", "Sutures/lung",
+                 "Foreign Bodies/thorax/right"):
+        assert iu_reference_labels(mesh)["support_devices"] == 0, mesh
 
 
 # --- synthetic reports ----------------------------------------------------------------------

@@ -24,8 +24,10 @@ Deliberate choices (documented because a careful reader may disagree):
 * Pulmonary vascular congestion / prominence and heart failure count as edema (CheXpert's
   edema phrase list) but do not imply lung opacity.
 * Support devices are tubes, lines, catheters, ports, drains, pacemakers/ICDs and their
-  leads, prosthetic valves, monitoring leads and generic "devices"; surgical clips,
-  sternotomy wires, stents and orthopaedic hardware are not.
+  leads, prosthetic valves, monitoring leads, generic "devices" and, as in CheXpert's list,
+  orthopaedic hardware (screws, plates, anchors, arthroplasties), cannulas and coils.
+  Surgical clips, sternotomy wires and stents are not (CheXpert does not list them, and the
+  IU annotators file them as surgical instruments and stents, not as medical devices).
 * Heart size "at the upper limits of normal" / "top normal" is normal; "borderline" is
   uncertain.
 * An enlarged cardiomediastinal silhouette is enlarged cardiomediastinum (positive) and
@@ -87,6 +89,10 @@ def _alt(*parts: str) -> str:
 _DEV = "support_devices"
 _OPA = "lung_opacity"
 _M = MentionRule
+# A mass or lesion named by a place outside the lung is no lung lesion.
+_NOT_IN_LUNG = "".join(f"(?<!{w} )" for w in (
+    "thyroid", "breast", "neck", "pleural", "pericardial", "cardiac", "mediastinal", "paratracheal",
+    "chest wall", "soft tissue", "axillary", "abdominal", "paraspinal"))
 
 # Order matters only where two phrases start at the same place: earlier rules win there.
 MENTION_RULES: tuple[MentionRule, ...] = (
@@ -118,7 +124,7 @@ MENTION_RULES: tuple[MentionRule, ...] = (
         r"(?:chest|pleural) drains?",
     )),
     _M(("pacemaker", _DEV), _alt(
-        r"pacemakers?|\bpacers?\b|\ba?icds?\b|defibrillators?",
+        r"pacemakers?|\bpacers?\b(?! pads?)|\ba?icds?\b|defibrillators?(?! pads?)",
         r"pacing (?:wires?|leads?|device)",
         r"(?:biventricular|dual[- ]chamber) (?:pacer|device)",
         r"cardiac (?:\w+ )?(?:generator|device)|\bgenerators?\b",
@@ -126,7 +132,7 @@ MENTION_RULES: tuple[MentionRule, ...] = (
     _M(("central_line", _DEV), _alt(
         r"central (?:venous )?(?:line|catheter)s?|\bcvc\b|\bpicc\b(?: line)?s?",
         r"peripherally inserted central (?:venous )?catheter",
-        r"port-?a-?cath|\b(?:medi|power)?port\b",
+        r"port-?a-?cath|\b(?:medi|power|infusa)?ports?\b|perma-?caths?|vas-?caths?",
         r"(?:internal jugular|\bij\b|subclavian|jugular|femoral|brachiocephalic)\b[\w -]{0,25}?"
         r"\b(?:line|catheter|port)s?\b",
         r"(?:venous|(?:hemo)?dialysis|swan[- ]ganz|pulmonary artery|(?:triple|dual|double)[- ]lumen"
@@ -147,6 +153,18 @@ MENTION_RULES: tuple[MentionRule, ...] = (
         # "... tip projects over the SVC": the tip of some tube or line
         r"\btip (?=(?:\w+ )?(?:project|overl|terminat|in |at |is |near |approximat|extend|lies"
         r"|lying|reach))",
+    )),
+    # More of CheXpert's support devices: orthopaedic hardware, cannulas, coils, and other
+    # devices named by type. "Plate-like atelectasis" and vertebral end plates are not plates.
+    _M((_DEV,), _alt(
+        r"\bhardware\b|arthroplast(?:y|ies)|\bscrews?\b|(?:bone|suture) anchors?",
+        r"(?<!end )(?<!growth )\bplates?\b(?![- ]?like)(?! (?:of )?(?:\w+ )?atelecta)",
+        r"(?:humeral|shoulder|hip|knee|joint) (?:head )?(?:prosthes[ie]s|replacements?)",
+        r"\bcannula(?:e|s)?\b|\becmo\b|\bcoils?\b|(?:ivc|vena cava|caval) filters?",
+        r"(?:intra-?aortic )?balloon pump|\biabp\b|loop recorders?",
+        r"(?:ventriculoperitoneal|ventriculoatrial|\bvp) shunt(?: tubing| catheter)?s?"
+        r"|shunt (?:tubing|catheter)s?",
+        r"(?:pacing|pacer|defibrillator|defib) pads?",
     )),
     # --- heart and mediastinum -----------------------------------------------------------------
     _M(("cardiomegaly",),
@@ -177,13 +195,13 @@ MENTION_RULES: tuple[MentionRule, ...] = (
     )),
     _M(("pneumonia",),
        r"(?:broncho)?pneumonias?|pneumonitis|infectio(?:n|us)(?: process)?|\bbronchiolitis\b"),
-    _M(("nodule", "lung_lesion", _OPA), r"nodular (?:opacit(?:y|ies)|infiltrates?)"),
+    _M(("nodule", "lung_lesion", _OPA), r"(?:fibro)?nodular (?:opacit(?:y|ies)|infiltrates?)"),
     _M(("nodule", "lung_lesion"), r"nodul(?:e|es|ar|arity)\b|micronodul\w+"),
-    _M(("mass", "lung_lesion"), r"(?<!thyroid )(?<!breast )(?<!neck )\bmass(?:es)?\b(?! effect)"),
+    _M(("mass", "lung_lesion"), _NOT_IN_LUNG + r"\bmass(?:es)?\b(?! effect)"),
     _M(("lung_lesion",), _alt(
         r"\btumou?rs?\b|neoplasms?|carcinoma|malignan(?:cy|cies|t)|metasta(?:sis|ses|tic)",
         r"(?<!lytic )(?<!sclerotic )(?<!blastic )(?<!bone )(?<!osseous )(?<!bony )(?<!skin )"
-        r"lesions?\b",
+        + _NOT_IN_LUNG + r"lesions?\b",
     )),
     _M((_OPA,), _alt(
         r"(?<!paratracheal )(?<!mediastinal )(?<!soft tissue )(?<!breast )(?<!nipple )"
@@ -232,7 +250,9 @@ ATTRIBUTE_RULES: tuple[AttributeRule, ...] = (
     ),
     AttributeRule(
         ("edema",),
-        r"(?:pulmonary |central )?vascula(?:rity|ture)|pulmonary vessels|vascular markings",
+        # "indistinct vascular margins": CheXpert's edema phrase "indistinctness"
+        _alt(r"(?:pulmonary |central )?vascula(?:rity|ture)|pulmonary vessels",
+             r"vascular (?:markings|margins|margination|outlines)"),
         abnormal=_alt(r"engorged|congest(?:ed|ion)|prominen(?:t|ce)|increased",
                       r"accentuat(?:ed|ion)|indistinct|cephaliz\w+"),
         normal=_alt(r"not (?:\w+ )?(?:engorged|congested|prominent|increased)",
@@ -259,7 +279,9 @@ HEDGE_PRE = _alt(
     r"(?:cannot|can ?not|can't|could not|couldn't|does not|not) (?:be )?"
     r"(?:entirely |completely |totally )?(?:exclude|excluded|rule out|ruled out)",
     r"difficult to (?:entirely )?exclude|not (?:entirely |completely )?excluded",
-    r"question of|rule out|\br/o\b|evaluate for|eval for|assess(?:ment)? for",
+    r"question of|rule out|\br/o\b|evaluat(?:e|ion) for|eval for|assess(?:ment)? for",
+    # what a test can show, not what this one shows: "CT is more sensitive for detecting nodules"
+    r"sensitive (?:in|for|at) (?:detecting|(?:the )?detection of)",
 )
 HEDGE_POST = _alt(
     r"(?:cannot|can ?not|can't|could not|not) (?:be )?(?:entirely |completely |totally "
@@ -359,7 +381,8 @@ SIZE_CUE = r"(?P<num>\d+(?:\.\d+)?)\s*(?P<unit>mm|cm)\b"
 # ---------------------------------------------------------------------------------------
 # Reference labels from the IU X-ray collection's MeSH problem lists (Demner-Fushman et
 # al., JAMIA 2016), for checking the labeler on real report language. Each MeSH entry is
-# "Term/qualifier/qualifier..."; a class is positive when one of its terms is present.
+# "Term/qualifier/qualifier..."; a class is positive when one of its terms is present (and
+# for lung lesion, when a round lung opacity is: see IU_ROUND_LESION_TERMS).
 
 IU_REFERENCE_TERMS: dict[str, tuple[str, ...]] = {
     "cardiomegaly": ("Cardiomegaly",),  # plus "Cardiac Shadow/enlarged", see iu_reference_labels
@@ -372,8 +395,11 @@ IU_REFERENCE_TERMS: dict[str, tuple[str, ...]] = {
     # out: the annotators use it for calcified granulomas, bones and soft tissue as well.
     "lung_opacity": ("Opacity", "Consolidation", "Infiltrate", "Airspace Disease", "Pneumonia",
                      "Pulmonary Atelectasis", "Pulmonary Edema"),
-    "lung_lesion": ("Nodule", "Mass"),
-    # Clips, sutures, stents and foreign bodies are not support devices.
+    # CheXpert's lung-lesion phrases include "cavitary lesion"; a round lung opacity counts too
+    # (see IU_ROUND_LESION_TERMS). Granulomas are not lesions unless called nodules.
+    "lung_lesion": ("Nodule", "Mass", "Cavitation"),
+    # Clips, sutures, stents and foreign bodies are not support devices (the annotators list
+    # sternotomy wires and clips as "Surgical Instruments", coronary stents as "Stents").
     "support_devices": ("Catheters, Indwelling", "Tube, Inserted", "Implanted Medical Device",
                         "Medical Device"),
 }
@@ -382,16 +408,29 @@ IU_NON_LUNG_QUALIFIERS = frozenset(
     {"ribs", "clavicle", "mediastinum", "heart", "pleura", "supracardiac", "paratracheal", "thorax",
      "spine", "breast", "abdomen", "shoulder", "thoracic vertebrae"}
 )
+# The annotators have no term for a nodular opacity: they write a lung "Opacity" or "Density"
+# with the shape qualifier "round". A nodule is a rounded opacity (Fleischner glossary) and
+# CheXpert's lung-lesion phrases include "nodular opacity / density", so such an entry is a
+# lung lesion -- unless the same report codes a round calcification or granuloma (one of
+# IU_GRANULOMA_TERMS qualified "round"): that is a calcified granuloma, which CheXpert leaves
+# out of lung lesion ("calcified nodule").
+IU_ROUND_LESION_TERMS = frozenset({"Opacity", "Density"})
+IU_GRANULOMA_TERMS = frozenset({"Calcinosis", "Granuloma", "Calcified Granuloma"})
 
 
 def iu_reference_labels(mesh: str) -> dict[str, int]:
     """0/1 reference labels for :data:`IU_REFERENCE_TERMS` from an IU ``MeSH`` cell."""
     out = {name: 0 for name in IU_REFERENCE_TERMS}
+    entries = []
     for entry in mesh.split(";"):
         parts = [p.strip() for p in entry.split("/")]
-        term, qualifiers = parts[0], set(parts[1:])
+        entries.append((parts[0], set(parts[1:])))
+    round_granuloma = any(t in IU_GRANULOMA_TERMS and "round" in q for t, q in entries)
+    for term, qualifiers in entries:
         if term == "Cardiac Shadow" and "enlarged" in qualifiers:
             out["cardiomegaly"] = 1
+        if term in IU_ROUND_LESION_TERMS and {"lung", "round"} <= qualifiers and not round_granuloma:
+            out["lung_lesion"] = 1
         for name, terms in IU_REFERENCE_TERMS.items():
             if term not in terms:
                 continue
