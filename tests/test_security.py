@@ -6,6 +6,7 @@ import pickle
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -67,3 +68,118 @@ def test_library_has_no_unsafe_deserialisation_or_shell():
     assert not found, "unsafe calls:\n" + "\n".join(found)
     # the one torch.load that is not weights_only goes through the restricted unpickler
     assert "pickle_module=_restricted_pickle" in (LIB / "vqgan" / "taming.py").read_text()
+
+
+# --- images: bombs, endless files and degenerate inputs are refused before they cost memory ---------------------
+
+
+def _png_header_only(path: Path, width: int, height: int, bit_depth: int, colour: int) -> Path:
+    """A PNG whose header claims ``width x height`` (a few dozen bytes: nothing is decoded before the check)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, colour, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("width,height,depth,colour", [(13000, 13000, 16, 0), (12000, 12000, 8, 6)])
+def test_png_over_the_pixel_limit_is_refused_from_its_header(tmp_path, width, height, depth, colour):
+    from llm_cxr.data.images import load_image, read_image_bytes
+    from llm_cxr.errors import ImageReadError
+
+    p = _png_header_only(tmp_path / "bomb.png", width, height, depth, colour)
+    with pytest.raises(ImageReadError, match=rf"bomb\.png: image is {width}x{height} .* over the limit"):
+        load_image(p)
+    with pytest.raises(ImageReadError, match="over the limit"):
+        read_image_bytes(p.read_bytes(), "upload.png")
+
+
+def test_dicom_over_the_pixel_limit_and_deflate_bombs_are_refused(tmp_path):
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+    from test_images import make_dicom
+
+    from llm_cxr.data.images import load_image, set_limits
+    from llm_cxr.errors import ImageReadError
+
+    p = make_dicom(tmp_path / "big.dcm", np.zeros((4, 4), np.uint16))
+    ds = __import__("pydicom").dcmread(p)
+    ds.Rows, ds.Columns = 20000, 20000  # the header claims 400 MP; the pixel data is 32 bytes
+    ds.save_as(p)
+    with pytest.raises(ImageReadError, match=r"big\.dcm: image is 20000x20000 .* over the limit"):
+        load_image(p)
+    # deflated: 3000 x 3000 zeros compress to a few kB; with a 1 MP limit the inflated size is refused
+    q = make_dicom(tmp_path / "deflated.dcm", np.zeros((3000, 3000), np.uint16))
+    ds = __import__("pydicom").dcmread(q)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(q, enforce_file_format=True)
+    assert q.stat().st_size < 200_000
+    set_limits(pixels=1_000_000)
+    try:
+        with pytest.raises(ImageReadError, match=r"deflated\.dcm: deflated DICOM inflates"):
+            load_image(q)
+    finally:
+        set_limits()
+    assert load_image(q).size == (3000, 3000)  # within the default limit it reads
+
+
+def test_devices_fifos_and_oversized_files_are_not_read(tmp_path):
+    import os
+
+    from llm_cxr.data.images import load_image, set_limits
+    from llm_cxr.errors import ImageReadError
+
+    (tmp_path / "zero.dcm").symlink_to("/dev/zero")
+    with pytest.raises(ImageReadError, match="not a regular file"):
+        load_image(tmp_path / "zero.dcm")
+    os.mkfifo(tmp_path / "pipe.png")
+    with pytest.raises(ImageReadError, match="not a regular file"):
+        load_image(tmp_path / "pipe.png")  # returns at once: a FIFO is never opened
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\0" * 3 * 2**20)
+    set_limits(file_bytes=2**20)
+    try:
+        with pytest.raises(ImageReadError, match=r"big\.png: file is 3 MB, over the limit of 1 MB"):
+            load_image(big)
+    finally:
+        set_limits()
+
+
+@pytest.mark.parametrize("size,why", [((1, 1), "too small"), ((5000, 10), "too small"), ((2000, 300), "strip")])
+def test_degenerate_images_are_refused(tmp_path, size, why):
+    from PIL import Image
+
+    from llm_cxr.data.images import load_image
+    from llm_cxr.errors import ImageReadError
+
+    Image.new("L", size, 128).save(tmp_path / "x.png")
+    with pytest.raises(ImageReadError, match=why):
+        load_image(tmp_path / "x.png")
+
+
+def test_mutated_dicom_headers_raise_only_image_errors(tmp_path):
+    import warnings
+
+    from test_images import make_dicom
+
+    from llm_cxr.data.images import read_image_bytes
+    from llm_cxr.errors import ImageReadError
+
+    good = make_dicom(tmp_path / "g.dcm", (np.arange(64 * 64).reshape(64, 64) % 4096).astype(np.uint16)).read_bytes()
+    rng = np.random.default_rng(0)
+    outcomes = {"read": 0, "refused": 0}
+    warnings.simplefilter("ignore")  # pydicom warns about every invalid value it meets
+    for _ in range(300):
+        b = bytearray(good)
+        for pos in rng.integers(128, 128 + 400, size=rng.integers(1, 6)):  # the header, past the preamble
+            b[pos] = rng.integers(0, 256)
+        try:
+            read_image_bytes(bytes(b), "m.dcm")
+            outcomes["read"] += 1
+        except ImageReadError:
+            outcomes["refused"] += 1
+    assert sum(outcomes.values()) == 300 and outcomes["refused"] > 0

@@ -16,13 +16,22 @@ is interpreted the same way everywhere:
 
 Every failure raises :class:`llm_cxr.errors.ImageReadError` naming the file and the
 problem; PIL and pydicom tracebacks never reach the user.
+
+Hostile files are refused before they cost memory: a file is read only if it is a regular file
+no larger than :func:`max_file_bytes`, and an image is decoded only if its header's pixel count
+(DICOM: Rows x Columns x frames, all of which it decodes) is within :func:`max_pixels`, checked before any pixel
+is decoded; a deflated DICOM is inflated only up to the bound that pixel count allows. Both limits
+are set by ``LLM_CXR_MAX_PIXELS`` / ``LLM_CXR_MAX_FILE_MB`` or :func:`set_limits`.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import os
+import stat
 import warnings
+import zlib
 from pathlib import Path
 from typing import BinaryIO
 
@@ -42,6 +51,64 @@ _PYLIBJPEG_HINT = (
 )
 
 
+# A 4300 x 3500 detector (the largest common CXR) is 15 MP; 36 MP leaves room for any radiograph while a
+# 16-bit image at the limit still decodes in well under 1 GB.
+_DEFAULT_MAX_PIXELS = 36_000_000
+_DEFAULT_MAX_FILE_MB = 256
+_limits: dict[str, int] = {}
+
+
+def max_pixels() -> int:
+    """Largest image (pixels, all frames and samples) decoded; ``LLM_CXR_MAX_PIXELS`` or :func:`set_limits`."""
+    return _limits.get("pixels") or int(os.environ.get("LLM_CXR_MAX_PIXELS", _DEFAULT_MAX_PIXELS))
+
+
+def max_file_bytes() -> int:
+    """Largest image file read; ``LLM_CXR_MAX_FILE_MB`` (megabytes) or :func:`set_limits`."""
+    return _limits.get("bytes") or int(float(os.environ.get("LLM_CXR_MAX_FILE_MB", _DEFAULT_MAX_FILE_MB)) * 2**20)
+
+
+def set_limits(pixels: int | None = None, file_bytes: int | None = None) -> None:
+    """Set the decoding limits for this process (None restores the default / environment value)."""
+    for key, value in (("pixels", pixels), ("bytes", file_bytes)):
+        if value is None:
+            _limits.pop(key, None)
+        elif value < 1:
+            raise ValueError(f"{key} limit must be >= 1, got {value}")
+        else:
+            _limits[key] = int(value)
+
+
+def _check_pixels(name: str, width: int, height: int, frames: int = 1) -> None:
+    n = width * height * max(1, frames)
+    if n > max_pixels():
+        what = f"{width}x{height}" + (f" x {frames} frames" if frames > 1 else "")
+        raise ImageReadError(f"{name}: image is {what} = {n:,} pixels, over the limit of {max_pixels():,} "
+                             f"(set LLM_CXR_MAX_PIXELS to decode larger images)")
+
+
+def _read_bounded(path: Path) -> bytes:
+    """The whole file, if it is a regular file within the size limit (no devices, FIFOs or endless files)."""
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise ImageReadError(f"{path}: cannot read the file ({e.strerror or e})") from e
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageReadError(f"{path}: not a regular file (a device, pipe or socket cannot be an image)")
+    limit = max_file_bytes()
+    if st.st_size > limit:
+        raise ImageReadError(f"{path}: file is {st.st_size / 2**20:.0f} MB, over the limit of {limit / 2**20:.0f} MB "
+                             f"(set LLM_CXR_MAX_FILE_MB to read larger files)")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)  # a file that grows while read still stops here
+    except OSError as e:  # permission denied, I/O error
+        raise ImageReadError(f"{path}: cannot read the file ({e.strerror or e})") from e
+    if len(data) > limit:
+        raise ImageReadError(f"{path}: file grew past the limit of {limit / 2**20:.0f} MB while being read")
+    return data
+
+
 # ---- public API --------------------------------------------------------------------------
 
 def load_image(path: str | Path, size: int | None = None) -> Image.Image:
@@ -56,16 +123,15 @@ def load_image(path: str | Path, size: int | None = None) -> Image.Image:
         raise ImageReadError(f"{path}: file does not exist")
     if path.is_dir():
         raise ImageReadError(f"{path}: is a folder, not an image file")
-    try:
-        with open(path, "rb") as f:
-            img = _decode(f, str(path), size)
-    except OSError as e:  # permission denied, I/O error
-        raise ImageReadError(f"{path}: cannot read the file ({e.strerror or e})") from e
+    img = _decode(io.BytesIO(_read_bounded(path)), str(path), size)
     return to_model_size(img, size) if size else img
 
 
 def read_image_bytes(data: bytes, name: str, size: int | None = None) -> Image.Image:
     """Decode an uploaded image (``name`` is its file name, used for DICOM detection and messages)."""
+    if len(data) > max_file_bytes():
+        raise ImageReadError(f"{name}: {len(data) / 2**20:.0f} MB, over the limit of "
+                             f"{max_file_bytes() / 2**20:.0f} MB")
     img = _decode(io.BytesIO(data), name, size)
     return to_model_size(img, size) if size else img
 
@@ -140,12 +206,32 @@ def _decode(f: BinaryIO, name: str, size: int | None = None) -> Image.Image:
         img = _decode_pil(f, name, size)
     if img.width == 0 or img.height == 0:
         raise ImageReadError(f"{name}: image has zero size ({img.width}x{img.height})")
+    _check_plausible(img, name)
     return img
+
+
+MIN_SIDE = 16  # smaller is no radiograph: a 1x1 image once got "small right-sided pneumothorax"
+MAX_ASPECT = 4.0  # radiographs are near square (0.7-1.4); the model sees a centre square crop
+
+
+def _check_plausible(img: Image.Image, name: str) -> None:
+    """Refuse what cannot be a chest X-ray (tiny, a strip); warn about one without contrast."""
+    w, h = img.size
+    if min(w, h) < MIN_SIDE:
+        raise ImageReadError(f"{name}: image is {w}x{h}, too small to be a radiograph (at least {MIN_SIDE} px a side)")
+    if max(w, h) / min(w, h) > MAX_ASPECT:
+        raise ImageReadError(f"{name}: image is {w}x{h}, a strip (aspect ratio over {MAX_ASPECT:g}), not a radiograph")
+    lo, hi = img.getextrema()
+    if hi - lo < 8:
+        log.warning("%s: almost no contrast (grey levels %d-%d): the output will mean little", name, lo, hi)
 
 
 def _decode_pil(f: BinaryIO, name: str, size: int | None) -> Image.Image:
     try:
         with Image.open(f) as img:
+            _check_pixels(name, img.width, img.height)  # from the header: nothing decoded yet
+            if getattr(img, "n_frames", 1) > 1:
+                log.warning("%s: %d frames (animated or multi-page); using the first", name, img.n_frames)
             if size and img.format == "JPEG":
                 # Let libjpeg decode at 1/2, 1/4 or 1/8 scale while both sides stay >= size:
                 # several times faster for a 3000-pixel radiograph going to 512.
@@ -167,9 +253,40 @@ def _decode_pil(f: BinaryIO, name: str, size: int | None) -> Image.Image:
 
 
 def _decode_dicom(f: BinaryIO, name: str) -> Image.Image:
+    _check_deflated(f, name)
     ds = _read_dicom_dataset(f, name)
-    arr = _dicom_pixels(ds, name)
-    return Image.fromarray(_dicom_to_uint8(arr, ds, name), mode="L")
+    try:
+        arr = _dicom_pixels(ds, name)
+        return Image.fromarray(_dicom_to_uint8(arr, ds, name), mode="L")
+    except ImageReadError:
+        raise
+    except Exception as e:  # a malformed header element surfaces here as any pydicom/numpy error
+        raise ImageReadError(f"{name}: malformed DICOM ({type(e).__name__}: {e})") from e
+
+
+_DEFLATED = "1.2.840.10008.1.2.1.99"
+
+
+def _check_deflated(f: BinaryIO, name: str) -> None:
+    """A deflated DICOM is inflated whole by pydicom: first make sure the inflated size is bounded.
+
+    The bound is what a 16-bit image at the pixel limit needs, plus room for the header."""
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    start = f.tell()
+    try:
+        read_preamble(f, True)
+        meta = _read_file_meta_info(f)
+        deflated = str(meta.get("TransferSyntaxUID", "")) == _DEFLATED
+    except Exception:  # noqa: BLE001 - no readable file meta: dcmread decides below, with its own errors
+        deflated = False
+    if deflated:
+        bound = 2 * max_pixels() + 2**20
+        got = len(zlib.decompressobj(-zlib.MAX_WBITS).decompress(f.read(), bound + 1))
+        if got > bound:
+            raise ImageReadError(f"{name}: deflated DICOM inflates to over {bound / 2**20:.0f} MB, more than an "
+                                 f"image within the pixel limit needs (set LLM_CXR_MAX_PIXELS to allow it)")
+    f.seek(start)
 
 
 def _read_dicom_dataset(f: BinaryIO, name: str):
@@ -205,12 +322,13 @@ def _check_decoder(ds, name: str) -> None:
 def _dicom_pixels(ds, name: str) -> np.ndarray:
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise ImageReadError(f"{name}: DICOM file has no pixel data (not an image object)")
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    _check_pixels(name, int(getattr(ds, "Columns", 0) or 0), int(getattr(ds, "Rows", 0) or 0), frames)
     _check_decoder(ds, name)
     try:
         arr = ds.pixel_array
     except Exception as e:  # pydicom raises many types for malformed pixel data
         raise ImageReadError(f"{name}: cannot decode the DICOM pixel data ({type(e).__name__}: {e})") from e
-    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
     if frames > 1:
         warnings.warn(f"{name}: DICOM has {frames} frames; using the first", stacklevel=4)
