@@ -49,7 +49,13 @@ def from_dict_strict(cls: type[T], d: dict[str, Any], what: str, source: str = "
     if unknown:
         raise ConfigError(f"{source}: unknown {what} keys {unknown}; known: {sorted(known)}")
     hints = typing.get_type_hints(cls)
-    return cls(**{k: _typed(v, hints.get(k), f"{what} key {k!r}", source) for k, v in d.items()})
+    typed = {k: _typed(v, hints.get(k), f"{what} key {k!r}", source) for k, v in d.items()}
+    try:
+        return cls(**typed)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:  # a check in the dataclass itself, on a value of the right shape
+        raise ConfigError(f"{source}: invalid {what} config: {e}") from e
 
 
 def _typed(value: Any, hint: Any, name: str, source: str) -> Any:
@@ -58,8 +64,15 @@ def _typed(value: Any, hint: Any, name: str, source: str) -> Any:
     YAML 1.1 (PyYAML) reads ``1e-4`` (no dot) as a string: a number field takes such a string as its number
     rather than failing deep inside training. Fields of other types are passed through unchecked."""
     origin = typing.get_origin(hint)
+    if origin in (list, tuple):  # list[int], tuple[int, ...]: a sequence whose items are checked one by one
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: {name} must be a list, got {value!r}")
+        item = next((a for a in typing.get_args(hint) if a is not Ellipsis), None)
+        return type(value)(_typed(v, item, f"{name}[{i}]", source) for i, v in enumerate(value))
+    if origin is dict and not isinstance(value, dict):
+        raise ConfigError(f"{source}: {name} must be a mapping, got {value!r}")
     if origin is not None and origin is not typing.Union and origin is not types.UnionType:
-        return value  # list[int], dict[...]: passed through
+        return value  # dict[...] and other generics: passed through
     args = typing.get_args(hint)
     optional = type(None) in args
     plain = [a for a in args if a is not type(None)] if args else [hint]
@@ -91,10 +104,17 @@ def read_yaml_config(path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"training config {path} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"training config {path} is not a file")
     try:
-        return yaml.safe_load(path.read_text()) or {}
+        doc = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from e
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: a config file is a mapping of keys to values, got a {type(doc).__name__}")
+    return doc
 
 
 def run_versions(*packages: str) -> dict[str, str]:

@@ -116,7 +116,8 @@ def load_train_config(spec: str, **overrides: Any) -> VQGANTrainConfig:
     path = Path(spec)
     if path.suffix in (".yaml", ".yml"):
         doc = read_yaml_config(path)
-        if "ddconfig" in str(doc.get("model", "")) or "params" in (doc.get("model") or {}):
+        model_doc = doc.get("model")
+        if "ddconfig" in str(model_doc or "") or (isinstance(model_doc, dict) and "params" in model_doc):
             doc = {"model": str(path)}  # a taming model YAML given directly
         model = doc.pop("model", "small")
         if isinstance(model, dict):
