@@ -30,3 +30,7 @@ class ConfigError(LLMCXRError):
 
 class NothingUsableError(LLMCXRError):
     """A batch job found no usable item at all."""
+
+
+class MetricUnavailable(LLMCXRError):
+    """A metric needs a package or data set that is not installed; the message says what to install."""

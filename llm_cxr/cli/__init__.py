@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"llm-cxr {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    parser.add_argument("--allow-unfinished", action="store_true",
+                        help="use a VQ-GAN or language-model run that stopped before its end (a warning, not an error)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -112,6 +114,7 @@ def _add_data_commands(sub) -> None:
     p.add_argument("--n", type=int, default=16, help="number of images (default 16)")
     p.set_defaults(func=_cmd_sheet)
 
+    from llm_cxr.cli.evaluate import add_evaluate_commands
     from llm_cxr.cli.explain import add_explain_command
     from llm_cxr.cli.gen import add_generation_commands
     from llm_cxr.cli.lm import add_lm_commands
@@ -119,6 +122,7 @@ def _add_data_commands(sub) -> None:
 
     add_lm_commands(sub)
     add_generation_commands(sub)
+    add_evaluate_commands(sub)
     add_serve_command(sub)
     add_explain_command(sub)
 
@@ -263,9 +267,13 @@ def _cmd_label(args: argparse.Namespace) -> int:
     from llm_cxr.data.labeler import label_report
 
     if args.file is not None:
-        if not args.file.exists():
-            raise LLMCXRError(f"{args.file} does not exist")
-        texts = [args.file.read_text()]
+        if not args.file.is_file():
+            raise LLMCXRError(f"{args.file} {'is not a file' if args.file.exists() else 'does not exist'}")
+        try:
+            texts = [args.file.read_bytes().decode("utf-8")]
+        except UnicodeDecodeError as e:
+            raise LLMCXRError(f"{args.file}: not UTF-8 text (byte {e.start}: {e.reason}); "
+                              f"convert it, e.g. iconv -f latin1 -t utf-8") from e
     elif args.text:
         texts = [" ".join(args.text)]
     else:
@@ -390,7 +398,7 @@ def _configure_logging(verbose: int, quiet: bool) -> None:
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
-_GLOBAL_FLAGS = ("-q", "--quiet", "-v", "-vv", "-vvv", "--verbose")
+_GLOBAL_FLAGS = ("-q", "--quiet", "-v", "-vv", "-vvv", "--verbose", "--allow-unfinished")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -406,6 +414,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = [a for a in argv if a in _GLOBAL_FLAGS] + [a for a in argv if a not in _GLOBAL_FLAGS]
     args = parser.parse_args(argv)
     _configure_logging(args.verbose, args.quiet)
+    if getattr(args, "allow_unfinished", False):
+        from llm_cxr.configs import ALLOW_UNFINISHED_ENV
+
+        os.environ[ALLOW_UNFINISHED_ENV] = "1"
     if args.quiet:
         try:
             import datasets
@@ -424,6 +436,39 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("llm-cxr: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a read-only folder, a full disk, a vanished file: say which and why, no traceback
+        print(f"llm-cxr: error: {_os_error_text(e)}", file=sys.stderr)
+        log.debug("OSError", exc_info=True)
+        return 2
+    except Exception as e:  # noqa: BLE001 - third-party formats (safetensors, arrow) raise their own types
+        why = _foreign_error_text(e)
+        if why is None:
+            raise
+        print(f"llm-cxr: error: {why}", file=sys.stderr)
+        return 2
+
+
+def _os_error_text(e: OSError) -> str:
+    import errno
+
+    where = " -> ".join(str(p) for p in (e.filename, e.filename2) if p)
+    hint = {errno.ENOSPC: "the disk is full: free space or choose another --out; finished work is kept",
+            errno.EROFS: "the file system is read-only: choose another --out",
+            errno.EACCES: "permission denied", errno.EDQUOT: "disk quota exceeded"}.get(e.errno)
+    text = hint or e.strerror or str(e)
+    return f"{where}: {text}" if where else f"{text} ({e})" if hint else str(e)
+
+
+def _foreign_error_text(e: Exception) -> str | None:
+    """A one-line message for the errors of file formats we read (a corrupt weights file, say), else None."""
+    kind = type(e).__name__
+    if kind == "SafetensorError":
+        return f"a weights file (.safetensors) is truncated or corrupt ({e}); re-copy it or retrain"
+    if kind in ("ArrowInvalid", "ArrowIOError"):
+        return f"a dataset file is truncated or corrupt ({kind}: {e}); rebuild the dataset"
+    if "No space left on device" in str(e) or "enforce fail at inline_container" in str(e):
+        return f"could not write a checkpoint: the disk is probably full ({str(e).splitlines()[0]})"
+    return None
 
 
 if __name__ == "__main__":

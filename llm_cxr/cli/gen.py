@@ -1,4 +1,4 @@
-"""``llm-cxr`` subcommands that use a trained model: ``generate report|image``, ``ask``, ``evaluate``."""
+"""``llm-cxr`` subcommands that use a trained model: ``generate report|image``, ``ask``."""
 
 from __future__ import annotations
 
@@ -92,17 +92,6 @@ def add_generation_commands(sub) -> None:
                                                    "answers without reading the image first (the LM alone)")
     _sampling_args(p, 0.0, 1.0)
     p.set_defaults(func=_cmd_ask)
-
-    p = sub.add_parser("evaluate", help="clinical quality of a model: reports, images and VQA on a held-out split")
-    _model_args(p)
-    p.add_argument("--data", required=True, type=Path, help="dataset with codes and ground-truth findings")
-    p.add_argument("--split", default="test", help="split to evaluate (default test)")
-    p.add_argument("--classifier", type=Path, help="finding classifier run that judges generated images "
-                                                    "(omit to skip report -> image)")
-    p.add_argument("--n", type=int, default=200, help="studies per direction (default 200)")
-    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance for images (default 1)")
-    p.add_argument("--out", type=Path, help="write the results JSON here (and sample images next to it)")
-    p.set_defaults(func=_cmd_evaluate)
 
 
 def _load(args):
@@ -253,15 +242,4 @@ def _cmd_ask(args) -> int:
     rows = [{"image": f, "question": q, "answer": answers[i * n + j]} | ({"findings": findings[i]} if findings else {})
             for i, f in enumerate(files) for j, q in enumerate(args.question)]
     _write_rows(rows, args.out)
-    return 0
-
-
-def _cmd_evaluate(args) -> int:
-    from llm_cxr.evaluation.lm_eval import evaluate_all
-
-    model = _load(args)
-    res = evaluate_all(model, args.data, args.split, str(args.classifier) if args.classifier else None, n=args.n,
-                       guidance=args.guidance, batch_size=args.batch_size, seed=args.seed,
-                       progress=not args.quiet, out=args.out)
-    print(json.dumps(res["summary"], indent=2))
     return 0

@@ -183,7 +183,7 @@ def evaluate_images(model: LLMCXR, ds, classifier_dir: str, cfg: EvalConfig) -> 
     r = clf.config.resolution  # the classifier's own input size, as it was trained
     x = _judge_input(images, r)
     proba = predict_proba(clf, x).numpy()
-    pred = (proba >= thr).astype(np.int64)
+    pred = (proba >= np.asarray(thr)).astype(np.int64)
     # realism: against the reconstructions of the same studies' true codes (what the LM was taught to draw); the
     # floor is the distance of as many other studies' reconstructions from them (same n, so the same bias)
     ref = _embed(clf, _reconstructions(model, sub, r))
