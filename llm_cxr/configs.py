@@ -137,3 +137,35 @@ def run_versions(*packages: str) -> dict[str, str]:
     except (OSError, subprocess.SubprocessError):
         pass
     return v
+
+
+ALLOW_UNFINISHED_ENV = "LLM_CXR_ALLOW_UNFINISHED"
+
+
+def check_finished(folder, what: str) -> None:
+    """Refuse a training run that stopped before its end (it has ``checkpoints/`` but no ``DONE``).
+
+    A killed run's weights are those of its last save: usable, but not what its config promised, so using them
+    takes an explicit ``--allow-unfinished`` (``LLM_CXR_ALLOW_UNFINISHED=1``), which only warns."""
+    import json
+    import logging
+    import os
+    from pathlib import Path
+
+    folder = Path(folder)
+    run = folder.parent if folder.name == "model" else folder
+    if not (run / "checkpoints").is_dir() or (run / "DONE").exists():
+        return
+    at = ""
+    try:
+        saved = json.loads((run / "config.json").read_text())
+        steps = (saved.get("train") or saved.get("loop") or saved).get("steps")
+        at = f" of {steps} steps" if steps else ""
+    except (OSError, ValueError, AttributeError):
+        pass
+    msg = (f"{run} is an unfinished {what} training run (no DONE marker: it stopped before the end{at}); rerun its "
+           f"training command with the same --out to finish it, or pass --allow-unfinished to use it as it is")
+    if os.environ.get(ALLOW_UNFINISHED_ENV) == "1":
+        logging.getLogger(__name__).warning(msg)
+        return
+    raise ConfigError(msg)

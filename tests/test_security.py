@@ -183,3 +183,70 @@ def test_mutated_dicom_headers_raise_only_image_errors(tmp_path):
         except ImageReadError:
             outcomes["refused"] += 1
     assert sum(outcomes.values()) == 300 and outcomes["refused"] > 0
+
+
+# --- the CLI turns file-system and format errors into one line ----------------------------------------------------
+
+
+def test_cli_reports_os_and_format_errors_in_one_line(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    import llm_cxr.cli as cli
+
+    (tmp_path / "a_file").write_text("x")
+    refs = tmp_path / "r.jsonl"
+    refs.write_text('{"id": 1, "report": "Clear lungs."}\n')
+    # --out below a file: the folder cannot be made
+    rc = cli.main(["evaluate", "--predictions", str(refs), "--references", str(refs), "--no-meteor",
+                   "--out", str(tmp_path / "a_file" / "res")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "a_file" in err and "Traceback" not in err
+
+    def full_disk(args):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "ckpt.tmp"))
+
+    def truncated(args):
+        path = tmp_path / "w.safetensors"
+        safetensors.torch.save_file({"w": torch.zeros(100)}, path)
+        path.write_bytes(path.read_bytes()[:60])
+        safetensors.torch.load_file(path)
+
+    parser = cli.build_parser()
+    for fn, expect in ((full_disk, "ckpt.tmp: the disk is full"), (truncated, "truncated or corrupt")):
+        monkeypatch.setattr(cli, "build_parser", lambda: parser)
+        monkeypatch.setattr(parser, "parse_args", lambda argv, fn=fn: __import__("argparse").Namespace(
+            func=fn, verbose=0, quiet=True))
+        assert cli.main([]) == 2
+        err = capsys.readouterr().err
+        assert expect in err and "Traceback" not in err
+
+
+# --- unfinished or mismatched models are refused ------------------------------------------------------------------
+
+
+def test_unfinished_vqgan_run_is_refused_unless_allowed(tmp_path, monkeypatch, capsys):
+    from llm_cxr.cli import main
+    from llm_cxr.configs import ALLOW_UNFINISHED_ENV
+    from llm_cxr.errors import ConfigError
+    from llm_cxr.vqgan.config import preset
+    from llm_cxr.vqgan.model import VQGAN
+
+    run = tmp_path / "run"
+    VQGAN(preset("tiny")).save_pretrained(run / "model")
+    (run / "checkpoints").mkdir()
+    (run / "config.json").write_text('{"train": {"steps": 400}}')
+    monkeypatch.delenv(ALLOW_UNFINISHED_ENV, raising=False)
+    for path in (run, run / "model"):
+        with pytest.raises(ConfigError, match=r"unfinished VQ-GAN training run .* of 400 steps.*--allow-unfinished"):
+            VQGAN.from_pretrained(path)
+    monkeypatch.setenv(ALLOW_UNFINISHED_ENV, "1")
+    assert VQGAN.from_pretrained(run) is not None
+    monkeypatch.delenv(ALLOW_UNFINISHED_ENV)
+    (run / "DONE").write_text("{}")
+    assert VQGAN.from_pretrained(run) is not None
+    (run / "DONE").unlink()
+    (tmp_path / "x.png").write_bytes(b"")
+    assert main(["vqgan", "reconstruct", "--model", str(run), str(tmp_path / "x.png"), "--out", str(tmp_path)]) == 2
+    assert "unfinished" in capsys.readouterr().err

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
-from llm_cxr.configs import from_dict_strict
+from llm_cxr.configs import check_finished, from_dict_strict
 from llm_cxr.errors import ConfigError
 from llm_cxr.lm.addons import ORDER, AddOn, addon_file, load_addon, record, save_addon
 from llm_cxr.lm.addons.head import LEGACY_HEAD_FILE, load_head
@@ -228,6 +228,7 @@ def load_run(run: str | Path, dtype: torch.dtype | None = None, merge: bool = Fa
     ``trainable=True`` keeps the adapter trainable (a next stage continues it).
     """
     folder = model_dir(run)
+    check_finished(folder, "language-model")
     info = RunInfo.load(folder)
     token_map = ImageTokenMap.load(folder)
     tok = ensure_pad_token(load_tokenizer(str(folder)))

@@ -152,9 +152,12 @@ class VQGAN(nn.Module):
         """Load a model folder (config.json + model.safetensors), or a training run's folder."""
         from safetensors.torch import load_file
 
+        from llm_cxr.configs import check_finished
+
         path = Path(path)
         if (path / "model" / CONFIG_FILE).exists():  # a training run: RUN/model/
             path = path / "model"
+        check_finished(path, "VQ-GAN")
         for f in (CONFIG_FILE, WEIGHTS_FILE):
             if not (path / f).exists():
                 raise ConfigError(f"{path} is not a VQ-GAN model folder: {f} is missing "
