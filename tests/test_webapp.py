@@ -251,3 +251,53 @@ def test_cli_report_skips_unreadable_files_and_fails_only_when_none_is_usable(tm
     assert "none of the 1 image(s) could be read" in capsys.readouterr().err
     assert main(base + [str(tmp_path / "typo.png")]) == 3  # refused before the model loads
     assert "missing, or not a file" in capsys.readouterr().err
+
+
+def test_uploads_are_deleted_and_the_log_keeps_no_patient_data(tmp_path, caplog):
+    import logging
+
+    from llm_cxr.webapp import RateLimit, _guarded
+
+    folder = tmp_path / "upload-hash"
+    folder.mkdir()
+    bad = folder / "SMITH_JANE_MRN999.png"
+    bad.write_text("not an image")
+
+    def handler(path):
+        from llm_cxr.webapp import read_upload
+
+        read_upload(path, 16, 2**20, delete=True)
+        raise RuntimeError(f"fault while reading {path}")  # not reached: the upload is refused first
+
+    run = _guarded(handler, 1)
+    with caplog.at_level(logging.DEBUG, logger="llm_cxr"):
+        out = run(str(bad))
+        assert "SMITH_JANE_MRN999.png" in out[-1]  # the user is told which file
+        assert not bad.exists() and not folder.exists()  # and the upload is gone
+        good = tmp_path / "DOE_JOHN.png"
+        Image.new("L", (32, 32), 90).save(good)
+        out = _guarded(handler, 1)(str(good))  # a server fault: logged by kind and place only
+        assert out[-1].startswith("⚠") and not good.exists()
+    assert "RuntimeError" in caplog.text
+    assert "SMITH" not in caplog.text and "DOE_JOHN" not in caplog.text and "MRN" not in caplog.text
+
+    clock = [0.0]
+    limit = RateLimit(2, clock=lambda: clock[0])
+    limited = _guarded(lambda: ("ok",), 1, limit)
+    assert [limited()[-1] for _ in range(3)] == ["", "", limited()[-1]]
+    assert "too many requests" in limited()[-1]
+    clock[0] = 61.0
+    assert limited()[-1] == ""  # a minute later the client may ask again
+
+
+def test_uploads_go_to_a_private_folder(monkeypatch):
+    import stat
+
+    from llm_cxr.webapp import _private_upload_dir
+
+    monkeypatch.delenv("GRADIO_TEMP_DIR", raising=False)
+    folder = _private_upload_dir()
+    assert os.environ["GRADIO_TEMP_DIR"] == str(folder)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700 and "gradio" not in str(folder)
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(folder / "given"))
+    assert _private_upload_dir() == folder / "given"  # a folder the user chose is used as it is

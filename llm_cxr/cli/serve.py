@@ -18,8 +18,10 @@ def add_serve_command(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument("--max-upload-mb", type=float, default=10, help="largest accepted upload in MB (default 10)")
-    p.add_argument("--max-queue", type=int, default=16,
-                   help="requests that may wait while one runs; more are refused with a message (default 16)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests that may wait while one runs; more are refused with a message (default 64)")
+    p.add_argument("--rate-per-minute", type=int, default=30,
+                   help="requests one client may send a minute; more get a message to wait (default 30; 0: no limit)")
     from llm_cxr.explain import METHODS
 
     p.add_argument("--explain", default="m2ib", choices=[*sorted(METHODS), "none"],
@@ -33,6 +35,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     app = serve(args.model, host=args.host, port=args.port, vqgan=args.vqgan, device=args.device,
                 max_upload_mb=args.max_upload_mb, max_queue=args.max_queue, block=False,
+                rate_per_minute=args.rate_per_minute,
                 explain=None if args.explain == "none" else args.explain)
     print(f"serving {args.model} at http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
     try:
