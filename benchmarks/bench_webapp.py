@@ -37,8 +37,10 @@ def _free_port() -> int:
 
 
 def _start_server(args, port: int) -> subprocess.Popen:
+    # every client of this benchmark is 127.0.0.1, one "client" to the per-client rate limit: it is turned off
     cmd = [sys.executable, "-m", "llm_cxr", "-q", "serve", "--model", str(args.model), "--port", str(port),
-           "--device", args.device, "--max-queue", str(max(64, 2 * max(args.clients)))]
+           "--device", args.device, "--max-queue", str(max(64, 2 * max(args.clients))), "--rate-per-minute", "0",
+           "--explain", args.explain]
     if args.vqgan:
         cmd += ["--vqgan", str(args.vqgan)]
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
@@ -58,23 +60,60 @@ def _wait_until_up(proc: subprocess.Popen, port: int, timeout: float) -> None:
     raise SystemExit(f"the server did not start within {timeout:.0f} s")
 
 
-def _test_image(folder: Path, size: int = 512) -> Path:
-    """A chest-X-ray-sized grey PNG (the app resizes it as in training)."""
+def _peak_mb(pid: int) -> float | None:
+    """The server process's peak resident memory so far (Linux), in MB."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def _test_image(folder: Path, size: int = 512, variant: int = 0) -> Path:
+    """A chest-X-ray-sized grey PNG (the app resizes it as in training). Each ``variant`` differs in one pixel, so
+    that every request uploads a file of its own, as real users do: Gradio stores identical uploads at one path,
+    and the app deletes an upload once it has read it."""
     from PIL import Image
 
     yy, xx = np.mgrid[:size, :size] / size
     lungs = np.exp(-(((xx - 0.3) / 0.15) ** 2 + ((yy - 0.5) / 0.3) ** 2)) + \
         np.exp(-(((xx - 0.7) / 0.15) ** 2 + ((yy - 0.5) / 0.3) ** 2))
-    path = folder / "bench.png"
-    Image.fromarray((255 * (1 - 0.7 * lungs)).astype(np.uint8)).save(path)
+    pixels = (255 * (1 - 0.7 * lungs)).astype(np.uint8)
+    pixels.flat[variant % pixels.size] ^= 1 + variant // pixels.size % 255
+    path = folder / f"bench_{variant}.png"
+    Image.fromarray(pixels).save(path)
     return path
 
 
-def _client_loop(url: str, image: Path, n: int, deadline: float, lat: list, errors: list) -> None:
+def _bomb(folder: Path) -> Path:
+    """A 200-byte PNG whose header claims 13000 x 13000 16-bit pixels (decoded, 2.7 GB)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path = folder / "bomb.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 13000, 13000, 16, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 4096)) + chunk(b"IEND", b""))
+    return path
+
+
+def _client_loop(url: str, images: list[Path], n: int, deadline: float, lat: list, errors: list,
+                 bomb: Path | None = None, refused: list | None = None) -> None:
     from gradio_client import Client, handle_file
 
     client = Client(url, verbose=False, analytics_enabled=False, download_files=False)
-    for _ in range(n):
+    if bomb is not None:  # one hostile upload first: it must come back as a message, and cost no memory
+        try:
+            _s, report, _g, status = client.predict(handle_file(str(bomb)), api_name="/report")
+            (refused if status.startswith("⚠") and not report else errors).append(status or "bomb accepted")
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"bomb: {type(e).__name__}: {e}")
+    for i in range(n):
+        image = images[i % len(images)]
         if time.time() > deadline:
             errors.append("deadline")
             return
@@ -90,12 +129,17 @@ def _client_loop(url: str, image: Path, n: int, deadline: float, lat: list, erro
             lat.append(time.perf_counter() - t0)
 
 
-def run_load(url: str, image: Path, clients: int, requests: int, timeout: float) -> dict:
+def run_load(url: str, folder: Path, clients: int, requests: int, timeout: float, bomb: Path | None = None,
+             bombers: int = 0) -> dict:
     lat: list[float] = []
     errors: list[str] = []
+    refused: list[str] = []
     deadline = time.time() + timeout
-    threads = [threading.Thread(target=_client_loop, args=(url, image, requests, deadline, lat, errors))
-               for _ in range(clients)]
+    start = int(time.time() * 1000) % 100_000  # new files at each level too
+    images = [[_test_image(folder, variant=start + c * requests + r) for r in range(requests)] for c in range(clients)]
+    threads = [threading.Thread(target=_client_loop, args=(url, images[i], requests, deadline, lat, errors,
+                                                           bomb if i < bombers else None, refused))
+               for i in range(clients)]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
@@ -104,6 +148,7 @@ def run_load(url: str, image: Path, clients: int, requests: int, timeout: float)
     wall = time.perf_counter() - t0
     q = np.percentile(lat, [50, 90, 99]) if lat else [float("nan")] * 3
     return {"clients": clients, "requests": clients * requests, "ok": len(lat), "errors": len(errors),
+            "bombs_sent": min(bombers, clients), "bombs_refused": len(refused),
             "p50_s": float(q[0]), "p90_s": float(q[1]), "p99_s": float(q[2]),
             "throughput_rps": len(lat) / wall, "wall_s": wall, "first_error": errors[0] if errors else None}
 
@@ -116,6 +161,8 @@ def main() -> int:
     ap.add_argument("--clients", default="1,8", help="comma-separated concurrent client counts (default 1,8)")
     ap.add_argument("--requests", type=int, default=8, help="report requests per client (default 8)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per load level before giving up (default 900)")
+    ap.add_argument("--bombers", type=int, default=2, help="clients that first upload a decompression bomb (default 2)")
+    ap.add_argument("--explain", default="m2ib", help="the server's --explain (default m2ib, as served; none: off)")
     ap.add_argument("--no-save", action="store_true", help="print the table only; write no results (smoke tests)")
     args = ap.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
@@ -128,9 +175,12 @@ def main() -> int:
     try:
         _wait_until_up(proc, port, timeout=600)
         with tempfile.TemporaryDirectory() as tmp:
-            image = _test_image(Path(tmp))
-            run_load(url, image, 1, 1, args.timeout)  # warm-up: first call pays for lazy initialisation
-            rows = [run_load(url, image, c, args.requests, args.timeout) for c in args.clients]
+            run_load(url, Path(tmp), 1, 1, args.timeout)  # warm-up: first call pays for lazy initialisation
+            bomb = _bomb(Path(tmp))
+            rows = []
+            for c in args.clients:
+                rows.append(run_load(url, Path(tmp), c, args.requests, args.timeout, bomb, args.bombers))
+                rows[-1]["server_peak_mb"] = _peak_mb(proc.pid)
     finally:
         proc.terminate()
         try:
@@ -138,8 +188,10 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
     table = [{k: v for k, v in r.items() if k not in ("first_error", "wall_s")} for r in rows]
-    notes = (f"Model `{args.model}` on {args.device}; X-ray -> report (greedy, up to 160 tokens) through the "
-             "Gradio API over loopback, upload included; one model call at a time, the rest queued.")
+    notes = (f"Model `{args.model}` on {args.device}, explanations `{args.explain}`; X-ray -> report (greedy, up to "
+             "160 tokens) through the Gradio API over loopback, upload included; one model call at a time, the rest "
+             f"queued. {args.bombers} clients per level first upload a 200-byte PNG claiming 13000x13000 16-bit pixels "
+             "(bombs_refused: answered with a message); server_peak_mb: the server's peak resident memory so far.")
     if args.no_save:
         from common import md_table
 
