@@ -250,3 +250,32 @@ def test_unfinished_vqgan_run_is_refused_unless_allowed(tmp_path, monkeypatch, c
     (tmp_path / "x.png").write_bytes(b"")
     assert main(["vqgan", "reconstruct", "--model", str(run), str(tmp_path / "x.png"), "--out", str(tmp_path)]) == 2
     assert "unfinished" in capsys.readouterr().err
+
+
+# --- outputs: distinct, whole, and never in an input folder --------------------------------------------------------
+
+
+def test_reconstruct_output_names_never_collide():
+    from llm_cxr.vqgan.reconstruct import output_names
+
+    files = [Path("good.png"), Path("good.jpg"), Path("x/a.png"), Path("y/a.png"), Path("solo.dcm")]
+    names = output_names(files)
+    assert len(set(names.values())) == len(files)
+    assert names["solo.dcm"] == "solo" and names["good.jpg"] == "good_jpg"
+
+
+def test_split_loading_and_encoding_write_nothing_into_the_input_dataset(tmp_path):
+    from llm_cxr.data.dataset import load_dataset
+    from llm_cxr.data.synth import SynthConfig, generate_dataset
+    from llm_cxr.vqgan.config import preset
+    from llm_cxr.vqgan.encode import encode_dataset
+    from llm_cxr.vqgan.model import VQGAN
+
+    data = tmp_path / "data"
+    generate_dataset(12, data, SynthConfig(size=64), seed=0, progress=False)
+    before = sorted(p.name for p in data.iterdir())
+    load_dataset(data, split="train")
+    VQGAN(preset("tiny")).save_pretrained(tmp_path / "vq")
+    encode_dataset(tmp_path / "vq", data, tmp_path / "codes", progress=False, resize="silent")
+    assert sorted(p.name for p in data.iterdir()) == before
+    assert not (tmp_path / ".codes.tmp").exists() and len(load_dataset(tmp_path / "codes")) == 12

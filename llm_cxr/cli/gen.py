@@ -34,13 +34,18 @@ def _write_rows(rows: list[dict], out: Path | None) -> None:
             print(json.dumps(r))
         return
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".csv":
-        with open(out, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["id"])
-            w.writeheader()
-            w.writerows(rows)
-    else:
-        out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp = out.with_name(f".{out.name}.tmp")  # written whole, then renamed: a full disk never leaves half a file
+    try:
+        if out.suffix == ".csv":
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["id"])
+                w.writeheader()
+                w.writerows(rows)
+        else:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
     print(f"wrote {len(rows)} rows to {out}", file=sys.stderr)
 
 

@@ -149,7 +149,8 @@ def load_dataset(path: str | Path, split: str | None = None):
     if missing:
         raise DatasetError(f"dataset {path} lacks columns {missing}; found {ds.column_names}")
     if split is not None:
-        ds = ds.filter(lambda s: s == split, input_columns="split")
+        # in memory: an index list, not a cache file written into the dataset's folder (which may be read-only)
+        ds = ds.filter(lambda s: s == split, input_columns="split", keep_in_memory=True)
         if len(ds) == 0:
             raise DatasetError(f"dataset {path} has no rows in split {split!r}")
     return ds

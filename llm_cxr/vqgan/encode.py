@@ -80,10 +80,13 @@ def encode_dataset(model_path: str | Path, data: str | Path, out: str | Path, ba
     features = shard.features.copy()
     features["codes"] = datasets.List(datasets.Value("int16"), length=model.config.num_codes_per_image)
     fp = hashlib.sha256(f"{shard._fingerprint}:{info['weights']}:{resize}:{autocast}".encode()).hexdigest()[:16]
+    tmp = out.parent / f".{out.name}.tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    # the map's cache (and the temporary files a kill would leave) go beside the output, never into the input
+    # dataset's folder; a rerun after a kill finds a finished cache there and reuses it
     encoded = shard.map(_encode_fn(model, resize, autocast), batched=True, batch_size=batch_size,
                         features=features, new_fingerprint=fp, desc=f"encoding (rank {rank})",
-                        disable_nullable=True)
-    tmp = out.parent / f".{out.name}.tmp"
+                        disable_nullable=True, cache_file_name=str(tmp / f"cache-{fp}-rank{rank}.arrow"))
     if n_proc > 1:
         encoded.save_to_disk(str(tmp / f"rank{rank}"))
     accelerator.wait_for_everyone()

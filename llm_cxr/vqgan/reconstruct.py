@@ -25,6 +25,7 @@ def reconstruct_files(model_path: str | Path, files: Sequence[str | Path], out: 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows, bad = [], []
+    names = output_names([Path(f) for f in files])
     for f in tqdm(list(files), desc="reconstructing", disable=not progress):
         f = Path(f)
         try:
@@ -35,10 +36,31 @@ def reconstruct_files(model_path: str | Path, files: Sequence[str | Path], out: 
             continue
         x = model.to_tensor([img], resize="silent")
         rec = model.decode(model.encode(x))
-        model.to_pil(rec)[0].save(out / f"{f.stem}_recon.png")
-        img.save(out / f"{f.stem}_input.png")
-        rows.append({"file": str(f), "psnr": float(psnr(x, rec)[0]), "ssim": float(ssim(x, rec)[0])})
+        name = names[str(f)]
+        model.to_pil(rec)[0].save(out / f"{name}_recon.png")
+        img.save(out / f"{name}_input.png")
+        rows.append({"file": str(f), "output": f"{name}_recon.png", "psnr": float(psnr(x, rec)[0]),
+                     "ssim": float(ssim(x, rec)[0])})
     mean = sum(r_["psnr"] for r_ in rows) / len(rows) if rows else None
     result = {"n_ok": len(rows), "n_bad": len(bad), "mean_psnr": mean, "images": rows, "bad_items": bad}
-    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(out / "results.json")
     return result
+
+
+def output_names(files: Sequence[Path]) -> dict[str, str]:
+    """A distinct output stem per input: the file's stem, with its extension (``a_jpg``) and then a number added
+    where two inputs would share one (``a.png`` and ``a.jpg``; ``x/a.png`` and ``y/a.png``)."""
+    stems: dict[str, int] = {}
+    for f in files:
+        stems[f.stem] = stems.get(f.stem, 0) + 1
+    names, used = {}, set()
+    for f in files:
+        base = f.stem if stems[f.stem] == 1 else f"{f.stem}_{f.suffix.lstrip('.').lower() or 'file'}"
+        name, k = base, 2
+        while name in used:
+            name, k = f"{base}_{k}", k + 1
+        used.add(name)
+        names[str(f)] = name
+    return names
