@@ -279,3 +279,18 @@ def test_split_loading_and_encoding_write_nothing_into_the_input_dataset(tmp_pat
     encode_dataset(tmp_path / "vq", data, tmp_path / "codes", progress=False, resize="silent")
     assert sorted(p.name for p in data.iterdir()) == before
     assert not (tmp_path / ".codes.tmp").exists() and len(load_dataset(tmp_path / "codes")) == 12
+
+
+def test_a_vqgan_with_other_weights_is_refused_by_name(tmp_path):
+    from test_webapp import MICRO, make_tiny_run
+
+    from llm_cxr.errors import ConfigError
+    from llm_cxr.lm.generation import LLMCXR
+    from llm_cxr.vqgan import VQGAN, VQGANConfig
+
+    run = make_tiny_run(tmp_path)
+    assert LLMCXR.from_pretrained(run, vqgan=tmp_path / "vqgan").vqgan is not None  # its own VQ-GAN
+    torch.manual_seed(1)
+    VQGAN(VQGANConfig.from_dict(MICRO)).save_pretrained(tmp_path / "other")  # same config, other weights
+    with pytest.raises(ConfigError, match=r"weights: trained on the codes of VQ-GAN weights \w+, .* has weights \w+"):
+        LLMCXR.from_pretrained(run, vqgan=tmp_path / "other")

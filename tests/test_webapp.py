@@ -53,7 +53,9 @@ def make_tiny_run(root: Path) -> Path:
         max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=tok.eos_token_id,
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
     c = vq.config
-    token_map = add_image_tokens(tok, model, c.n_embed, c.grid_size, c.fingerprint())
+    from llm_cxr.vqgan.encode import weights_hash
+
+    token_map = add_image_tokens(tok, model, c.n_embed, c.grid_size, c.fingerprint(), weights_hash(vq))
     # a few steps on image -> report prompts (random codes), so that the page shows words rather than noise
     from llm_cxr.lm.prompts import get_template, report_prompt
     from llm_cxr.lm.sequence import encode_prompt

@@ -128,7 +128,10 @@ class LLMCXR:
         self.finding_head = head.to(self.device) if head is not None else None
         if vqgan is not None:
             c = vqgan.config
-            self.map.check_vqgan(c.n_embed, c.grid_size, c.fingerprint(), source="the VQ-GAN given")
+            from llm_cxr.vqgan.encode import weights_hash
+
+            self.map.check_vqgan(c.n_embed, c.grid_size, c.fingerprint(), source="the VQ-GAN given",
+                                 weights=weights_hash(vqgan) if self.map.vqgan_weights else None)
         # bf16 autocast where the hardware runs it well (CUDA, and CPUs with AVX-512 BF16 / AMX), unless the
         # weights already are in a low precision
         low = dtype is not None and dtype != torch.float32

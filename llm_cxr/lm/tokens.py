@@ -40,6 +40,9 @@ class ImageTokenMap:
     grid_size: int  # the VQ-GAN's code grid side (grid_size**2 tokens per image)
     vqgan_fingerprint: str
     vocab_size: int  # the tokenizer's length after extension
+    # hash of the VQ-GAN's weights whose codes the model was trained on (None: a run saved before it was recorded);
+    # the config fingerprint alone cannot tell two trainings of one architecture apart
+    vqgan_weights: str | None = None
 
     @property
     def tokens_per_image(self) -> int:
@@ -84,8 +87,10 @@ class ImageTokenMap:
         except (TypeError, json.JSONDecodeError) as e:
             raise ConfigError(f"{path} is not a valid image-token map: {e}") from e
 
-    def check_vqgan(self, n_embed: int, grid_size: int, fingerprint: str, source: str = "the VQ-GAN") -> None:
-        """Refuse a VQ-GAN whose codes would mean something else to this model."""
+    def check_vqgan(self, n_embed: int, grid_size: int, fingerprint: str, source: str = "the VQ-GAN",
+                    weights: str | None = None) -> None:
+        """Refuse a VQ-GAN whose codes would mean something else to this model (``weights``: its weights hash, checked
+        when both sides know theirs)."""
         problems = []
         if n_embed != self.n_codes:
             problems.append(f"codebook size: the model was trained with {self.n_codes}, {source} has {n_embed}")
@@ -94,11 +99,15 @@ class ImageTokenMap:
                             f"{source} gives {grid_size}x{grid_size}")
         if fingerprint != self.vqgan_fingerprint:
             problems.append(f"config fingerprint: trained with {self.vqgan_fingerprint}, {source} is {fingerprint}")
+        elif weights and self.vqgan_weights and weights != self.vqgan_weights:
+            problems.append(f"weights: trained on the codes of VQ-GAN weights {self.vqgan_weights}, {source} has "
+                            f"weights {weights} (the same architecture, trained apart: its codes mean other things)")
         if problems:
             raise ConfigError("the language model and the VQ-GAN do not match: " + "; ".join(problems))
 
 
-def add_image_tokens(tokenizer, model, n_codes: int, grid_size: int, vqgan_fingerprint: str) -> ImageTokenMap:
+def add_image_tokens(tokenizer, model, n_codes: int, grid_size: int, vqgan_fingerprint: str,
+                     vqgan_weights: str | None = None) -> ImageTokenMap:
     """Extend ``tokenizer`` (and ``model``, if given) with image and boundary tokens.
 
     Idempotent: a tokenizer that already has exactly these tokens is left alone. New embedding
@@ -122,7 +131,7 @@ def add_image_tokens(tokenizer, model, n_codes: int, grid_size: int, vqgan_finge
     if model is not None:
         _resize_with_mean(model, len(tokenizer), first)
     return ImageTokenMap(first_id=first, n_codes=n_codes, begin_id=ids[-2], end_id=ids[-1], grid_size=grid_size,
-                         vqgan_fingerprint=vqgan_fingerprint, vocab_size=len(tokenizer))
+                         vqgan_fingerprint=vqgan_fingerprint, vocab_size=len(tokenizer), vqgan_weights=vqgan_weights)
 
 
 def _resize_with_mean(model, new_size: int, first_new: int) -> None:

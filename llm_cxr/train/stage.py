@@ -56,7 +56,7 @@ def _start_lm(cfg: LMTrainConfig, codes_info: dict, codebook, attn: str | None =
     if cfg.init_from:
         prev = load_run(cfg.init_from, trainable=True, attn_implementation=attn)
         prev.token_map.check_vqgan(codes_info["n_embed"], codes_info["grid_size"], codes_info["fingerprint"],
-                                   source=f"the VQ-GAN of {cfg.data}")
+                                   source=f"the VQ-GAN of {cfg.data}", weights=codes_info.get("weights"))
         if prev.info.kind == "full":
             prev.model.requires_grad_(True)
         if cfg.image_positions == "2d" and find(prev.model) is None:
@@ -64,7 +64,7 @@ def _start_lm(cfg: LMTrainConfig, codes_info: dict, codebook, attn: str | None =
         return prev.model, prev.tokenizer, prev.token_map, prev.info.kind, prev.info.base
     model, tok = load_causal_lm(cfg.base, attn_implementation=attn)
     token_map = add_image_tokens(tok, model, codes_info["n_embed"], codes_info["grid_size"],
-                                 codes_info["fingerprint"])
+                                 codes_info["fingerprint"], codes_info.get("weights"))
     if cfg.image_init == "codebook":
         init_image_rows_from_codebook(model, token_map, codebook(), seed=cfg.loop.seed)
     kind = "full" if cfg.full_finetune else "lora"
