@@ -124,6 +124,7 @@ def test_resume_after_kill_finishes_the_run(tmp_path):
     assert (run / "DONE").exists()
     steps = [int(line.split(",")[0]) for line in (run / "metrics.csv").read_text().splitlines()[1:]]
     assert steps[-1] == done_before + 6
+    assert steps == sorted(set(steps))  # steps logged after the checkpoint the kill fell back to: logged once
 
 
 def test_reconstruct_files_skips_bad_ones(tmp_path, micro_yaml):

@@ -146,6 +146,20 @@ def resolve_model_config(spec: str) -> VQGANConfig:
     return preset(spec)
 
 
+def _drop_rows_after(path: Path, step: int) -> None:
+    """Forget metrics logged after ``step``: a kill fell back to that checkpoint, and the steps after it are
+    trained (and logged) again."""
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    keep = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step]
+    if len(keep) == len(rows):
+        return
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
+        csv.writer(f).writerows(keep)
+    os.replace(tmp, path)
+
+
 def _lr_at(step: int, cfg: VQGANTrainConfig) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -280,6 +294,8 @@ def train_vqgan(cfg: VQGANTrainConfig, accelerator=None) -> Path:
     metrics_path = run / "metrics.csv"
     # Only the main process touches metrics.csv: a second rank opening it in append mode would create it
     # before the main one checks for it, and the header would be lost (seen in CI).
+    if accelerator.is_main_process and metrics_path.exists():
+        _drop_rows_after(metrics_path, state.step)
     new_file = accelerator.is_main_process and not metrics_path.exists()
     t_start = time.monotonic()
     bar = tqdm(total=cfg.steps, initial=state.step, desc="vqgan",
