@@ -24,6 +24,7 @@ from typing import Any
 
 from llm_cxr import __version__
 from llm_cxr.accel import bf16_is_fast
+from llm_cxr.demo_page import metrics_rows, outputs_sections
 from llm_cxr.pipeline import Stages, code_hash
 from llm_cxr.report_html import Page, dataset_cards, dump_json
 
@@ -187,21 +188,34 @@ def _stage_lm(stages: Stages, cfg: DemoConfig, codes_dir: Path):
 
 def _stage_generate(stages: Stages, cfg: DemoConfig, codes_dir: Path):
     """Reports for test images, images for test reports, answers; scored against the ground truth."""
-    from llm_cxr.evaluation import lm_eval
+    from llm_cxr.evaluation import baselines, lm_eval
     from llm_cxr.evaluation.lm_eval import evaluate_all
     from llm_cxr.lm.generation import LLMCXR
 
     fp = {"lm": stages.results["lm"].info, "clf": stages.results["classifier"].info, "n": cfg.n_eval,
-          "code": code_hash(lm_eval)}
+          "code": code_hash(lm_eval, baselines)}
 
     def build(tmp: Path) -> dict[str, Any]:
         model = LLMCXR.from_pretrained(stages.results["lm"].path / "run",
                                        vqgan=stages.results["vqgan"].path / "run")
         res = evaluate_all(model, str(codes_dir), "test", str(stages.results["classifier"].path / "run"),
                            n=cfg.n_eval, seed=cfg.seed, progress=cfg.progress, out=tmp / "eval.json")
-        return {k: v for k, v in res["summary"].items()}
+        return {**res["summary"], "report_floor_nearest_report": _retrieval_floor(codes_dir)}
 
     return stages.run("generate", fp, build)
+
+
+def _retrieval_floor(codes_dir: Path) -> float:
+    """Report micro-F1 of the nearest-report retrieval baseline on the test split: what copying the report of the
+    most similar training image achieves. A model below it has learnt little from the image."""
+    from llm_cxr.data.dataset import load_dataset
+    from llm_cxr.data.schema import findings_from_json
+    from llm_cxr.evaluation.baselines import nearest_report_dataset
+    from llm_cxr.evaluation.clinical import score_reports
+
+    rows = nearest_report_dataset(codes_dir, "test")
+    truth = dict(zip(*load_dataset(codes_dir, split="test").select_columns(["id", "findings"])[:].values()))
+    return score_reports([r["report"] for r in rows], [findings_from_json(truth[r["id"]]) for r in rows]).micro_f1
 
 
 def _prevalence(ds) -> list[dict[str, Any]]:
@@ -226,8 +240,16 @@ def _write_page(cfg: DemoConfig, stages: Stages, summary: dict[str, Any]) -> Pat
     ds = load_dataset(stages.results["synth"].path / "dataset")
     page = Page("llm-cxr demo", f"llm-cxr {__version__} · {cfg.n} synthetic chest X-rays at {cfg.size} px · "
                                 f"seed {cfg.seed} · {summary['seconds_total']:.1f} s")
-    page.heading("Results")
-    page.table([{"metric": k, "value": v} for k, v in summary["metrics"].items()])
+    m = summary["metrics"]
+    page.heading("Results on the test split")
+    page.table(metrics_rows(m, {"report_clinical_micro_f1": m.get("report_floor_nearest_report"),
+                                "image_frechet": m.get("image_frechet_floor")}),
+               caption="floor: the nearest-report retrieval baseline (reports); other real studies (realism)")
+    from llm_cxr.vqgan import VQGAN
+
+    codes = load_dataset(summary["paths"]["data"], split="test")
+    outputs_sections(page, stages.results["generate"].path, codes, VQGAN.from_pretrained(summary["paths"]["vqgan"]),
+                     cfg.out / "assets", "assets")
     page.heading("Synthetic data: findings per split")
     page.table(_prevalence(ds.select_columns(["split", "findings"])))
     page.heading("Report labeler on the synthetic reports (planted findings as reference)")
@@ -245,8 +267,10 @@ def _write_page(cfg: DemoConfig, stages: Stages, summary: dict[str, Any]) -> Pat
     page.heading("Test images with their ground truth (masks tinted by finding)")
     test = ds.filter(lambda s: s == "test", input_columns="split")
     page.cards(dataset_cards(test, cfg.out / "assets", "assets", n=16))
-    page.heading("Stages")
-    page.table([{"stage": k, **v} for k, v in stages.timings().items()])
+    page.heading("What each stage cost")
+    page.table([{"stage": k, "seconds to build": v["built_seconds"], "this run": "cached" if v["cached"] else
+                 f"{v['seconds']:.1f} s"} for k, v in stages.timings().items()],
+               caption=f"built in {summary['seconds_built']:.0f} s in all")
     return page.write(cfg.out)
 
 
@@ -277,6 +301,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         "image_finding_micro_f1": gen.info["image_finding_micro_f1"],
         "valid_image_rate": gen.info["valid_image_rate"],
         "image_frechet": gen.info.get("image_frechet"),
+        "image_frechet_floor": gen.info.get("image_frechet_floor"),
+        "report_floor_nearest_report": gen.info.get("report_floor_nearest_report"),
         "vqa_accuracy": gen.info["vqa_accuracy"],
         "reports_per_minute": gen.info["reports_per_minute"],
         "images_per_minute": gen.info["images_per_minute"],
@@ -286,12 +312,14 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         "config": {"n": cfg.n, "size": cfg.size, "seed": cfg.seed},
         "splits": synth_stage.info["splits"],
         "metrics": metrics,
-        **metrics,
         "stages": stages.timings(),
+        "seconds_built": round(sum(r.built_seconds for r in stages.results.values()), 2),
+        "paths": {"model": str(lm.path / "run"), "vqgan": str(vq.path / "run"), "data": str(enc.path / "dataset"),
+                  "classifier": str(clf.path / "run")},
     }
     summary["seconds_total"] = time.perf_counter() - t0
     _write_page(cfg, stages, summary)
-    summary["seconds_total"] = time.perf_counter() - t0
+    summary["seconds_total"] = round(time.perf_counter() - t0, 2)
     dump_json(summary, cfg.out / "summary.json")
     log.info("demo done in %.1f s: %s", summary["seconds_total"], cfg.out / "index.html")
     return summary

@@ -73,8 +73,9 @@ class StageResult:
     name: str
     path: Path
     cached: bool
-    seconds: float
+    seconds: float  # this run's (0 when cached)
     info: dict[str, Any] = field(default_factory=dict)
+    built_seconds: float = 0.0  # what building it cost, kept from the run that built it
 
 
 class Stages:
@@ -98,7 +99,7 @@ class Stages:
                 saved = {}
             if saved.get("fingerprint") == fp:
                 log.info("stage %s: cached (%s)", name, folder)
-                res = StageResult(name, folder, True, 0.0, saved.get("info", {}))
+                res = StageResult(name, folder, True, 0.0, saved.get("info", {}), float(saved.get("seconds") or 0.0))
                 self.results[name] = res
                 return res
         log.info("stage %s: running", name)
@@ -115,10 +116,12 @@ class Stages:
             shutil.rmtree(folder)
         tmp.rename(folder)
         _repoint(folder, tmp)
-        res = StageResult(name, folder, False, seconds, info)
+        res = StageResult(name, folder, False, seconds, info, seconds)
         self.results[name] = res
         log.info("stage %s: done in %.1f s", name, seconds)
         return res
 
     def timings(self) -> dict[str, dict[str, Any]]:
-        return {n: {"cached": r.cached, "seconds": round(r.seconds, 2)} for n, r in self.results.items()}
+        """Per stage: cached or not, this run's seconds, and the seconds its build took (kept when cached)."""
+        return {n: {"cached": r.cached, "seconds": round(r.seconds, 2), "built_seconds": round(r.built_seconds, 2)}
+                for n, r in self.results.items()}

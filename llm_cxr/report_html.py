@@ -34,6 +34,10 @@ th{background:#f3f3f3} td:first-child,th:first-child{text-align:left}
 .card .imgs{display:flex;gap:6px} .rep{white-space:pre-wrap;margin-top:6px}
 .tag{display:inline-block;padding:1px 6px;margin:1px;border-radius:8px;color:#fff;font-size:11px}
 .muted{color:#777}
+.card.wide{width:640px;display:flex;gap:10px} .card.wide p{margin:4px 0}
+.tag.agree{background:#2e7d32} .tag.missed{background:#c62828} .tag.extra{background:#ef6c00}
+.tag.side{background:#6a1b9a}
+figure{margin:0} figcaption{font-size:11px;color:#666;text-align:center}
 """
 
 

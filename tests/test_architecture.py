@@ -14,7 +14,7 @@ RANK = {"errors": 0, "configs": 0, "accel": 0, "pipeline": 0, "rng": 0,
         "data": 1, "report_html": 2, "vqgan": 3,
         "classifier": 4, "lm": 4,
         "train": 5, "evaluation": 5, "explain": 6,
-        "webapp": 7, "demo": 7,
+        "demo_page": 6, "webapp": 7, "demo": 7,
         "cli": 8, "__main__": 9}
 
 

@@ -385,7 +385,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                                   fresh=args.fresh, progress=not args.quiet, vqgan_steps=args.vqgan_steps,
                                   lm_pretrain_steps=args.lm_pretrain_steps, lm_steps=args.lm_steps,
                                   classifier_epochs=args.classifier_epochs, n_eval=args.n_eval))
-    print(f"demo finished in {summary['seconds_total']:.1f} s: open {args.out / 'index.html'}")
+    p = summary["paths"]
+    print(f"demo finished in {summary['seconds_total']:.1f} s (building everything took "
+          f"{summary['seconds_built']:.0f} s): open {args.out / 'index.html'}\n"
+          f"  model      {p['model']}\n  VQ-GAN     {p['vqgan']}\n  data       {p['data']} (with codes)\n"
+          f"  classifier {p['classifier']}\ntry:\n"
+          f"  llm-cxr generate report --model {p['model']} --data {p['data']} --limit 4\n"
+          f"  llm-cxr generate image --model {p['model']} --report \"Large left pleural effusion.\" --out drawn/\n"
+          f"  llm-cxr serve --model {p['model']}")
     return 0
 
 

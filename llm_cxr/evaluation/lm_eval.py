@@ -211,7 +211,7 @@ def evaluate_images(model: LLMCXR, ds, classifier_dir: str, cfg: EvalConfig) -> 
                   "auroc": auroc(proba[:, j], want[:, j])}
     return {"n": len(sub), "micro_f1": 2 * tp / max(1.0, 2 * tp + fp + fn), "valid_image_rate": valid,
             "frechet": frechet, "frechet_floor": floor, "exact_match": float((pred == want).all(1).mean()),
-            "per_class": per, "images": images[:16], "reports": reports[:16]}
+            "per_class": per, "images": images[:16], "reports": reports[:16], "ids": list(sub["id"][:16])}
 
 
 def evaluate_vqa(model: LLMCXR, ds, cfg: EvalConfig) -> dict[str, Any]:
@@ -258,7 +258,8 @@ def evaluate_vqa(model: LLMCXR, ds, cfg: EvalConfig) -> dict[str, Any]:
             "accuracy_all": sum(ok) / max(1, len(ok)),
             "by_kind": {k: {"accuracy": sum(v) / len(v), "n": len(v)} for k, v in by_kind.items()},
             "presence_by_finding": {f: {"accuracy": sum(v) / len(v), "n": len(v)} for f, v in sorted(presence.items())},
-            "examples": [{"q": q, "answer": a, "got": g} for q, a, g in list(zip(qs, answers, got))[:12]]}
+            "examples": [{"id": sub["id"][i], "q": q, "answer": a, "got": g}
+                         for i, q, a, g in list(zip(image_of, qs, answers, got))[:12]]}
 
 
 def _evaluate_checklist(model: LLMCXR, sub, codes_t: torch.Tensor, cfg: EvalConfig) -> dict[str, Any]:
