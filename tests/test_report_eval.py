@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from llm_cxr.data.reports import format_report
 from llm_cxr.data.schema import CHEXPERT_14, UNCERTAIN
@@ -212,3 +213,56 @@ def test_nearest_report_retrieves_itself_and_respects_sides():
     right = left[:, :, ::-1].copy()
     pool = np.concatenate([left, right]).reshape(2, 64)
     assert baselines.nearest_report(pool, ["L", "R"], right.reshape(1, 64), 32, regions=2)[0] == ["R"]
+
+
+# --- CheXbert as the labeler (a tiny BERT in CheXbert's layout: the real weights are the user's) ----------------
+
+
+def _fake_chexbert(folder):
+    from transformers import BertConfig
+
+    from llm_cxr.evaluation.chexbert import HEAD_ORDER, CheXbert
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "heart", "is", "enlarged", "no", "effusion", "."]
+    (folder / "bert").mkdir(parents=True)
+    (folder / "bert" / "vocab.txt").write_text("\n".join(words) + "\n")
+    config = BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=64)
+    config.save_pretrained(folder / "bert")
+    model = CheXbert(config)
+    with torch.no_grad():  # zero weights: each head's bias decides its class
+        for j, head in enumerate(model.linear_heads):
+            head.weight.zero_()
+            head.bias.zero_()
+            name = HEAD_ORDER[j]
+            head.bias[{"cardiomegaly": 1, "pleural_effusion": 3, "edema": 0, "no_finding": 0}.get(name, 2)] = 5.0
+    torch.save({"epoch": 3, "model_state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}},
+               folder / "chexbert.pth")
+    return folder / "chexbert.pth", folder / "bert"
+
+
+def test_chexbert_labels_map_its_four_classes(tmp_path):
+    from llm_cxr.evaluation.chexbert import chexbert_labels, load_chexbert
+
+    weights, bert = _fake_chexbert(tmp_path)
+    model, tok = load_chexbert(weights, bert)
+    labels = chexbert_labels(["Heart is enlarged.", "No effusion.", ""], model, tok, batch_size=2)
+    assert len(labels) == 3 and set(labels[0]) == set(CHEXPERT_14)
+    for lab in labels:  # blank -> None, positive -> 1, negative -> 0, uncertain -> -1
+        assert lab["cardiomegaly"] == 1 and lab["pleural_effusion"] == UNCERTAIN
+        assert lab["edema"] is None and lab["no_finding"] is None and lab["fracture"] == 0
+
+
+def test_evaluate_with_chexbert_and_a_clear_message_without_it(tmp_path, capsys):
+    from llm_cxr.cli import main
+
+    weights, bert = _fake_chexbert(tmp_path)
+    refs = _reports(8, 9)
+    _write(tmp_path / "r.jsonl", [{"id": i, "report": r} for i, r in enumerate(refs)])
+    res = reports.evaluate_predictions(tmp_path / "r.jsonl", tmp_path / "r.jsonl", tmp_path / "out", resamples=10,
+                                       meteor=False, chexbert=(weights, bert))
+    assert res["labeler"] == "chexbert" and res["per_class"]["uncertain_as_positive"]["cardiomegaly"]["f1"] == 1.0
+    assert "CheXbert labeler" in (tmp_path / "out" / "metrics.md").read_text()
+    rc = main(["evaluate", "--predictions", str(tmp_path / "r.jsonl"), "--references", str(tmp_path / "r.jsonl"),
+               "--labeler", "chexbert", "--bert", str(bert), "--no-meteor", "--out", str(tmp_path / "o2")])
+    assert rc == 2 and "chexbert.pth" in capsys.readouterr().err  # no weights given: what to get, and where

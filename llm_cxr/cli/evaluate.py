@@ -31,6 +31,11 @@ def add_evaluate_commands(sub) -> None:
                    help="which part of each report to compare (default all, section headers removed)")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR (it needs WordNet data)")
+    p.add_argument("--labeler", default="rules", choices=["rules", "chexbert"],
+                   help="who reads the clinical findings of both reports: the rule-based labeler (default) or CheXbert "
+                        "(needs --chexbert-weights and --bert)")
+    p.add_argument("--chexbert-weights", type=Path, help="CheXbert checkpoint (chexbert.pth) for --labeler chexbert")
+    p.add_argument("--bert", type=Path, help="local bert-base-uncased folder (config.json, vocab.txt) for CheXbert")
     p.add_argument("--model", type=Path, help="trained run folder: generate and score on --data")
     p.add_argument("--vqgan", type=Path, help="with --model: VQ-GAN run (default: the one recorded with the model)")
     p.add_argument("--device", default="cpu", help="with --model: torch device (default cpu)")
@@ -91,7 +96,8 @@ def _evaluate_file(args) -> int:
     out = args.out or args.predictions.with_name(args.predictions.stem + "_metrics")
     res = evaluate_predictions(args.predictions, args.references, out, split=args.split, compare=args.compare,
                                resamples=args.resamples, seed=args.seed, section=args.section, text_field=args.field,
-                               meteor=False if args.no_meteor else None, names=names, progress=not args.quiet)
+                               meteor=False if args.no_meteor else None, names=names, progress=not args.quiet,
+                               chexbert=(args.chexbert_weights, args.bert) if args.labeler == "chexbert" else None)
     print(markdown(res))
     counts = {k: v["count"] for k, v in res["problems"].items() if v["count"]}
     if counts:

@@ -41,8 +41,8 @@ LABELS = {"bleu_1": "BLEU-1", "bleu_2": "BLEU-2", "bleu_3": "BLEU-3", "bleu_4": 
           "laterality_agreement": "laterality agreement"}
 
 
-def _key(pred: str, ref: str, section: str, meteor: bool) -> str:
-    raw = json.dumps([SCORER_VERSION, section, meteor, pred, ref])
+def _key(pred: str, ref: str, section: str, meteor: bool, labeler: str = "rules") -> str:
+    raw = json.dumps([SCORER_VERSION, section, meteor, labeler, pred, ref])
     return hashlib.sha1(raw.encode()).hexdigest()[:16]
 
 
@@ -60,15 +60,36 @@ def _load_done(path: Path) -> dict[str, dict]:
     return done
 
 
+def rules_labeler(texts: Sequence[str]) -> list[tuple[dict, dict]]:
+    """The project's rule-based labeler: CheXpert labels and the sides findings are stated on."""
+    return chexpert.label_texts(texts)
+
+
+def chexbert_labeler(weights, bert, device: str = "cpu"):
+    """CheXbert from local files (:mod:`llm_cxr.evaluation.chexbert`); it states no sides."""
+    from llm_cxr.evaluation.chexbert import chexbert_labels, load_chexbert
+
+    model, tok = load_chexbert(weights, bert, device)
+
+    def label(texts: Sequence[str]) -> list[tuple[dict, dict]]:
+        return [(labels, {}) for labels in chexbert_labels(texts, model, tok)]
+
+    label.name = "chexbert"
+    return label
+
+
 def score_studies(ids: Sequence[str], preds: dict[str, str], refs: dict[str, str], path: Path,
-                  section: str = "all", meteor: bool = True, progress: bool = False) -> list[dict]:
-    """One record per id (cached in ``path``, JSONL, appended as each study is scored)."""
+                  section: str = "all", meteor: bool = True, progress: bool = False, labeler=None) -> list[dict]:
+    """One record per id (cached in ``path``, JSONL, appended as each study is scored). ``labeler``: texts ->
+    (CheXpert labels, sides) per text; default the rule-based one."""
     from tqdm.auto import tqdm
 
+    labeler = labeler or rules_labeler
+    name = getattr(labeler, "name", "rules")
     done = _load_done(path)
     records, todo = {}, []
     for i in ids:
-        k = _key(preds[i], refs[i], section, meteor)
+        k = _key(preds[i], refs[i], section, meteor, name)
         if i in done and done[i].get("key") == k:
             records[i] = done[i]
         else:
@@ -84,7 +105,7 @@ def score_studies(ids: Sequence[str], preds: dict[str, str], refs: dict[str, str
             batch = todo[start:start + 64]
             p = [section_text(preds[i], section) for i, _ in batch]
             r = [section_text(refs[i], section) for i, _ in batch]
-            lab_p, lab_r = chexpert.label_texts(p), chexpert.label_texts(r)
+            lab_p, lab_r = labeler(p), labeler(r)
             met = language.meteor_scores(p, r) if meteor else [None] * len(p)
             for j, (i, k) in enumerate(batch):
                 rec = {"id": i, "key": k, "bleu": language.bleu_stats(p[j], [r[j]]).tolist(),
@@ -149,21 +170,24 @@ def _atomic_write(path: Path, text: str | bytes) -> None:
 
 
 def _system(pred_path: Path, refs: dict[str, str], out: Path, name: str, text_field: str | None, section: str,
-            meteor: bool, progress: bool) -> tuple[dict[str, str], list[str], Problems, dict[str, dict]]:
+            meteor: bool, progress: bool, labeler=None) -> tuple[dict[str, str], list[str], Problems, dict[str, dict]]:
     problems = Problems()
     preds = read_reports(pred_path, text_field, problems)
     ids = match(preds, refs, problems)
     for line in problems.lines():
         log.warning("%s: %s", pred_path, line)
-    recs = score_studies(ids, preds, refs, out / f"{name}_per_study.jsonl", section, meteor, progress)
+    recs = score_studies(ids, preds, refs, out / f"{name}_per_study.jsonl", section, meteor, progress, labeler)
     return preds, ids, problems, {r["id"]: r for r in recs}
 
 
 def evaluate_predictions(predictions: str | Path, references: str | Path, out: str | Path, split: str = "test",
                          compare: str | Path | None = None, resamples: int = 1000, seed: int = 0,
                          section: str = "all", text_field: str | None = None, meteor: bool | None = None,
-                         names: tuple[str, str] = ("system", "baseline"), progress: bool = False) -> dict:
-    """Score ``predictions`` (and ``compare``) against ``references``; write and return the results."""
+                         names: tuple[str, str] = ("system", "baseline"), progress: bool = False,
+                         chexbert: tuple | None = None) -> dict:
+    """Score ``predictions`` (and ``compare``) against ``references``; write and return the results.
+
+    ``chexbert``: (checkpoint, BERT folder) to read the reports with CheXbert instead of the rule-based labeler."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ref_problems = Problems()
@@ -177,8 +201,9 @@ def evaluate_predictions(predictions: str | Path, references: str | Path, out: s
         if why:
             log.warning("METEOR skipped: %s", why)
         meteor = why is None
+    labeler = chexbert_labeler(*chexbert) if chexbert else rules_labeler
     preds, ids, problems, recs = _system(Path(predictions), refs, out, names[0], text_field, section, meteor,
-                                         progress)
+                                         progress, labeler)
     if not ids:
         raise InputError(f"{predictions}: no id matches a reference id in {references}")
     text = lambda p, i: section_text(p[i], section)  # noqa: E731
@@ -187,17 +212,18 @@ def evaluate_predictions(predictions: str | Path, references: str | Path, out: s
               "n": len(ids), "coverage": len(ids) / len(refs), "resamples": resamples, "seed": seed,
               "metrics": bootstrap_ci(a.stat, a.n, resamples, seed), "per_class": a.per_class(),
               "problems": problems.to_dict(), "reference_problems": ref_problems.to_dict(),
-              "names": list(names)}
+              "names": list(names), "labeler": getattr(labeler, "name", "rules")}
     if compare is not None:
         result["comparison"] = _compare(Path(compare), refs, out, preds, ids, recs, names, text_field, section,
-                                        meteor, resamples, seed, progress)
+                                        meteor, resamples, seed, progress, labeler)
     _write_outputs(out, result)
     return result
 
 
 def _compare(path: Path, refs, out: Path, preds_a, ids_a, recs_a, names, text_field, section, meteor,
-             resamples, seed, progress) -> dict:
-    preds_b, ids_b, problems_b, recs_b = _system(path, refs, out, names[1], text_field, section, meteor, progress)
+             resamples, seed, progress, labeler) -> dict:
+    preds_b, ids_b, problems_b, recs_b = _system(path, refs, out, names[1], text_field, section, meteor, progress,
+                                                 labeler)
     common = [i for i in ids_a if i in recs_b]
     if not common:
         raise InputError(f"{path}: no study in common with the predictions being compared")
@@ -219,7 +245,9 @@ def markdown(result: dict) -> str:
     m, name = result["metrics"], result["names"][0]
     lines = [f"# Report metrics: {result['predictions']}", "",
              f"{result['n']} studies ({result['coverage']:.1%} of the references in {result['references']}, "
-             f"split {result['split']}), section `{result['section']}`; 95% bootstrap intervals over studies "
+             f"split {result['split']}), section `{result['section']}`, clinical labels by the "
+             f"{'CheXbert' if result.get('labeler') == 'chexbert' else 'rule-based'} labeler; 95% bootstrap intervals "
+             f"over studies "
              f"({result['resamples']} resamples, seed {result['seed']}).", "",
              f"| metric | {name} | 95% CI |", "|---|---|---|"]
     lines += [f"| {LABELS[k]} | {_fmt(m[k]['value'])} | {_fmt(m[k]['low'])} - {_fmt(m[k]['high'])} |"
