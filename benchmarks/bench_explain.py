@@ -123,6 +123,7 @@ def quality(args) -> int:
     res = evaluate_methods(model, rows, {m: {} for m in sorted(METHODS)}, progress=True)
     table = [{"method": m, "pointing": r["pointing"], "mass in mask": r["mass_in_mask"],
               "deletion area": r.get("deletion_area"), "insertion area": r.get("insertion_area"),
+              "confidence drop": r.get("confidence_drop"), "confidence increase": r.get("confidence_increase"),
               "s per explanation": r["seconds_per_explanation"]} for m, r in res["methods"].items()]
     findings = sorted({f for r in res["methods"].values() for f in r["per_finding"]})
     per = [{"finding": f, **{m: r["per_finding"].get(f, {}).get("pointing") for m, r in res["methods"].items()}}

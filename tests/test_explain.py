@@ -183,6 +183,7 @@ def test_evaluation_on_a_dataset_with_masks_scores_every_focal_finding(tmp_path)
         m = res["methods"][name]
         assert 0 <= m["pointing"] <= 1 and 0 <= m["mass_in_mask"] <= 1 and m["per_finding"]
         assert np.isfinite([m["deletion_area"], m["insertion_area"]]).all()
+        assert 0 <= m["confidence_drop"] <= 1 and 0 <= m["confidence_increase"] <= 1
 
 
 def test_a_guided_sentence_is_explained_through_both_routes(gen, monkeypatch):
@@ -227,3 +228,18 @@ def test_the_randomisation_sanity_check_moves_the_map_and_restores_the_weights(g
     assert [r["randomised_blocks"] for r in rows] == [1, 2] and all(-1 <= r["rank_correlation"] <= 1 for r in rows)
     assert all(torch.equal(v, before[k]) for k, v in gen.cxr.lm.state_dict().items())
     torch.testing.assert_close(gen.cxr(case.ids).logits, logits)
+
+
+def test_confidence_drop_and_increase_by_construction(gen):
+    from llm_cxr.explain.baselines import _score
+    from llm_cxr.explain.metrics import confidence_change
+
+    case = image_to_report(gen, CODES, "Small left pleural effusion.")
+    everything = confidence_change(gen.cxr, case, torch.rand(GRID * GRID), keep=1.0)
+    assert everything["drop"] == pytest.approx(0.0, abs=1e-6) and everything["increase"] == 0.0  # nothing removed
+    half = confidence_change(gen.cxr, case, torch.rand(GRID * GRID), keep=0.5)
+    p = float(_score(gen.cxr, case, case.ids)[0].exp())
+    assert half["p"] == pytest.approx(p, rel=1e-5) and 0 <= half["drop"] <= 1
+    assert half["increase"] == float(half["p_kept"] > half["p"])
+    with pytest.raises(ValueError):
+        confidence_change(gen.cxr, case, torch.rand(GRID * GRID), keep=0)

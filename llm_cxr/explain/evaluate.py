@@ -13,7 +13,7 @@ import torch
 
 from llm_cxr.data.schema import DEVICES, findings_from_json
 from llm_cxr.explain.cases import image_to_report
-from llm_cxr.explain.metrics import deletion_insertion, mask_cells, mass_in_mask, pointing_game
+from llm_cxr.explain.metrics import confidence_change, deletion_insertion, mask_cells, mass_in_mask, pointing_game
 
 FOCAL = ("nodule", "mass", "consolidation", "pleural_effusion", "pneumothorax", *DEVICES)
 
@@ -50,8 +50,8 @@ def targets_of(row: dict, grid: int, focal=FOCAL) -> list[Target]:
 def evaluate_methods(model, rows, methods: dict[str, dict], faithfulness: tuple[str, ...] = ("m2ib", "random"),
                      progress: bool = False) -> dict:
     """Every method (name -> options) on every target of ``rows``: per method and finding, pointing-game accuracy
-    and mean mass in mask; for the methods in ``faithfulness``, mean deletion and insertion areas; seconds per
-    explanation."""
+    and mean mass in mask; for the methods in ``faithfulness``, mean deletion and insertion areas and the confidence
+    drop / increase with half the codes kept; seconds per explanation."""
     from tqdm.auto import tqdm
 
     from llm_cxr.explain import attribute
@@ -61,7 +61,7 @@ def evaluate_methods(model, rows, methods: dict[str, dict], faithfulness: tuple[
     out: dict = {"targets": len(targets), "methods": {}}
     for name, options in methods.items():
         per: dict[str, dict] = {}
-        areas = {"deletion": [], "insertion": []}
+        areas = {"deletion": [], "insertion": [], "drop": [], "increase": []}
         seconds = []
         for t in tqdm(targets, desc=f"explain {name}", disable=not progress):
             stated = model.stated_findings(t.codes[None])
@@ -78,6 +78,9 @@ def evaluate_methods(model, rows, methods: dict[str, dict], faithfulness: tuple[
                 curves = deletion_insertion(model.cxr, case, scores)
                 areas["deletion"].append(curves["deletion_area"])
                 areas["insertion"].append(curves["insertion_area"])
+                change = confidence_change(model.cxr, case, scores)
+                areas["drop"].append(change["drop"])
+                areas["increase"].append(change["increase"])
         total = sum(r["n"] for r in per.values())
         out["methods"][name] = {
             "pointing": sum(r["hits"] for r in per.values()) / max(total, 1),
@@ -87,7 +90,9 @@ def evaluate_methods(model, rows, methods: dict[str, dict], faithfulness: tuple[
             "seconds_per_explanation": float(np.mean(seconds)) if seconds else None}
         if areas["deletion"]:
             out["methods"][name] |= {"deletion_area": float(np.mean(areas["deletion"])),
-                                     "insertion_area": float(np.mean(areas["insertion"]))}
+                                     "insertion_area": float(np.mean(areas["insertion"])),
+                                     "confidence_drop": float(np.mean(areas["drop"])),
+                                     "confidence_increase": float(np.mean(areas["increase"]))}
     return out
 
 

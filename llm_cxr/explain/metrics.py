@@ -92,8 +92,29 @@ def deletion_insertion(cxr, case, scores: torch.Tensor, fractions=tuple(i / 10 f
             "deletion_area": float(_trapezoid(dele, x)), "insertion_area": float(_trapezoid(ins, x))}
 
 
-__all__ = ["cascading_randomisation", "deletion_insertion", "dilate", "mask_cells", "mass_in_mask", "pointing_game",
-           "rank_correlation"]
+def confidence_change(cxr, case, scores: torch.Tensor, keep: float = 0.5, neutral: int | None = None) -> dict:
+    """The M2IB paper's confidence drop and increase (Wang et al., NeurIPS 2023, after Chattopadhay et al.'s Grad-CAM++
+    "average drop" and "increase in confidence", WACV 2018), on codes: keep the top ``keep`` share of the attributed
+    codes, make the rest neutral, and compare the target's probability (per token, exp of the mean log-likelihood)
+    with that on the whole image. ``drop`` = max(0, p - p_kept) / p (lower is better: the kept regions carry the
+    evidence); ``increase`` = whether p_kept > p (averaged over cases it is the share of cases)."""
+    if not 0 < keep <= 1:
+        raise ValueError(f"keep must be in (0, 1], got {keep}")
+    tmap = cxr.token_map
+    src = case.sources
+    codes = case.ids[0, src]
+    fill = tmap.first_id + (int((codes - tmap.first_id).mode().values) if neutral is None else int(neutral))
+    top = torch.argsort(scores.float(), descending=True)[:max(1, round(keep * len(src)))]
+    kept = case.ids.clone()
+    kept[0, src] = fill
+    kept[0, src[top]] = codes[top]
+    full, part = (float(v) for v in _score(cxr, case, torch.cat([case.ids, kept])).exp())
+    return {"keep": keep, "p": full, "p_kept": part, "drop": max(0.0, full - part) / max(full, 1e-12),
+            "increase": float(part > full)}
+
+
+__all__ = ["cascading_randomisation", "confidence_change", "deletion_insertion", "dilate", "mask_cells",
+           "mass_in_mask", "pointing_game", "rank_correlation"]
 
 
 def rank_correlation(a, b) -> float:
