@@ -112,7 +112,7 @@ def main() -> int:
 def quality(args) -> int:
     from llm_cxr.data.dataset import load_dataset
     from llm_cxr.explain import METHODS
-    from llm_cxr.explain.evaluate import evaluate_methods
+    from llm_cxr.explain.evaluate import evaluate_drawings, evaluate_methods
     from llm_cxr.lm.generation import LLMCXR
 
     if not args.data:
@@ -128,9 +128,16 @@ def quality(args) -> int:
     findings = sorted({f for r in res["methods"].values() for f in r["per_finding"]})
     per = [{"finding": f, **{m: r["per_finding"].get(f, {}).get("pointing") for m, r in res["methods"].items()}}
            for f in findings]
-    write_results(args.name or "explain_quality", f"Explanations on the {args.split} split", res,
+    drawings = evaluate_drawings(model, rows, {m: {} for m in sorted(METHODS) if m != "occlusion"},  # codes only
+                                 progress=True)
+    words = [{"method": m, "targets": r["n"], "mass on the finding's words": r["word_mass"],
+              "their share of the words": r["chance"], "a finding word on top": r["top_word"]}
+             for m, r in drawings["methods"].items()]
+    write_results(args.name or "explain_quality", f"Explanations on the {args.split} split",
+                  {"image_to_report": res, "report_to_image": drawings},
                   [(f"{res['targets']} focal findings of {len(rows)} {args.split} studies", table),
-                   ("Pointing game per finding", per)])
+                   ("Pointing game per finding", per),
+                   ("Report -> image: the codes inside each finding's mask explained by the report's words", words)])
     return 0
 
 

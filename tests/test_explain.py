@@ -243,3 +243,26 @@ def test_confidence_drop_and_increase_by_construction(gen):
     assert half["increase"] == float(half["p_kept"] > half["p"])
     with pytest.raises(ValueError):
         confidence_change(gen.cxr, case, torch.rand(GRID * GRID), keep=0)
+
+
+def test_word_mass_by_hand():
+    from llm_cxr.explain.evaluate import word_mass
+
+    words = ["Small", "left", "pleural", "effusion.", "No", "pneumothorax."]
+    m = word_mass(words, np.array([1.0, 0.0, 2.0, 5.0, 1.0, 1.0]), "pleural_effusion")
+    assert m["mass"] == pytest.approx(7 / 10) and m["chance"] == pytest.approx(2 / 6) and m["best_rank"] == 1
+    assert word_mass(words, np.ones(6), "nodule") is None  # the report does not name it
+
+
+def test_drawings_are_explained_by_the_words_of_each_finding(tmp_path):
+    from test_modeling import make_codes_dataset
+
+    from llm_cxr.data.dataset import load_dataset
+    from llm_cxr.explain.evaluate import evaluate_drawings
+
+    rows = list(load_dataset(make_codes_dataset(tmp_path / "codes", n=30)))
+    gen = _run_with_every_addon(tmp_path / "run")
+    res = evaluate_drawings(gen, rows[:8], {"random": {}, "gradient_x_input": {}})
+    assert res["targets"] > 0
+    for m in res["methods"].values():
+        assert m["n"] > 0 and 0 <= m["word_mass"] <= 1 and 0 < m["chance"] < 1 and 0 <= m["top_word"] <= 1

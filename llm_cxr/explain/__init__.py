@@ -30,6 +30,7 @@ from llm_cxr.explain.cases import (
     plan_for,
     report_to_image,
     sentences,
+    stated_for_drawing,
 )
 from llm_cxr.explain.m2ib import M2IBSettings, m2ib
 from llm_cxr.explain.result import Explanation
@@ -147,14 +148,8 @@ def _image_cases(model, image, target: str | None, written: str | None) -> tuple
 
 
 def _report_cases(model, report: str, codes: torch.Tensor | None) -> tuple[list[Case], Explanation]:
-    from llm_cxr.lm.prompts import requested_findings, split_item
-
     report = check_target(report)
-    stated = None
-    if model.guided_images:
-        stated = requested_findings(report)
-        if not model.guide_sides:
-            stated = [split_item(i)[0] for i in stated]
+    stated = stated_for_drawing(model, report)
     if codes is None:
         codes = model.generate_image([report], seed_sampling(), findings=[stated] if stated is not None else None,
                                      guided=model.guided_images).codes[0]

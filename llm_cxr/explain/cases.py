@@ -139,6 +139,17 @@ def _words(text: str, offsets: list[tuple[int, int]]) -> tuple[list[str], list[i
     return words, word_of
 
 
+def stated_for_drawing(model, report: str) -> list[str] | None:
+    """What a drawing prompt of ``report`` states, as generation makes it: the findings the report asks for (with
+    sides if the run was trained with them) for a guided run, else None."""
+    from llm_cxr.lm.prompts import requested_findings, split_item
+
+    if not model.guided_images:
+        return None
+    stated = requested_findings(report)
+    return stated if model.guide_sides else [split_item(i)[0] for i in stated]
+
+
 def plan_for(model, report: str, stated: list[str] | None) -> torch.Tensor | None:
     """The image plan's input for a drawing of ``report`` (None when the run has no plan or draws unguided)."""
     from llm_cxr.lm.addons.positions import find
