@@ -461,3 +461,18 @@ def test_real_table_all_32_load(tmp_path):
     one_split_per_patient(ds)
     assert all(r.startswith(("FINDINGS: ", "IMPRESSION: ")) for r in ds["report"])
     assert sum(r.count("IMPRESSION: ") for r in ds["report"]) == 2  # the two IU reports keep their sections
+
+
+def test_an_unterminated_quote_is_named_not_merged(tmp_path):
+    from llm_cxr.data.importers.common import read_csv
+    from llm_cxr.errors import DatasetError
+
+    p = tmp_path / "reports.csv"
+    p.write_text('id,report\n1,"fine"\n2,"never closed\n3,"third"\n4,fourth\n')
+    got = []
+    with pytest.raises(DatasetError, match=r"reports\.csv: the row starting on line 3 is malformed"):
+        for row in read_csv(p, ["id", "report"]):
+            got.append(row)
+    assert got == [{"id": "1", "report": "fine"}]  # rows before it were read, none merged
+    p.write_text('id,report\n1,"a report, with a comma\nand a line break"\n2,plain\n')  # quoted newlines stay fine
+    assert [r["id"] for r in read_csv(p, ["id", "report"])] == ["1", "2"]

@@ -95,9 +95,12 @@ def read_csv(path: Path, columns: Sequence[str], optional: Sequence[str] = (),
     Raises :class:`DatasetError` naming the file, the missing columns and the columns found,
     before the first row, when a required column is absent.
     """
+    start = 1  # the line the row being read starts on
     try:
         with _open_text(path) as f:
-            reader = csv.reader(f, delimiter=delimiter)
+            # strict: an unterminated quote is an error, not the rest of the file read as one field (which would
+            # silently merge every following row into one report)
+            reader = csv.reader(f, delimiter=delimiter, strict=True)
             header = next(reader, None)
             if header is None:
                 raise DatasetError(f"{path} is empty; expected a header with columns {list(columns)}")
@@ -105,11 +108,15 @@ def read_csv(path: Path, columns: Sequence[str], optional: Sequence[str] = (),
             check_columns(path, header, columns, hint)
             keep = header if all_columns else [c for c in (*columns, *optional) if c in header]
             idx = [header.index(c) for c in keep]
+            start = reader.line_num + 1
             for values in reader:
-                if not values:
-                    continue
-                yield {c: (values[i].strip() if i < len(values) else "") for c, i in zip(keep, idx)}
-    except (OSError, UnicodeDecodeError, csv.Error, EOFError) as e:
+                if values:
+                    yield {c: (values[i].strip() if i < len(values) else "") for c, i in zip(keep, idx)}
+                start = reader.line_num + 1
+    except csv.Error as e:
+        raise DatasetError(f"{path}: the row starting on line {start} is malformed ({e}); a quote opened there is "
+                           f"probably never closed. Rows before it were read; fix the file and import again") from e
+    except (OSError, UnicodeDecodeError, EOFError) as e:
         raise DatasetError(f"cannot read {path} as CSV ({type(e).__name__}: {e})") from e
 
 
