@@ -432,6 +432,13 @@ def main(argv: list[str] | None = None) -> int:
             datasets.disable_progress_bars()
         except ImportError:
             pass
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # transformers' "Loading weights" bar reads it too
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        except ImportError:
+            pass
     try:
         return int(args.func(args) or 0)
     except NothingUsableError as e:
