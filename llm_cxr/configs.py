@@ -63,14 +63,23 @@ def _typed(value: Any, hint: Any, name: str, source: str) -> Any:
 
     YAML 1.1 (PyYAML) reads ``1e-4`` (no dot) as a string: a number field takes such a string as its number
     rather than failing deep inside training. Fields of other types are passed through unchecked."""
+    # a nested block (stage:, loop:, lora:, model:), typed as the dataclass or ``dict | TheConfig [| None]``
+    blocks = [a for a in ((hint,) if isinstance(hint, type) else typing.get_args(hint))
+              if isinstance(a, type) and is_dataclass(a)]
+    if blocks:
+        if value is None and type(None) in typing.get_args(hint):
+            return value
+        if not isinstance(value, (dict, *blocks)):
+            raise ConfigError(f"{source}: {name} must be a mapping of keys, got {_short(value)}")
+        return value
     origin = typing.get_origin(hint)
     if origin in (list, tuple):  # list[int], tuple[int, ...]: a sequence whose items are checked one by one
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{source}: {name} must be a list, got {value!r}")
+            raise ConfigError(f"{source}: {name} must be a list, got {_short(value)}")
         item = next((a for a in typing.get_args(hint) if a is not Ellipsis), None)
         return type(value)(_typed(v, item, f"{name}[{i}]", source) for i, v in enumerate(value))
     if origin is dict and not isinstance(value, dict):
-        raise ConfigError(f"{source}: {name} must be a mapping, got {value!r}")
+        raise ConfigError(f"{source}: {name} must be a mapping, got {_short(value)}")
     if origin is not None and origin is not typing.Union and origin is not types.UnionType:
         return value  # dict[...] and other generics: passed through
     args = typing.get_args(hint)
@@ -92,7 +101,36 @@ def _typed(value: Any, hint: Any, name: str, source: str) -> Any:
         if number is not None and (want is float or number.is_integer()):
             return want(number)
     raise ConfigError(f"{source}: {name} must be {'an' if want is int else 'a'} {want.__name__}"
-                      f"{' or null' if optional else ''}, got {value!r}")
+                      f"{' or null' if optional else ''}, got {_short(value)}")
+
+
+def _short(value: Any) -> str:
+    """A bounded repr for messages (a YAML value can be huge)."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlist = r.maxdict = r.maxtuple = 4
+    r.maxlevel = 2
+    r.maxstring = r.maxother = 60
+    return r.repr(value)
+
+
+MAX_CONFIG_NODES = 100_000  # far beyond any real config; a YAML alias bomb expands to billions
+
+
+def _expanded_size(node: Any, seen: dict[int, int]) -> int:
+    """Nodes the tree would have with every alias expanded, counted without expanding (memoised by identity)."""
+    if isinstance(node, dict):
+        children = list(node.values())
+    elif isinstance(node, list):
+        children = node
+    else:
+        return 1
+    key = id(node)
+    if key not in seen:
+        seen[key] = 0  # a cycle counts once
+        seen[key] = min(1 + sum(_expanded_size(c, seen) for c in children), 10**12)
+    return seen[key]
 
 
 def read_yaml_config(path) -> dict[str, Any]:
@@ -114,6 +152,8 @@ def read_yaml_config(path) -> dict[str, Any]:
         raise ConfigError(f"{path} is not valid YAML: {e}") from e
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: a config file is a mapping of keys to values, got a {type(doc).__name__}")
+    if _expanded_size(doc, {}) > MAX_CONFIG_NODES:
+        raise ConfigError(f"{path}: its YAML aliases expand to more than {MAX_CONFIG_NODES:,} values (an alias bomb?)")
     return doc
 
 

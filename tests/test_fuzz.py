@@ -160,3 +160,25 @@ def test_token_map_takes_any_ids_and_codes_or_says_why(ids, codes):
 @pytest.mark.slow
 def test_long_fuzz_pass_is_configured():
     assert LONG >= 1000, "run the long pass with LLM_CXR_FUZZ_EXAMPLES=5000 pytest -m slow tests/test_fuzz.py"
+
+
+def test_yaml_alias_bombs_and_scalar_blocks_are_config_errors_at_once(tmp_path):
+    import time
+
+    from llm_cxr.errors import ConfigError
+    from llm_cxr.train.config import load_lm_config
+    from llm_cxr.vqgan.train import load_train_config
+
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 8)]
+    bomb = "\n".join(lines) + "\n"  # 9^8 leaves if expanded
+    for doc, load in ((bomb + "loop: {steps: *a7}\n", lambda p: load_lm_config(p, data="d", out="o")),
+                      (bomb + "model: *a7\n", lambda p: load_train_config(str(p), out=str(tmp_path / "o"))),
+                      ("stage: 3\n", lambda p: load_lm_config(p, data="d", out="o", base="b")),
+                      ("lora: [1, 2]\n", lambda p: load_lm_config(p, data="d", out="o", base="b"))):
+        p = tmp_path / "c.yaml"
+        p.write_text(doc)
+        t0 = time.perf_counter()
+        with pytest.raises(ConfigError, match=r"alias bomb|must be a mapping"):
+            load(p)
+        assert time.perf_counter() - t0 < 5

@@ -109,6 +109,9 @@ def write_dataset(
         summary = WriteSummary(str(out_dir), n, len(bad), dict(sorted(counts.items())), bad.items, info or {})
         if n == 0:
             _write_reports(Path(tmp) / "report", summary)
+            if not bad.items:
+                raise NothingUsableError(f"no item to write to {out_dir}: the source has no rows (only a header, "
+                                         f"or every row filtered out)")
             raise NothingUsableError(
                 f"no usable item for {out_dir}: {len(bad)} bad item(s); first problems: "
                 + "; ".join(f"{b.item}: {b.problem}" for b in bad.items[:5])

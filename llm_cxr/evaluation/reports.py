@@ -204,6 +204,8 @@ def evaluate_predictions(predictions: str | Path, references: str | Path, out: s
     labeler = chexbert_labeler(*chexbert) if chexbert else rules_labeler
     preds, ids, problems, recs = _system(Path(predictions), refs, out, names[0], text_field, section, meteor,
                                          progress, labeler)
+    if not preds:
+        raise InputError(f"{predictions}: no prediction in the file (empty, or no readable row with an id)")
     if not ids:
         raise InputError(f"{predictions}: no id matches a reference id in {references}")
     text = lambda p, i: section_text(p[i], section)  # noqa: E731
