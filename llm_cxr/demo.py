@@ -214,7 +214,8 @@ def _retrieval_floor(codes_dir: Path) -> float:
     from llm_cxr.evaluation.clinical import score_reports
 
     rows = nearest_report_dataset(codes_dir, "test")
-    truth = dict(zip(*load_dataset(codes_dir, split="test").select_columns(["id", "findings"])[:].values()))
+    test = load_dataset(codes_dir, split="test")
+    truth = dict(zip(test["id"], test["findings"]))
     return score_reports([r["report"] for r in rows], [findings_from_json(truth[r["id"]]) for r in rows]).micro_f1
 
 

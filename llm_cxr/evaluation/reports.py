@@ -157,7 +157,7 @@ class Scored:
 def _meteor_unavailable() -> str | None:
     """Why METEOR cannot run here (its WordNet data missing), or None."""
     try:
-        language.meteor_scores(["clear lungs"], ["lungs are clear"])
+        language.load_wordnet()
     except LLMCXRError as e:
         return str(e)
     return None

@@ -115,8 +115,13 @@ def attribute(model, case: Case, method: str, routes: str = "all", **options) ->
 def _shape(case: Case, scores: torch.Tensor) -> np.ndarray:
     if case.direction == IMAGE_TO_REPORT:
         return scores.reshape(case.grid, case.grid).numpy()
+    return word_map(case, scores)
+
+
+def word_map(case: Case, scores: torch.Tensor) -> np.ndarray:
+    """Per-token scores of a report -> image case summed over the pieces of each word."""
     words = torch.zeros(len(case.words))
-    words.index_add_(0, torch.as_tensor(case.word_of), scores)
+    words.index_add_(0, torch.as_tensor(case.word_of), scores.float())
     return words.numpy()
 
 
@@ -168,4 +173,4 @@ def seed_sampling(seed: int = 0):
     return Sampling(temperature=IMAGE_TEMPERATURE, top_p=IMAGE_TOP_P, seed=seed)
 
 
-__all__ = ["METHODS", "Case", "Explanation", "attribute", "explain", "register"]
+__all__ = ["METHODS", "Case", "Explanation", "attribute", "explain", "register", "word_map"]

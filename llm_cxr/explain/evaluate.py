@@ -130,7 +130,7 @@ def evaluate_drawings(model, rows, methods: dict[str, dict], progress: bool = Fa
     mean mass on the finding's words against its chance share, and how often one of them is the top word."""
     from tqdm.auto import tqdm
 
-    from llm_cxr.explain import attribute
+    from llm_cxr.explain import attribute, word_map
     from llm_cxr.explain.cases import plan_for, stated_for_drawing
 
     grid = model.map.grid_size
@@ -143,10 +143,7 @@ def evaluate_drawings(model, rows, methods: dict[str, dict], progress: bool = Fa
             stated = stated_for_drawing(model, row["report"])  # as generation prompts the drawing
             case = report_to_image(model, row["report"], t.codes, stated, region,
                                    plan_for(model, row["report"], stated))
-            scores = attribute(model, case, name, **options)
-            saliency = np.zeros(len(case.words))
-            np.add.at(saliency, np.asarray(case.word_of), scores.float().abs().numpy())
-            m = word_mass(case.words, saliency, t.finding)
+            m = word_mass(case.words, word_map(case, attribute(model, case, name, **options)), t.finding)
             if m is None:
                 continue
             r = per.setdefault(t.finding, {"n": 0, "mass": 0.0, "chance": 0.0, "top": 0})
