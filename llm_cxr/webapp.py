@@ -17,9 +17,9 @@ handles medical images:
   so PNG, JPEG and DICOM are interpreted exactly as in training, and a file that is not an
   image gives a one-line message in the page, never a traceback.
 
-Per-sentence explanation heatmaps plug in through ``explainer`` (see :data:`Explainer`;
-:func:`method_explainer` makes one from any method of :mod:`llm_cxr.explain`); without one, their gallery
-stays hidden.
+Explanations plug in through ``explainer`` (see :data:`Explainer`; :func:`method_explainer` makes one from any
+method of :mod:`llm_cxr.explain`): a heatmap per sentence of a written report, and the words that drove a drawing,
+highlighted; without one, both stay hidden.
 """
 
 from __future__ import annotations
@@ -59,23 +59,47 @@ class SentenceHeatmap:
     heatmap: np.ndarray  # (H, W), any range; normalised to [0, 1] for display
 
 
-# (model, the image as the model saw it, the generated report) -> one heatmap per sentence
-Explainer = Callable[[LLMCXR, Image.Image, str], list[SentenceHeatmap]]
+class Explainer:
+    """What the page explains, by one method: ``sentences(model, image, report)`` gives one heatmap per sentence of
+    the written report over the image as the model saw it; ``words(model, report, codes)`` gives each word of the
+    report with its share of the drawing (min-max normalised to [0, 1]), for the codes the model drew."""
+
+    def sentences(self, model: LLMCXR, image: Image.Image, report: str) -> list[SentenceHeatmap]:
+        raise NotImplementedError
+
+    def words(self, model: LLMCXR, report: str, codes) -> list[tuple[str, float]]:
+        raise NotImplementedError
 
 
-def method_explainer(method: str = "m2ib", **options) -> Explainer:
-    """An :data:`Explainer` from a registered explanation method (:data:`llm_cxr.explain.METHODS`): one map per
-    sentence of the report the page shows, over the image as the model saw it."""
-    from llm_cxr.explain import METHODS, explain
+class MethodExplainer(Explainer):
+    """An :class:`Explainer` from a registered method of :mod:`llm_cxr.explain` (its options, e.g. M2IB's steps)."""
 
-    if method not in METHODS:
-        raise ConfigError(f"unknown explanation method {method!r}; choose from {', '.join(sorted(METHODS))}")
+    def __init__(self, method: str = "m2ib", **options):
+        from llm_cxr.explain import METHODS
 
-    def explainer(model: LLMCXR, image: Image.Image, report: str) -> list[SentenceHeatmap]:
-        ex = explain(model, image=image, method=method, written=report, **options)
+        if method not in METHODS:
+            raise ConfigError(f"unknown explanation method {method!r}; choose from {', '.join(sorted(METHODS))}")
+        self.method, self.options = method, options
+
+    def sentences(self, model: LLMCXR, image: Image.Image, report: str) -> list[SentenceHeatmap]:
+        from llm_cxr.explain import explain
+
+        ex = explain(model, image=image, method=self.method, written=report, **self.options)
         return [SentenceHeatmap(t, m) for t, m in zip(ex.targets, ex.maps)]
 
-    return explainer
+    def words(self, model: LLMCXR, report: str, codes) -> list[tuple[str, float]]:
+        if self.method == "occlusion":  # occlusion masks code patches: it has no word form
+            return []
+        from llm_cxr.explain import explain
+        from llm_cxr.explain.result import normalise
+
+        ex = explain(model, report=report, codes=codes, method=self.method, **self.options)
+        return [(w, float(v)) for w, v in zip(ex.words, normalise(ex.maps[0]))]
+
+
+def method_explainer(method: str = "m2ib", **options) -> MethodExplainer:
+    """The page's explanations by a registered method (:data:`llm_cxr.explain.METHODS`)."""
+    return MethodExplainer(method, **options)
 
 
 def _gradio():
@@ -163,7 +187,14 @@ def explain_report(explainer: Explainer | None, model: LLMCXR, image: Image.Imag
     """The hook for explanations: (overlay, sentence) pairs for the gallery; [] without an explainer."""
     if explainer is None or not report:
         return []
-    return [(heatmap_overlay(image, s.heatmap), s.sentence) for s in explainer(model, image, report)]
+    return [(heatmap_overlay(image, s.heatmap), s.sentence) for s in explainer.sentences(model, image, report)]
+
+
+def explain_drawing(explainer: Explainer | None, model: LLMCXR, report: str, codes) -> list[tuple[str, float]]:
+    """The words of ``report`` with their share of the drawing ``codes``, for the page; [] without an explainer."""
+    if explainer is None:
+        return []
+    return explainer.words(model, report, codes)
 
 
 def _for_display(img: Image.Image) -> Image.Image:
@@ -217,13 +248,14 @@ class Handlers:
         return _for_display(image), text, explain_report(self.explainer, self.model, image, text)
 
     def image(self, report: str, guidance: float, seed: float | None):
-        """report text -> (generated image,); ``seed`` < 0 or empty samples a new image each time."""
+        """report text -> (generated image, its words highlighted by their share of the drawing); ``seed`` < 0 or
+        empty samples a new image each time."""
         if not report or not report.strip():
             raise InputError("type a report first, e.g. 'Small left pleural effusion. No pneumothorax.'")
         seed = None if seed is None or seed < 0 else int(seed)
         sampling = Sampling(temperature=IMAGE_TEMPERATURE, top_p=IMAGE_TOP_P, seed=seed)
         out = self.model.generate_image([report.strip()], sampling, guidance=float(guidance), batch_size=1)
-        return (_for_display(out.images[0]),)
+        return _for_display(out.images[0]), explain_drawing(self.explainer, self.model, report.strip(), out.codes[0])
 
     def answer(self, upload, question: str):
         """upload + question -> (model's view of the image, answer)."""
@@ -274,7 +306,10 @@ def build_app(model: LLMCXR, max_upload_mb: float = 10, max_queue: int = 64, exp
                     out = gr.Image(label="Generated X-ray", type="pil", format="png", interactive=False,
                                    elem_id="image-out")
                     status2 = gr.Textbox(label="Status", interactive=False, elem_id="image-status")
-            btn2.click(_guarded(h.image, 1, limit), [rep, guidance, seed], [out, status2], api_name="image")
+            words = gr.HighlightedText(label="Which words drove the drawing (darker: more)", show_legend=False,
+                                       show_inline_category=False, visible=explainer is not None,
+                                       elem_id="image-explain")
+            btn2.click(_guarded(h.image, 2, limit), [rep, guidance, seed], [out, words, status2], api_name="image")
         with gr.Tab("Ask about an X-ray", id="ask"):
             with gr.Row():
                 with gr.Column():

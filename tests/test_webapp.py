@@ -168,6 +168,8 @@ def test_upload_gives_a_report_and_a_report_gives_an_image(page, tmp_path):
     img.wait_for(timeout=30_000)
     page.wait_for_function("el => el.complete && el.naturalWidth > 0", arg=img.element_handle(), timeout=30_000)
     assert page.evaluate("el => el.naturalWidth", img.element_handle()) >= 16
+    page.get_by_text("effusion", exact=False).last.wait_for(timeout=30_000)  # the words that drove the drawing
+    assert "pleural" in page.locator("#image-explain").inner_text()
     _screenshot(page, tmp_path, "webapp_image.png")
 
 
@@ -203,13 +205,15 @@ def test_uploads_are_checked_before_the_model_sees_them(tmp_path):
 
 
 def test_the_explanation_hook_overlays_one_heatmap_per_sentence():
-    from llm_cxr.webapp import SentenceHeatmap, explain_report
+    from llm_cxr.webapp import Explainer, SentenceHeatmap, explain_report
 
     image = Image.fromarray(np.full((16, 16), 100, np.uint8))
 
-    def explainer(model, img, report):
-        return [SentenceHeatmap(s, np.eye(4) * (i + 1)) for i, s in enumerate(report.split(". "))]
+    class Diagonal(Explainer):
+        def sentences(self, model, img, report):
+            return [SentenceHeatmap(s, np.eye(4) * (i + 1)) for i, s in enumerate(report.split(". "))]
 
+    explainer = Diagonal()
     assert explain_report(None, None, image, "Effusion. Cardiomegaly.") == []
     pairs = explain_report(explainer, None, image, "Small left effusion. Mild cardiomegaly.")
     assert [cap for _, cap in pairs] == ["Small left effusion", "Mild cardiomegaly."]
@@ -224,12 +228,32 @@ def test_a_registered_method_explains_each_sentence_of_the_page_report(tmp_path)
     model = LLMCXR.from_pretrained(make_tiny_run(tmp_path), autocast=False)
     image = Image.fromarray(np.full((16, 16), 120, np.uint8))
     report = "FINDINGS: Small left pleural effusion. No pneumothorax."
-    maps = method_explainer("m2ib", steps=2, samples=2)(model, image, report)
+    maps = method_explainer("m2ib", steps=2, samples=2).sentences(model, image, report)
     grid = model.map.grid_size
     assert [m.sentence for m in maps] == ["Small left pleural effusion.", "No pneumothorax."]
     assert all(m.heatmap.shape == (grid, grid) and np.isfinite(m.heatmap).all() for m in maps)
     with pytest.raises(ConfigError, match="unknown explanation method"):
         method_explainer("saliency-magic")
+
+
+def test_the_drawing_tab_highlights_every_word_of_the_report_by_its_share(tmp_path):
+    import torch
+
+    from llm_cxr.lm.generation import LLMCXR
+    from llm_cxr.webapp import Handlers, explain_drawing, method_explainer
+
+    model = LLMCXR.from_pretrained(make_tiny_run(tmp_path), autocast=False)
+    report = "FINDINGS: Small left pleural effusion. No pneumothorax."
+    codes = torch.randint(0, model.map.n_codes, (model.map.grid_size ** 2,),
+                          generator=torch.Generator().manual_seed(0))
+    assert explain_drawing(None, model, report, codes) == []
+    pairs = explain_drawing(method_explainer("gradient_x_input"), model, report, codes)
+    assert " ".join(w for w, _ in pairs) == report  # every word once, in order: the page shows the report itself
+    scores = [v for _, v in pairs]
+    assert min(scores) == 0.0 and max(scores) == 1.0  # min-max normalised, and not constant
+    assert explain_drawing(method_explainer("occlusion"), model, report, codes) == []  # codes only: no word form
+    image, words = Handlers(model, 1, method_explainer("m2ib", steps=2, samples=2)).image(report, 1.0, 0)
+    assert image.size[0] >= 16 and [w for w, _ in words] == report.split()
 
 
 def test_cli_report_skips_unreadable_files_and_fails_only_when_none_is_usable(tmp_path, capsys):
