@@ -9,7 +9,7 @@ labeler and score it against the planted findings; train the ``tiny`` VQ-GAN, me
 reconstructions and encode the dataset; train the finding classifier that judges generated
 images; make the embedded base LM (report tokenizer + tiny GPT-NeoX on report text); fine-tune
 it with LoRA on CXR -> report, report -> CXR and VQA; generate and evaluate on the test split;
-write the page.
+explain a few generated reports with M2IB and measure where its maps point; write the page.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 
 from llm_cxr import __version__
 from llm_cxr.accel import bf16_is_fast
-from llm_cxr.demo_page import metrics_rows, outputs_sections
+from llm_cxr.demo_page import explanations_section, metrics_rows, outputs_sections
 from llm_cxr.pipeline import Stages, code_hash
 from llm_cxr.report_html import Page, dataset_cards, dump_json
 
@@ -44,6 +44,8 @@ class DemoConfig:
     lm_steps: int = 900
     classifier_epochs: int = 6
     n_eval: int = 100
+    n_explain: int = 4  # test studies whose generated reports the page explains, sentence by sentence
+    n_localise: int = 40  # test studies over which M2IB's pointing game is measured against random maps
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -205,6 +207,46 @@ def _stage_generate(stages: Stages, cfg: DemoConfig, codes_dir: Path):
     return stages.run("generate", fp, build)
 
 
+def _stage_explain(stages: Stages, cfg: DemoConfig, codes_dir: Path):
+    """M2IB maps for each sentence of a few generated test reports (the page shows them over the image), and its
+    pointing game on the test split's focal findings beside random maps (llm_cxr.explain.evaluate)."""
+    import json
+    from importlib import import_module
+
+    import torch
+
+    from llm_cxr.data.dataset import load_dataset
+    from llm_cxr.explain import explain
+    from llm_cxr.lm.generation import LLMCXR
+
+    explain_eval = import_module("llm_cxr.explain.evaluate")
+    fp = {"generate": stages.results["generate"].info, "n": cfg.n_explain, "loc": cfg.n_localise,
+          "code": code_hash(*(import_module(f"llm_cxr.explain.{m}") for m in ("m2ib", "routes", "cases", "evaluate")),
+                            import_module("llm_cxr.explain"))}
+
+    def build(tmp: Path) -> dict[str, Any]:
+        model = LLMCXR.from_pretrained(stages.results["lm"].path / "run", vqgan=stages.results["vqgan"].path / "run")
+        test = load_dataset(codes_dir, split="test")
+        rows = {sid: i for i, sid in enumerate(test["id"])}
+        examples = json.loads((stages.results["generate"].path / "eval.json").read_text())["reports"]["examples"]
+        shown, t0 = [], time.perf_counter()
+        for ex in [e for e in examples if e["id"] in rows][:cfg.n_explain]:
+            codes = torch.as_tensor(test[rows[ex["id"]]]["codes"]).long().reshape(-1)
+            explain(model, image=codes, written=ex["generated"], method="m2ib").save(tmp / ex["id"])
+            shown.append(ex["id"])
+        per_sentence = (time.perf_counter() - t0) / max(sum(
+            len(json.loads((tmp / i / "explanation.json").read_text())["targets"]) for i in shown), 1)
+        loc = explain_eval.evaluate_methods(model, list(test.select(range(min(cfg.n_localise, len(test))))),
+                                            {"m2ib": {}, "random": {}}, faithfulness=(), progress=cfg.progress)
+        return {"studies": shown, "seconds_per_sentence": per_sentence, "targets": loc["targets"],
+                "pointing_m2ib": loc["methods"]["m2ib"]["pointing"],
+                "pointing_random": loc["methods"]["random"]["pointing"],
+                "mass_in_mask_m2ib": loc["methods"]["m2ib"]["mass_in_mask"],
+                "mass_in_mask_random": loc["methods"]["random"]["mass_in_mask"]}
+
+    return stages.run("explain", fp, build)
+
+
 def _retrieval_floor(codes_dir: Path) -> float:
     """Report micro-F1 of the nearest-report retrieval baseline on the test split: what copying the report of the
     most similar training image achieves. A model below it has learnt little from the image."""
@@ -251,6 +293,7 @@ def _write_page(cfg: DemoConfig, stages: Stages, summary: dict[str, Any]) -> Pat
     codes = load_dataset(summary["paths"]["data"], split="test")
     outputs_sections(page, stages.results["generate"].path, codes, VQGAN.from_pretrained(summary["paths"]["vqgan"]),
                      cfg.out / "assets", "assets")
+    explanations_section(page, stages.results["explain"], codes, cfg.out / "assets", "assets")
     page.heading("Synthetic data: findings per split")
     page.table(_prevalence(ds.select_columns(["split", "findings"])))
     page.heading("Report labeler on the synthetic reports (planted findings as reference)")
@@ -287,6 +330,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     clf = _stage_classifier(stages, cfg, synth_stage.path / "dataset")
     lm = _stage_lm(stages, cfg, enc.path / "dataset")
     gen = _stage_generate(stages, cfg, enc.path / "dataset")
+    why = _stage_explain(stages, cfg, enc.path / "dataset")
     metrics = {
         "n_images": synth_stage.info["n_rows"],
         "labeler_synthetic_exact_match": lab.info["exact_match"],
@@ -307,6 +351,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         "vqa_accuracy": gen.info["vqa_accuracy"],
         "reports_per_minute": gen.info["reports_per_minute"],
         "images_per_minute": gen.info["images_per_minute"],
+        "explain_pointing_m2ib": why.info["pointing_m2ib"],
+        "explain_pointing_random": why.info["pointing_random"],
+        "explain_seconds_per_sentence": why.info["seconds_per_sentence"],
     }
     summary: dict[str, Any] = {
         "version": __version__,

@@ -9,7 +9,8 @@ from llm_cxr.cli import main
 def test_demo_runs_end_to_end_and_reuses_its_cache(tmp_path):
     out = tmp_path / "OUT"
     args = ["-q", "demo", "--out", str(out), "--n", "60", "--size", "64", "--vqgan-steps", "3",
-            "--lm-pretrain-steps", "2", "--lm-steps", "3", "--classifier-epochs", "1", "--n-eval", "6"]
+            "--lm-pretrain-steps", "2", "--lm-steps", "3", "--classifier-epochs", "1", "--n-eval", "6",
+            "--n-explain", "2"]
     assert main(args) == 0
     summary = json.loads((out / "summary.json").read_text())
     m = summary["metrics"]
@@ -35,6 +36,10 @@ def test_demo_runs_end_to_end_and_reuses_its_cache(tmp_path):
     assert 'src="assets/drawn_00.png"' in page and 'src="assets/truth_00.png"' in page
     answered = page.split("What the model answered")[1].split("</table>")[0]
     assert answered.count("<tr>") >= 2
+    # and why: each generated sentence of two studies with its M2IB map, beside the study's true masks
+    why = page.split("Why it wrote each sentence")[1].split("<h2>")[0]
+    assert why.count("<figcaption>true findings") == 2 and why.count("map_00.png") == 2
+    assert 0 <= m["explain_pointing_m2ib"] <= 1 and 0 <= m["explain_pointing_random"] <= 1
 
     assert main(args) == 0
     again = json.loads((out / "summary.json").read_text())

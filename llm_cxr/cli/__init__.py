@@ -213,6 +213,8 @@ def _add_classifier_and_demo_commands(sub) -> None:
     p.add_argument("--classifier-epochs", type=int, default=6,
                    help="epochs of the finding classifier that judges generated images (default 6)")
     p.add_argument("--n-eval", type=int, default=100, help="test studies per generation task (default 100)")
+    p.add_argument("--n-explain", type=int, default=4,
+                   help="test studies whose generated reports the page explains with M2IB (default 4)")
     p.add_argument("--fresh", action="store_true", help="ignore cached results and redo everything")
     p.set_defaults(func=_cmd_demo)
 
@@ -384,7 +386,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     summary = run_demo(DemoConfig(out=args.out, n=args.n, size=args.size, seed=args.seed,
                                   fresh=args.fresh, progress=not args.quiet, vqgan_steps=args.vqgan_steps,
                                   lm_pretrain_steps=args.lm_pretrain_steps, lm_steps=args.lm_steps,
-                                  classifier_epochs=args.classifier_epochs, n_eval=args.n_eval))
+                                  classifier_epochs=args.classifier_epochs, n_eval=args.n_eval,
+                                  n_explain=args.n_explain))
     p = summary["paths"]
     print(f"demo finished in {summary['seconds_total']:.1f} s (building everything took "
           f"{summary['seconds_built']:.0f} s): open {args.out / 'index.html'}\n"
