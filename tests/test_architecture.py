@@ -10,7 +10,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 LIB = REPO / "llm_cxr"
 # Lower rank may not import higher rank; the same rank may not import each other either, except within a package.
-RANK = {"errors": 0, "configs": 0, "accel": 0, "pipeline": 0, "rng": 0,
+RANK = {"errors": 0, "configs": 0, "files": 0, "accel": 0, "pipeline": 0, "rng": 0,
         "data": 1, "report_html": 2, "vqgan": 3,
         "classifier": 4, "lm": 4,
         "train": 5, "evaluation": 5, "explain": 6,

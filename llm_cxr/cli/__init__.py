@@ -454,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         print("llm-cxr: interrupted", file=sys.stderr)
         return 130
     except OSError as e:  # a read-only folder, a full disk, a vanished file: say which and why, no traceback
-        print(f"llm-cxr: error: {_os_error_text(e)}", file=sys.stderr)
+        print(f"llm-cxr: error: {_os_error_text(e, getattr(args, 'out', None))}", file=sys.stderr)
         log.debug("OSError", exc_info=True)
         return 2
     except Exception as e:  # noqa: BLE001 - third-party formats (safetensors, arrow) raise their own types
@@ -465,10 +465,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _os_error_text(e: OSError) -> str:
+def _os_error_text(e: OSError, out: Path | None = None) -> str:
+    """One line for an OSError; a failed write that names no file (a buffered write, say) names ``out``."""
     import errno
 
     where = " -> ".join(str(p) for p in (e.filename, e.filename2) if p)
+    if not where and out is not None and e.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT):
+        where = f"writing to {out}"
     hint = {errno.ENOSPC: "the disk is full: free space or choose another --out; finished work is kept",
             errno.EROFS: "the file system is read-only: choose another --out",
             errno.EACCES: "permission denied", errno.EDQUOT: "disk quota exceeded"}.get(e.errno)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -25,6 +24,7 @@ from llm_cxr.errors import InputError, LLMCXRError
 from llm_cxr.evaluation import chexpert, language
 from llm_cxr.evaluation.bootstrap import bootstrap_ci, paired_bootstrap
 from llm_cxr.evaluation.report_files import Problems, match, read_references, read_reports, section_text
+from llm_cxr.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +95,7 @@ def score_studies(ids: Sequence[str], preds: dict[str, str], refs: dict[str, str
         else:
             todo.append((i, k))
     kept = [records[i] for i in ids if i in records]
-    tmp = path.with_name(path.name + ".tmp")  # rewrite without stale/partial lines, then append
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))  # without stale or partial lines; then append
     if todo:
         log.info("%s: %d studies to score, %d reused", path, len(todo), len(kept))
     with open(path, "a", encoding="utf-8") as f:
@@ -161,12 +159,6 @@ def _meteor_unavailable() -> str | None:
     except LLMCXRError as e:
         return str(e)
     return None
-
-
-def _atomic_write(path: Path, text: str | bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
-    os.replace(tmp, path)
 
 
 def _system(pred_path: Path, refs: dict[str, str], out: Path, name: str, text_field: str | None, section: str,
@@ -276,12 +268,12 @@ def markdown(result: dict) -> str:
 def _write_outputs(out: Path, result: dict) -> None:
     from llm_cxr.evaluation.plots import per_class_f1_png
 
-    _atomic_write(out / "metrics.json", json.dumps(result, indent=2) + "\n")
-    _atomic_write(out / "metrics.md", markdown(result))
+    write_atomic(out / "metrics.json", json.dumps(result, indent=2) + "\n")
+    write_atomic(out / "metrics.md", markdown(result))
     systems = {result["names"][0]: result["per_class"]}
     if "comparison" in result:
         systems[result["names"][1]] = result["comparison"]["per_class"]
     png = per_class_f1_png(systems, CHEXPERT_14)
     if png is not None:
-        _atomic_write(out / "per_class_f1.png", png)
+        write_atomic(out / "per_class_f1.png", png)
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from llm_cxr.configs import from_dict_strict
 from llm_cxr.errors import ConfigError
+from llm_cxr.files import write_atomic
 
 
 @dataclass
@@ -94,7 +95,7 @@ class VQGANConfig:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        write_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")  # rewritten at every checkpoint
 
     @classmethod
     def load(cls, path: str | Path) -> "VQGANConfig":

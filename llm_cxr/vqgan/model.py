@@ -137,13 +137,14 @@ class VQGAN(nn.Module):
 
     # ---- saving and loading ------------------------------------------------------------------
     def save_pretrained(self, path: str | Path) -> Path:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
+
+        from llm_cxr.files import save_atomic
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        tmp = path / (WEIGHTS_FILE + ".tmp")
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(tmp))
-        tmp.replace(path / WEIGHTS_FILE)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_atomic(path / WEIGHTS_FILE, lambda f: f.write(save(state)))
         self.config.save(path / CONFIG_FILE)
         return path
 
