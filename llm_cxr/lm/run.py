@@ -174,6 +174,9 @@ def model_dir(run: str | Path) -> Path:
         return run / "model"
     if not run.exists():
         raise ConfigError(f"model run {run} does not exist")
+    if (run / "checkpoints").is_dir() and not (run / "DONE").exists():
+        raise ConfigError(f"{run} is an unfinished training run that has saved no model yet (no model/{RUN_FILE}); "
+                          f"rerun its training command with the same --out to finish it")
     raise ConfigError(f"{run} is not an llm-cxr language-model run (no {RUN_FILE}, no model/{RUN_FILE}); "
                       f"train one with `llm-cxr train`")
 

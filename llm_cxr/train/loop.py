@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from llm_cxr.errors import ConfigError
+from llm_cxr.files import save_atomic
 from llm_cxr.lm.addons.positions import find
 from llm_cxr.lm.model import CXRModel, response_loss
 from llm_cxr.lm.sequence import Batch
@@ -69,9 +70,7 @@ def _save_checkpoint(run: Path, model, opt, pos: _Position, accelerator) -> None
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"position": asdict(pos), "trainable": _trainable_state(accelerator.unwrap_model(model)),
                "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state()}
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)  # atomic: a kill leaves the previous checkpoint whole
+    save_atomic(path, lambda f: torch.save(payload, f))  # a kill or a full disk leaves the previous one whole
 
 
 def _load_checkpoint(run: Path, model, opt) -> _Position | None:
@@ -229,6 +228,10 @@ def train_loop(model, train_ds, eval_ds, pad_id: int, cfg: LoopConfig, run: Path
                               plan=_has_plan(model), token_map=token_map)
     metrics_path = run / "metrics.csv"
     main = accelerator.is_main_process
+    if main:
+        # the caller rewrites the model folder after the loop and then marks the run DONE again if it reached its
+        # steps; until then a DONE left by an earlier (shorter) run would vouch for a model being replaced
+        (run / "DONE").unlink(missing_ok=True)
     if main and metrics_path.exists():
         _tidy_metrics(metrics_path, pos.step)  # rows logged after the checkpoint a kill fell back to
     new_file = main and not metrics_path.exists()

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 
 from llm_cxr.configs import from_dict_strict, read_yaml_config, run_versions
 from llm_cxr.errors import ConfigError
+from llm_cxr.files import save_atomic
 from llm_cxr.vqgan.config import VQGANConfig, preset
 from llm_cxr.vqgan.data import ImageTensorDataset
 from llm_cxr.vqgan.losses import (
@@ -201,9 +202,7 @@ def _save_checkpoint(run: Path, accelerator, model, disc, opt_g, opt_d, state: _
                "model": accelerator.unwrap_model(model).state_dict(),
                "disc": accelerator.unwrap_model(disc).state_dict(),
                "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "torch_rng": torch.get_rng_state()}
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)  # atomic: a kill leaves the previous checkpoint intact
+    save_atomic(path, lambda f: torch.save(payload, f))  # a kill or a full disk leaves the previous one intact
     accelerator.unwrap_model(model).save_pretrained(run / "model")
 
 
@@ -291,6 +290,9 @@ def train_vqgan(cfg: VQGANTrainConfig, accelerator=None) -> Path:
     state = _load_checkpoint(run, model, disc, opt_g, opt_d, accelerator) or _State(
         0, torch.ones(model_cfg.n_embed, device=accelerator.device))
     raw = accelerator.unwrap_model(model)
+    if accelerator.is_main_process and state.step < cfg.steps:
+        # model/ is rewritten at every checkpoint from here on: a DONE left by a shorter run would vouch for it
+        (run / "DONE").unlink(missing_ok=True)
     metrics_path = run / "metrics.csv"
     # Only the main process touches metrics.csv: a second rank opening it in append mode would create it
     # before the main one checks for it, and the header would be lost (seen in CI).
@@ -301,6 +303,7 @@ def train_vqgan(cfg: VQGANTrainConfig, accelerator=None) -> Path:
     bar = tqdm(total=cfg.steps, initial=state.step, desc="vqgan",
                disable=not (cfg.progress and accelerator.is_main_process))
     batches = _batches(ds, cfg, state.step, accelerator)
+    x = None  # stays None when the run had already reached its steps
     with (open(metrics_path, "a", newline="") if accelerator.is_main_process else open(os.devnull, "w")) as mf:
         writer = csv.writer(mf)
         if new_file:
@@ -331,7 +334,8 @@ def train_vqgan(cfg: VQGANTrainConfig, accelerator=None) -> Path:
     bar.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and state.step >= cfg.steps:
-        _write_sample(run, state.step, x, row["recon"])
+        if x is not None:
+            _write_sample(run, state.step, x, row["recon"])
         (run / "DONE").write_text(json.dumps({"steps": state.step}) + "\n")
     return run
 
