@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -95,7 +94,12 @@ def write_dataset(
             counts[row["split"]] = counts.get(row["split"], 0) + 1
             yield row
 
-    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
+    # one temporary folder per output, emptied first: a killed job's leftovers go (never reused: the counts and the
+    # bad items come from running the generator), and the folder goes on success and on error alike
+    tmp = out_dir.parent / f".{out_dir.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
         try:
             ds = datasets.Dataset.from_generator(
                 gen, features=dataset_features(), cache_dir=str(Path(tmp) / "cache")
@@ -123,6 +127,8 @@ def write_dataset(
         if out_dir.exists():
             shutil.rmtree(out_dir)
         staged.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     log.info("wrote %d rows to %s (%d bad items skipped)", n, out_dir, len(bad))
     return summary
 

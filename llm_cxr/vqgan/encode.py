@@ -10,6 +10,7 @@ run can refuse codes from another tokenizer.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -82,31 +83,48 @@ def encode_dataset(model_path: str | Path, data: str | Path, out: str | Path, ba
     fp = hashlib.sha256(f"{shard._fingerprint}:{info['weights']}:{resize}:{autocast}".encode()).hexdigest()[:16]
     tmp = out.parent / f".{out.name}.tmp"
     tmp.mkdir(parents=True, exist_ok=True)
-    # the map's cache (and the temporary files a kill would leave) go beside the output, never into the input
-    # dataset's folder; a rerun after a kill finds a finished cache there and reuses it
-    encoded = shard.map(_encode_fn(model, resize, autocast), batched=True, batch_size=batch_size,
-                        features=features, new_fingerprint=fp, desc=f"encoding (rank {rank})",
-                        disable_nullable=True, cache_file_name=str(tmp / f"cache-{fp}-rank{rank}.arrow"))
-    if n_proc > 1:
-        encoded.save_to_disk(str(tmp / f"rank{rank}"))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    try:
+        # the map's cache (and the temporary files a kill would leave) go beside the output, never into the input
+        # dataset's folder; a rerun after a kill finds a finished cache there and reuses it
+        encoded = shard.map(_encode_fn(model, resize, autocast), batched=True, batch_size=batch_size,
+                            features=features, new_fingerprint=fp, desc=f"encoding (rank {rank})",
+                            disable_nullable=True, cache_file_name=str(tmp / f"cache-{fp}-rank{rank}.arrow"))
         if n_proc > 1:
-            parts = [datasets.load_from_disk(str(tmp / f"rank{r}")) for r in range(n_proc)]
-            encoded = datasets.concatenate_datasets(parts)
-        staged = tmp / "dataset"
-        encoded.save_to_disk(str(staged))
-        (staged / CODES_INFO).write_text(json.dumps(info, indent=2) + "\n")
-        for f in ("summary.json", "bad_items.jsonl"):
-            if (Path(data) / f).exists():
-                shutil.copy(Path(data) / f, staged / f)
-        if out.exists():
-            shutil.rmtree(out)
-        staged.rename(out)
-        shutil.rmtree(tmp, ignore_errors=True)
-        log.info("encoded %d images into %s", len(encoded), out)
+            encoded.save_to_disk(str(tmp / f"rank{rank}"))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            if n_proc > 1:
+                parts = [datasets.load_from_disk(str(tmp / f"rank{r}")) for r in range(n_proc)]
+                encoded = datasets.concatenate_datasets(parts)
+            staged = tmp / "dataset"
+            shutil.rmtree(staged, ignore_errors=True)  # half of one, from a run killed while saving
+            encoded.save_to_disk(str(staged))
+            (staged / CODES_INFO).write_text(json.dumps(info, indent=2) + "\n")
+            for f in ("summary.json", "bad_items.jsonl"):
+                if (Path(data) / f).exists():
+                    shutil.copy(Path(data) / f, staged / f)
+            if out.exists():
+                shutil.rmtree(out)
+            staged.rename(out)
+            shutil.rmtree(tmp, ignore_errors=True)
+            log.info("encoded %d images into %s", len(encoded), out)
+    except BaseException:
+        _drop_partial(tmp)
+        raise
     accelerator.wait_for_everyone()
     return {**info, "n": len(ds), "out": str(out)}
+
+
+def _drop_partial(tmp: Path) -> None:
+    """After a failure (a full disk, say): remove what is half-written in ``tmp`` (datasets' temporary files, a
+    staged copy) and keep the finished caches, which a rerun reuses."""
+    for p in tmp.iterdir() if tmp.is_dir() else ():
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        elif not p.name.startswith("cache-"):
+            p.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        tmp.rmdir()  # when nothing finished is left
 
 
 def read_codes_info(data: str | Path) -> dict:
