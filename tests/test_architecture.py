@@ -14,8 +14,8 @@ RANK = {"errors": 0, "configs": 0, "files": 0, "accel": 0, "pipeline": 0, "rng":
         "data": 1, "report_html": 2, "vqgan": 3,
         "classifier": 4, "lm": 4,
         "train": 5, "evaluation": 5, "explain": 6,
-        "demo_page": 6, "webapp": 7, "demo": 7,
-        "cli": 8, "__main__": 9}
+        "demo_page": 7, "webapp": 7, "demo": 8,
+        "cli": 9, "__main__": 10}
 
 
 def _imports(path: Path) -> set[str]:
