@@ -36,9 +36,16 @@ def add_evaluate_commands(sub) -> None:
                         "(needs --chexbert-weights and --bert)")
     p.add_argument("--chexbert-weights", type=Path, help="CheXbert checkpoint (chexbert.pth) for --labeler chexbert")
     p.add_argument("--bert", type=Path, help="local bert-base-uncased folder (config.json, vocab.txt) for CheXbert")
+    p.add_argument("--radgraph", type=Path, metavar="DIR",
+                   help="with --predictions: add RadGraph F1 (simple, partial, complete) with the RadGraph model in "
+                        "DIR (config.json, vocabulary/, weights.th: radgraph.tar.gz of StanfordAIMI/RRG_scorers, "
+                        "extracted; its BERT in the local Hugging Face cache; needs pip install radgraph)")
+    p.add_argument("--radgraph-model", choices=["radgraph", "radgraph-xl", "modern-radgraph-xl"],
+                   help="which RadGraph model DIR holds (its report tokenisation; default: DIR's name if it is one "
+                        "of these, else radgraph)")
     p.add_argument("--model", type=Path, help="trained run folder: generate and score on --data")
     p.add_argument("--vqgan", type=Path, help="with --model: VQ-GAN run (default: the one recorded with the model)")
-    p.add_argument("--device", default="cpu", help="with --model: torch device (default cpu)")
+    p.add_argument("--device", default="cpu", help="torch device for --model and --radgraph (default cpu)")
     p.add_argument("--batch-size", type=int, default=16, help="with --model: requests decoded together")
     p.add_argument("--data", type=Path, help="with --model: dataset with codes and ground-truth findings")
     p.add_argument("--split", default="test", help="split to evaluate or take references from (default test)")
@@ -97,8 +104,11 @@ def _evaluate_file(args) -> int:
     res = evaluate_predictions(args.predictions, args.references, out, split=args.split, compare=args.compare,
                                resamples=args.resamples, seed=args.seed, section=args.section, text_field=args.field,
                                meteor=False if args.no_meteor else None, names=names, progress=not args.quiet,
-                               chexbert=(args.chexbert_weights, args.bert) if args.labeler == "chexbert" else None)
+                               chexbert=(args.chexbert_weights, args.bert) if args.labeler == "chexbert" else None,
+                               radgraph=args.radgraph, radgraph_model=args.radgraph_model, device=args.device)
     print(markdown(res))
+    for what, why in res.get("skipped", {}).items():
+        print(f"{what} not computed: {why}", file=sys.stderr)
     counts = {k: v["count"] for k, v in res["problems"].items() if v["count"]}
     if counts:
         print("not scored as given: " + ", ".join(f"{v} {k}" for k, v in counts.items()), file=sys.stderr)
