@@ -229,13 +229,14 @@ def _stage_explain(stages: Stages, cfg: DemoConfig, codes_dir: Path):
         test = load_dataset(codes_dir, split="test")
         rows = {sid: i for i, sid in enumerate(test["id"])}
         examples = json.loads((stages.results["generate"].path / "eval.json").read_text())["reports"]["examples"]
-        shown, t0 = [], time.perf_counter()
+        shown, sentences, t0 = [], 0, time.perf_counter()
         for ex in [e for e in examples if e["id"] in rows][:cfg.n_explain]:
             codes = torch.as_tensor(test[rows[ex["id"]]]["codes"]).long().reshape(-1)
-            explain(model, image=codes, written=ex["generated"], method="m2ib").save(tmp / ex["id"])
+            why = explain(model, image=codes, written=ex["generated"], method="m2ib")
+            why.save(tmp / ex["id"])
             shown.append(ex["id"])
-        per_sentence = (time.perf_counter() - t0) / max(sum(
-            len(json.loads((tmp / i / "explanation.json").read_text())["targets"]) for i in shown), 1)
+            sentences += len(why.targets)
+        per_sentence = (time.perf_counter() - t0) / max(sentences, 1)
         loc = explain_eval.evaluate_methods(model, list(test.select(range(min(cfg.n_localise, len(test))))),
                                             {"m2ib": {}, "random": {}}, faithfulness=(), progress=cfg.progress)
         return {"studies": shown, "seconds_per_sentence": per_sentence, "targets": loc["targets"],
