@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from llm_cxr import __version__
-from llm_cxr.accel import bf16_is_fast
 from llm_cxr.demo_page import explanations_section, metrics_rows, outputs_sections
 from llm_cxr.pipeline import Stages, code_hash
 from llm_cxr.report_html import Page, dataset_cards, dump_json
@@ -34,15 +33,15 @@ log = logging.getLogger(__name__)
 @dataclass
 class DemoConfig:
     out: Path = Path("OUT")
-    n: int = 3000
+    n: int = 10000
     size: int = 128
     seed: int = 0
     fresh: bool = False
     progress: bool = True
-    vqgan_steps: int = 600
-    lm_pretrain_steps: int = 300
-    lm_steps: int = 900
-    classifier_epochs: int = 6
+    vqgan_steps: int = 1000
+    lm_pretrain_steps: int = 1000
+    lm_steps: int = 1500
+    classifier_epochs: int = 2
     n_eval: int = 100
     n_explain: int = 4  # test studies whose generated reports the page explains, sentence by sentence
     n_localise: int = 40  # test studies over which M2IB's pointing game is measured against random maps
@@ -97,6 +96,7 @@ def _stage_vqgan(stages: Stages, cfg: DemoConfig, data_dir: Path):
     import torch
 
     from llm_cxr import vqgan
+    from llm_cxr.accel import bf16_is_fast
     from llm_cxr.data.dataset import load_dataset
     from llm_cxr.vqgan import VQGAN
     from llm_cxr.vqgan.data import ImageTensorDataset, to_unit_range
@@ -109,7 +109,7 @@ def _stage_vqgan(stages: Stages, cfg: DemoConfig, data_dir: Path):
     def build(tmp: Path) -> dict[str, Any]:
         run = train_vqgan(load_train_config("tiny", data=str(data_dir), out=str(tmp / "run"), steps=cfg.vqgan_steps,
                                             seed=cfg.seed, progress=cfg.progress, sample_every=10**9,
-                                            disc_start=int(cfg.vqgan_steps * 0.75)))
+                                            disc_start=cfg.vqgan_steps))
         model = VQGAN.from_pretrained(run)
         test = load_dataset(data_dir, split="test")
         x = to_unit_range(ImageTensorDataset(test, model.config.resolution, 1, progress=False, preload=True).cache)
@@ -152,7 +152,7 @@ def _stage_classifier(stages: Stages, cfg: DemoConfig, data_dir: Path):
     def build(tmp: Path) -> dict[str, Any]:
         m = train_classifier(ClassifierTrainConfig(data=str(data_dir), out=str(tmp / "run"), resolution=res,
                                                    epochs=cfg.classifier_epochs, seed=cfg.seed,
-                                                   progress=cfg.progress, channels=(16, 32, 64)))
+                                                   progress=cfg.progress))
         return {"test_micro_f1": m["micro_f1"], "test_exact_match": m["exact_match"]}
 
     return stages.run("classifier", fp, build)

@@ -125,13 +125,15 @@ def test_codes_validation_and_shapes():
     m = VQGAN(preset("tiny")).eval()
     x = torch.rand(2, 1, 64, 64) * 2 - 1
     codes = m.encode(x)
-    assert codes.shape == (2, 8, 8) and codes.dtype == torch.int64
+    g = m.config.grid_size
+    assert codes.shape == (2, g, g) and codes.dtype == torch.int64
     assert m.decode(codes).shape == (2, 1, 64, 64)
-    assert m.decode(codes.view(2, 64)).shape == (2, 1, 64, 64)
-    with pytest.raises(InputError, match=r"\[0, 255\]"):
-        m.decode(torch.full((1, 8, 8), 256))
-    with pytest.raises(InputError, match="must have 64 codes"):
-        m.decode(torch.zeros(1, 63, dtype=torch.long))
+    assert m.decode(codes.view(2, g * g)).shape == (2, 1, 64, 64)
+    k = m.config.n_embed
+    with pytest.raises(InputError, match=rf"\[0, {k - 1}\]"):
+        m.decode(torch.full((1, g, g), k))
+    with pytest.raises(InputError, match=f"must have {g * g} codes"):
+        m.decode(torch.zeros(1, g * g - 1, dtype=torch.long))
     with pytest.raises(InputError, match=r"\(B, 1, H, W\)"):
         m.encode(torch.zeros(1, 3, 64, 64))
 

@@ -203,18 +203,25 @@ def _add_classifier_and_demo_commands(sub) -> None:
                        description="End-to-end demo on the embedded synthetic data. Writes "
                                    "OUT/summary.json and OUT/index.html. A second run reuses cached work.")
     p.add_argument("--out", type=Path, default=Path("OUT"), help="output folder (default OUT)")
-    p.add_argument("--n", type=int, default=3000, help="synthetic images (default 3000)")
-    p.add_argument("--size", type=int, default=128, help="image size (default 128)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--vqgan-steps", type=int, default=600, help="training steps of the tiny VQ-GAN (default 600)")
-    p.add_argument("--lm-pretrain-steps", type=int, default=300,
-                   help="report-text pretraining steps of the tiny base LM (default 300)")
-    p.add_argument("--lm-steps", type=int, default=900, help="LoRA fine-tuning steps of the tiny LM (default 900)")
-    p.add_argument("--classifier-epochs", type=int, default=6,
-                   help="epochs of the finding classifier that judges generated images (default 6)")
-    p.add_argument("--n-eval", type=int, default=100, help="test studies per generation task (default 100)")
-    p.add_argument("--n-explain", type=int, default=4,
-                   help="test studies whose generated reports the page explains with M2IB (default 4)")
+    from llm_cxr.demo import DemoConfig
+
+    d = DemoConfig()  # the defaults live in one place
+    p.add_argument("--n", type=int, default=d.n, help=f"synthetic images (default {d.n})")
+    p.add_argument("--size", type=int, default=d.size, help=f"image size (default {d.size})")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default {d.seed})")
+    p.add_argument("--vqgan-steps", type=int, default=d.vqgan_steps,
+                   help=f"training steps of the tiny VQ-GAN (default {d.vqgan_steps})")
+    p.add_argument("--lm-pretrain-steps", type=int, default=d.lm_pretrain_steps,
+                   help=f"report-text pretraining steps of the tiny base LM (default {d.lm_pretrain_steps})")
+    p.add_argument("--lm-steps", type=int, default=d.lm_steps,
+                   help=f"LoRA fine-tuning steps of the tiny LM (default {d.lm_steps})")
+    p.add_argument("--classifier-epochs", type=int, default=d.classifier_epochs,
+                   help="epochs of the finding classifier that judges generated images "
+                        f"(default {d.classifier_epochs})")
+    p.add_argument("--n-eval", type=int, default=d.n_eval,
+                   help=f"test studies per generation task (default {d.n_eval})")
+    p.add_argument("--n-explain", type=int, default=d.n_explain,
+                   help=f"test studies whose generated reports the page explains with M2IB (default {d.n_explain})")
     p.add_argument("--fresh", action="store_true", help="ignore cached results and redo everything")
     p.set_defaults(func=_cmd_demo)
 

@@ -103,7 +103,7 @@ class BasePreset:
 
 
 BASE_PRESETS: dict[str, BasePreset] = {
-    "tiny": BasePreset(hidden=128, layers=3, heads=4, context=256, vocab=1024),
+    "tiny": BasePreset(hidden=128, layers=3, heads=4, context=512, vocab=1024),
     "small": BasePreset(hidden=256, layers=6, heads=4, context=512, vocab=2048),
 }
 

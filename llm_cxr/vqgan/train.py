@@ -101,7 +101,9 @@ class VQGANTrainConfig:
 # Training defaults per model preset, tuned to train on a 2-core CPU (tiny, small) or GPUs.
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # bf16 autocast: ~4x faster than fp32 on an AVX-512 CPU; code choice stays in fp32
-    "tiny": {"steps": 1500, "batch_size": 16, "lr": 5e-4, "disc_start": 1000, "mixed_precision": "bf16"},
+    # tiny: no adversarial phase (disc_start = steps): at 1000 steps it cost 2 dB PSNR (29.9 -> 27.7 on the demo data)
+    "tiny": {"steps": 1000, "batch_size": 16, "lr": 1e-3, "disc_start": 1000, "mixed_precision": "bf16",
+             "dead_code_every": 20},
     "small": {"steps": 3000, "batch_size": 16, "lr": 4e-4, "disc_start": 2000, "mixed_precision": "bf16"},
     "llm-cxr-256": {"steps": 100_000, "batch_size": 8, "lr": 4.5e-6 * 8, "disc_start": 30_000, "disc_weight": 0.8,
                     "mixed_precision": "bf16", "sample_every": 1000, "save_every": 1000},
