@@ -15,6 +15,7 @@ explain a few generated reports with M2IB and measure where its maps point; writ
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from collections import Counter
@@ -38,9 +39,9 @@ class DemoConfig:
     seed: int = 0
     fresh: bool = False
     progress: bool = True
-    vqgan_steps: int = 1000
-    lm_pretrain_steps: int = 1000
-    lm_steps: int = 1500
+    vqgan_steps: int = 800
+    lm_pretrain_steps: int = 600
+    lm_steps: int = 3000
     classifier_epochs: int = 2
     n_eval: int = 100
     n_explain: int = 4  # test studies whose generated reports the page explains, sentence by sentence
@@ -62,8 +63,9 @@ def _stage_synth(stages: Stages, cfg: DemoConfig):
           "code": code_hash(synth, synth_report, synth_render, synth_findings)}
 
     def build(tmp: Path) -> dict[str, Any]:
+        # the same studies whatever the number of workers
         summary = generate_dataset(cfg.n, tmp / "dataset", SynthConfig(size=cfg.size), seed=cfg.seed,
-                                   progress=cfg.progress)
+                                   workers=min(2, os.cpu_count() or 1), progress=cfg.progress)
         return {"n_rows": summary.n_rows, "splits": summary.splits}
 
     return stages.run("synth", fp, build)
