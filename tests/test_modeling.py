@@ -290,6 +290,17 @@ def gen_llama(bases, tmp_path_factory):
     return _generator(bases["llama"], tmp_path_factory.mktemp("gen-llama"))
 
 
+def test_loading_a_lora_run_prints_no_deprecation_warning(gen):
+    """peft reads a deprecated transformers property while wrapping a model; every command printed its warning."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        run = load_run(gen.run.folder)
+    assert run.info.kind == "lora"
+
+
 CODES = torch.tensor([[0, 1, 2, 3], [15, 14, 13, 12], [5, 5, 5, 5]])
 
 

@@ -8,8 +8,10 @@ adapter or full weights.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -271,8 +273,19 @@ def _load_weights(folder: Path, info: RunInfo, token_map: ImageTokenMap, dtype, 
         raise ConfigError(f"the base model {info.base} gives image tokens at {made.first_id} (vocabulary "
                           f"{made.vocab_size}), the run was trained with {token_map.first_id} "
                           f"({token_map.vocab_size}): the base model changed")
-    model = PeftModel.from_pretrained(model, folder, is_trainable=trainable)
+    with peft_wrapping():
+        model = PeftModel.from_pretrained(model, folder, is_trainable=trainable)
     return model.merge_and_unload() if merge else model
+
+
+@contextlib.contextmanager
+def peft_wrapping():
+    """Around peft's model wrapping only: peft (0.21, ``PeftModel.__init__``) reads transformers 5's deprecated
+    ``is_gradient_checkpointing``, whose FutureWarning every command printed; the cause is in peft, so the one
+    warning is silenced here and nowhere else."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def merge_run(run: str | Path, out: str | Path) -> Path:

@@ -102,6 +102,9 @@ def apply_lora(model, token_map: ImageTokenMap | None, settings: LoraSettings):
         trainable_tokens = {in_name: ids} if out_name is None else {in_name: ids, out_name: ids}
     cfg = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=targets,
                      trainable_token_indices=trainable_tokens, task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, cfg)
+    from llm_cxr.lm.run import peft_wrapping
+
+    with peft_wrapping():
+        peft_model = get_peft_model(model, cfg)
     log.info("LoRA r=%d on %s; %s", settings.r, targets, trainable_summary(peft_model))
     return peft_model
