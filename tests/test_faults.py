@@ -297,6 +297,25 @@ def test_full_disk_keeps_the_previous_encoding_and_metrics(vqgan, tmp_path, caps
         assert [p for p in disk.rglob("*") if ".tmp" in str(p) and not p.name.startswith(("cache-", ".enc.tmp"))] == []
 
 
+def test_full_disk_during_generate_keeps_the_previous_reports(tmp_path, capsys):
+    from test_webapp import make_tiny_run
+
+    run = make_tiny_run(tmp_path / "model")
+    image = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(image)
+    with _tmpfs(tmp_path / "disk", "1m") as disk:
+        out = disk / "reports.jsonl"
+        opts = ["--model", str(run), "--out", str(out)]
+        assert main(["-q", "generate", "report", str(image), *opts]) == 0
+        before = out.read_text()
+        assert before.endswith("\n") and len(before.splitlines()) == 1
+        capsys.readouterr()
+        _fill(disk)
+        _one_line_error(capsys, main(["-q", "generate", "report", str(image), str(image), *opts]), "the disk is full")
+        assert out.read_text() == before  # whole lines only: the earlier file is untouched, no half line appended
+        assert not [p for p in disk.iterdir() if p.name.endswith(".tmp")]
+
+
 def test_read_only_output_folder_is_one_clear_line(vqgan, tmp_path, capsys):
     data, cfg = vqgan.parent / "ds", vqgan.parent / "micro.yaml"
     preds = _reports(tmp_path / "p.jsonl", 10, 1)
