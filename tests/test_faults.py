@@ -94,15 +94,22 @@ def vqgan(tmp_path_factory):
     return root / "run"
 
 
-def test_killed_encode_reruns_to_the_same_codes(vqgan, tmp_path):
+def test_killed_encode_resumes_to_the_same_codes(vqgan, tmp_path, caplog):
     data = make_dataset(tmp_path / "ds", n=300)
     before = _files(data)
     ref, out = tmp_path / "ref", tmp_path / "enc"
-    args = ["vqgan", "encode", "--model", vqgan, "--data", data, "--batch-size", "1", "--out"]
-    assert main(["-q", *map(str, args), str(ref)]) == 0
-    _kill_when([*args, out], _has_file(tmp_path / ".enc.tmp", "tmp*"), tmp_path)
+    args = ["vqgan", "encode", "--model", vqgan, "--data", data, "--batch-size", "1", "--chunk-size", "50", "--out"]
+    assert main(["-q", *map(str, args[:-1]), "--chunk-size", "300", "--out", str(ref)]) == 0  # in one piece
+
+    def one_piece_done_and_one_started():
+        return _has_file(tmp_path / ".enc.tmp", "cache-*")() and _has_file(tmp_path / ".enc.tmp", "tmp*")()
+
+    _kill_when([*args, out], one_piece_done_and_one_started, tmp_path)
     assert not out.exists()  # never a half-written dataset where a reader would look
+    caplog.set_level(logging.INFO, logger="llm_cxr.vqgan.encode")
     assert main(["-q", *map(str, args), str(out)]) == 0
+    resumed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resuming:")]
+    assert resumed and 1 <= int(resumed[0].split()[1]) < 6, resumed  # finished pieces reused, the rest encoded
     a, b = load_dataset(ref), load_dataset(out)
     assert a["id"] == b["id"] and a["codes"] == b["codes"]
     assert json.loads((ref / "vqgan.json").read_text()) == json.loads((out / "vqgan.json").read_text())

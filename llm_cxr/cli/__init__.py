@@ -162,6 +162,9 @@ def _add_vqgan_commands(sub) -> None:
     p.add_argument("--resize", choices=["warn", "error", "silent"], default="warn",
                    help="images of another size than the model's: resize with a warning (default), refuse, or "
                         "resize quietly")
+    p.add_argument("--chunk-size", type=int, default=10_000,
+                   help="images per finished piece: rerun after an interruption and it continues from the last "
+                        "finished piece (default 10000)")
     p.set_defaults(func=_cmd_vqgan_encode)
     p = vsub.add_parser("decode", help="codes -> PNG images")
     p.add_argument("--model", required=True, type=Path, help="VQ-GAN run or model folder")
@@ -321,7 +324,7 @@ def _cmd_vqgan_encode(args: argparse.Namespace) -> int:
     from llm_cxr.vqgan.encode import encode_dataset
 
     _print_json(encode_dataset(args.model, args.data, args.out, batch_size=args.batch_size, autocast=args.bf16,
-                               resize=args.resize, progress=not args.quiet))
+                               resize=args.resize, progress=not args.quiet, chunk_size=args.chunk_size))
     return 0
 
 

@@ -58,13 +58,20 @@ def _encode_fn(model: VQGAN, resize: str, autocast: bool):
 
 
 def encode_dataset(model_path: str | Path, data: str | Path, out: str | Path, batch_size: int = 64,
-                   autocast: bool = False, resize: str = "warn", progress: bool = True, accelerator=None) -> dict:
-    """Encode every image of dataset ``data`` with the VQ-GAN at ``model_path`` into ``out``."""
+                   autocast: bool = False, resize: str = "warn", progress: bool = True, accelerator=None,
+                   chunk_size: int = 10_000) -> dict:
+    """Encode every image of dataset ``data`` with the VQ-GAN at ``model_path`` into ``out``.
+
+    Each process encodes its rows in pieces of ``chunk_size``, each cached in a file of its own beside ``out``
+    (written whole, then renamed, by ``datasets``): a rerun after a kill reuses the finished pieces and encodes
+    the rest, and the result is the same as an uninterrupted run's."""
     import datasets
 
     from llm_cxr.data.dataset import load_dataset
 
     out = Path(out)
+    if chunk_size <= 0:
+        raise DatasetError(f"chunk_size must be > 0, got {chunk_size}")
     if out.resolve() == Path(data).resolve():
         raise DatasetError(f"--out {out} must differ from --data (the input is read while the output is written)")
     if accelerator is None:
@@ -86,9 +93,18 @@ def encode_dataset(model_path: str | Path, data: str | Path, out: str | Path, ba
     try:
         # the map's cache (and the temporary files a kill would leave) go beside the output, never into the input
         # dataset's folder; a rerun after a kill finds a finished cache there and reuses it
-        encoded = shard.map(_encode_fn(model, resize, autocast), batched=True, batch_size=batch_size,
-                            features=features, new_fingerprint=fp, desc=f"encoding (rank {rank})",
-                            disable_nullable=True, cache_file_name=str(tmp / f"cache-{fp}-rank{rank}.arrow"))
+        starts = range(0, max(len(shard), 1), chunk_size)
+        caches = [tmp / f"cache-{fp}-{chunk_size}-rank{rank}-{i:05d}.arrow" for i in range(len(starts))]
+        done = sum(c.exists() for c in caches)
+        if done:
+            log.info("resuming: %d of %d pieces of rank %d already encoded", done, len(caches), rank)
+        fn = _encode_fn(model, resize, autocast)
+        parts = [shard.select(range(a, min(a + chunk_size, len(shard)))).map(
+                     fn, batched=True, batch_size=batch_size, features=features, new_fingerprint=f"{fp}-{i}",
+                     desc=f"encoding (rank {rank}, piece {i + 1}/{len(starts)})", disable_nullable=True,
+                     cache_file_name=str(cache))
+                 for i, (a, cache) in enumerate(zip(starts, caches))]
+        encoded = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
         if n_proc > 1:
             encoded.save_to_disk(str(tmp / f"rank{rank}"))
         accelerator.wait_for_everyone()
