@@ -110,8 +110,7 @@ def _stage_vqgan(stages: Stages, cfg: DemoConfig, data_dir: Path):
 
     def build(tmp: Path) -> dict[str, Any]:
         run = train_vqgan(load_train_config("tiny", data=str(data_dir), out=str(tmp / "run"), steps=cfg.vqgan_steps,
-                                            seed=cfg.seed, progress=cfg.progress, sample_every=10**9,
-                                            disc_start=cfg.vqgan_steps))
+                                            seed=cfg.seed, progress=cfg.progress, sample_every=10**9))
         model = VQGAN.from_pretrained(run)
         test = load_dataset(data_dir, split="test")
         x = to_unit_range(ImageTensorDataset(test, model.config.resolution, 1, progress=False, preload=True).cache)

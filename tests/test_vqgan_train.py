@@ -52,6 +52,20 @@ def micro_yaml(tmp_path):
     return p
 
 
+def test_disc_start_null_never_switches_the_discriminator_on(tmp_path, micro_yaml):
+    import csv
+
+    data = make_dataset(tmp_path / "ds")
+    rows = {}
+    for name, value in (("on", "1"), ("off", "null")):
+        run = tmp_path / name
+        assert main(["-q", "vqgan", "train", "--data", str(data), "--config", str(micro_yaml), "--out", str(run),
+                     "--set", f"disc_start={value}"]) == 0
+        rows[name] = list(csv.DictReader(open(run / "metrics.csv")))
+    assert any(float(r["d_loss"]) != 0 for r in rows["on"])  # the same run with a start step does train it
+    assert all(float(r["d_loss"]) == 0 and float(r["g_loss"]) == 0 for r in rows["off"])
+
+
 def test_two_step_cli_run_is_loadable_and_encodes(tmp_path, micro_yaml):
     data = make_dataset(tmp_path / "ds")
     run = tmp_path / "run"

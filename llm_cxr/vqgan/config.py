@@ -110,8 +110,8 @@ class VQGANConfig:
 # Presets: tiny and small train on a 2-core CPU; llm-cxr-256 is the published model. small and llm-cxr-256 use
 # taming's 32 GroupNorm groups, so taming's own code can load their checkpoints (tiny has 8).
 PRESETS: dict[str, VQGANConfig] = {
-    # 64 px, f=4 -> 16x16 = 256 codes: the demo's. At f=8 (8x8 codes) neither reconstructions (24.7 dB) nor a
-    # finding classifier over the codes (micro-F1 0.47) were good enough; 16 channels keep it fast
+    # 64 px, f=4 -> 16x16 = 256 codes: the demo's (8x8 codes kept too little to read findings from; 16 channels
+    # keep it fast: benchmarks/results/2026-12-06-demo-recipe.md)
     "tiny": VQGANConfig(ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, attn_resolutions=(), z_channels=64,
                         resolution=64, n_embed=512, embed_dim=32, norm_groups=8),
     # 128 px, f=8 -> 16x16 = 256 codes, like LLM-CXR's 256 image tokens
