@@ -78,7 +78,7 @@ def _stage_labeler(stages: Stages, cfg: DemoConfig, data_dir: Path):
     from llm_cxr.data.schema import findings_from_json
     from llm_cxr.evaluation import clinical
 
-    fp = {"data": str(data_dir), "synth": stages.results["synth"].info, "code": code_hash(labeler, clinical)}
+    fp = {"data": str(data_dir), "synth": stages.key("synth"), "code": code_hash(labeler, clinical)}
 
     def build(tmp: Path) -> dict[str, Any]:
         ds = load_dataset(data_dir).select_columns(["report", "findings"])
@@ -105,7 +105,7 @@ def _stage_vqgan(stages: Stages, cfg: DemoConfig, data_dir: Path):
     from llm_cxr.vqgan.metrics import psnr, ssim
     from llm_cxr.vqgan.train import load_train_config, train_vqgan
 
-    fp = {"synth": stages.results["synth"].info, "steps": cfg.vqgan_steps, "seed": cfg.seed,
+    fp = {"synth": stages.key("synth"), "steps": cfg.vqgan_steps, "seed": cfg.seed,
           "code": code_hash(vqgan.model, vqgan.modules, vqgan.quantize, vqgan.train, vqgan.losses)}
 
     def build(tmp: Path) -> dict[str, Any]:
@@ -132,7 +132,7 @@ def _stage_encode(stages: Stages, cfg: DemoConfig, data_dir: Path):
     from llm_cxr.vqgan.encode import encode_dataset
 
     vq = stages.results["vqgan"]
-    fp = {"vqgan": vq.info, "synth": stages.results["synth"].info, "code": code_hash(enc_mod)}
+    fp = {"vqgan": stages.key("vqgan"), "synth": stages.key("synth"), "code": code_hash(enc_mod)}
 
     def build(tmp: Path) -> dict[str, Any]:
         info = encode_dataset(vq.path / "run", data_dir, tmp / "dataset", progress=cfg.progress)
@@ -147,7 +147,7 @@ def _stage_classifier(stages: Stages, cfg: DemoConfig, data_dir: Path):
     from llm_cxr.classifier import ClassifierTrainConfig, train_classifier
 
     res = stages.results["vqgan"].info["resolution"]
-    fp = {"synth": stages.results["synth"].info, "res": res, "epochs": cfg.classifier_epochs, "seed": cfg.seed,
+    fp = {"synth": stages.key("synth"), "res": res, "epochs": cfg.classifier_epochs, "seed": cfg.seed,
           "code": code_hash(classifier)}
 
     def build(tmp: Path) -> dict[str, Any]:
@@ -168,7 +168,7 @@ def _stage_lm(stages: Stages, cfg: DemoConfig, codes_dir: Path):
 
     # the recipe is the shipped `tiny` preset (llm_cxr/train/presets/tiny_stage1.yaml), the same file
     # `llm-cxr train --preset tiny --stage 1` reads; the demo sets only its paths, seed and length
-    fp = {"encode": stages.results["encode"].info, "pre": cfg.lm_pretrain_steps, "steps": cfg.lm_steps,
+    fp = {"encode": stages.key("encode"), "pre": cfg.lm_pretrain_steps, "steps": cfg.lm_steps,
           "seed": cfg.seed, "code": code_hash(lm, train)}
 
     def build(tmp: Path) -> dict[str, Any]:
@@ -195,7 +195,7 @@ def _stage_generate(stages: Stages, cfg: DemoConfig, codes_dir: Path):
     from llm_cxr.evaluation.lm_eval import evaluate_all
     from llm_cxr.lm.generation import LLMCXR
 
-    fp = {"lm": stages.results["lm"].info, "clf": stages.results["classifier"].info, "n": cfg.n_eval,
+    fp = {"lm": stages.key("lm"), "clf": stages.key("classifier"), "n": cfg.n_eval,
           "code": code_hash(lm_eval, baselines)}
 
     def build(tmp: Path) -> dict[str, Any]:
@@ -221,7 +221,7 @@ def _stage_explain(stages: Stages, cfg: DemoConfig, codes_dir: Path):
     from llm_cxr.lm.generation import LLMCXR
 
     explain_eval = import_module("llm_cxr.explain.evaluate")
-    fp = {"generate": stages.results["generate"].info, "n": cfg.n_explain, "loc": cfg.n_localise,
+    fp = {"generate": stages.key("generate"), "n": cfg.n_explain, "loc": cfg.n_localise,
           "code": code_hash(*(import_module(f"llm_cxr.explain.{m}") for m in ("m2ib", "routes", "cases", "evaluate")),
                             import_module("llm_cxr.explain"))}
 

@@ -76,6 +76,7 @@ class StageResult:
     seconds: float  # this run's (0 when cached)
     info: dict[str, Any] = field(default_factory=dict)
     built_seconds: float = 0.0  # what building it cost, kept from the run that built it
+    key: str = ""  # a hash of its fingerprint: what a stage built from this one puts in its own fingerprint
 
 
 class Stages:
@@ -91,6 +92,7 @@ class Stages:
         """Return stage ``name``, building it with ``build(tmp_dir) -> info`` unless cached."""
         folder = self.root / name
         fp = {"llm_cxr": __version__, **fingerprint}
+        key = hashlib.sha256(json.dumps(fp, sort_keys=True, default=str).encode()).hexdigest()[:16]
         marker = folder / STAGE_FILE
         if not self.fresh and marker.exists():
             try:
@@ -99,7 +101,8 @@ class Stages:
                 saved = {}
             if saved.get("fingerprint") == fp:
                 log.info("stage %s: cached (%s)", name, folder)
-                res = StageResult(name, folder, True, 0.0, saved.get("info", {}), float(saved.get("seconds") or 0.0))
+                res = StageResult(name, folder, True, 0.0, saved.get("info", {}), float(saved.get("seconds") or 0.0),
+                                  key)
                 self.results[name] = res
                 return res
         log.info("stage %s: running", name)
@@ -116,10 +119,16 @@ class Stages:
             shutil.rmtree(folder)
         tmp.rename(folder)
         _repoint(folder, tmp)
-        res = StageResult(name, folder, False, seconds, info, seconds)
+        res = StageResult(name, folder, False, seconds, info, seconds, key)
         self.results[name] = res
         log.info("stage %s: done in %.1f s", name, seconds)
         return res
+
+    def key(self, name: str) -> str:
+        """What a later stage's fingerprint holds of stage ``name`` (already run): the hash of its fingerprint,
+        so that anything that rebuilt it (its config, its code, a stage before it) rebuilds the later one too.
+        Its ``info`` (measured numbers) would not do: a retrained VQ-GAN can encode a dataset of the same size."""
+        return self.results[name].key
 
     def timings(self) -> dict[str, dict[str, Any]]:
         """Per stage: cached or not, this run's seconds, and the seconds its build took (kept when cached)."""

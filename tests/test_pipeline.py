@@ -53,3 +53,22 @@ def test_paths_recorded_into_the_build_folder_name_the_final_one(tmp_path):
     doc = json.loads((r.path / "run" / "run.json").read_text())
     assert doc["base"] == str((r.path / "base").resolve()) and (r.path / "base").exists()
     assert doc["extra"]["refs"] == [str(r.path.resolve()), "hub/name"] and doc["kind"] == "lora"
+
+
+def test_a_rebuilt_stage_rebuilds_the_stages_built_from_it(tmp_path):
+    """A later stage's fingerprint holds the earlier one's key: retraining the earlier stage (here with the same
+    measured info, as a retrained VQ-GAN encodes a dataset of the same size) must not leave the later one cached."""
+    built = []
+
+    def chain(version):
+        s = Stages(tmp_path)
+        s.run("first", {"v": version}, lambda tmp: {"n": 10})  # the same info whatever the version
+        s.run("second", {"first": s.key("first")}, lambda tmp: built.append(version) or {})
+        return s
+
+    chain(1)
+    chain(1)
+    assert built == [1]
+    s = chain(2)
+    assert built == [1, 2] and not s.results["second"].cached
+    assert s.key("first") != Stages(tmp_path).run("first", {"v": 3}, lambda tmp: {"n": 10}).key
