@@ -165,3 +165,39 @@ def test_train_config_errors(tmp_path):
         load_train_config("enormous", data="x", out="y")
     with pytest.raises(ConfigError, match="mixed_precision"):
         VQGANTrainConfig(data="x", out="y", mixed_precision="fp8")
+
+
+def test_dead_code_grace_is_the_number_of_unused_steps_before_a_restart(tmp_path, micro_yaml):
+    from llm_cxr.vqgan.train import _grace_usage, train_vqgan
+
+    cfg = VQGANTrainConfig(data="x", out="y", dead_code_grace=60)
+    u = _grace_usage(cfg)
+    assert u * 0.99 ** 59 > cfg.dead_code_threshold > u * 0.99 ** 61  # an unused code dies after 60 steps
+    assert _grace_usage(VQGANTrainConfig(data="x", out="y")) == pytest.approx(1.0, abs=0.02)  # the old start
+
+    def restarts(grace):
+        data = make_dataset(tmp_path / "ds") if not (tmp_path / "ds").exists() else tmp_path / "ds"
+        run = train_vqgan(load_train_config(str(micro_yaml), data=str(data), out=str(tmp_path / f"run{grace}"),
+                                            progress=False, steps=3, dead_code_grace=grace))
+        lines = (run / "metrics.csv").read_text().splitlines()
+        col = lines[0].split(",").index("reinit")
+        return sum(int(float(line.split(",")[col])) for line in lines[1:])
+
+    assert restarts(350) == 0  # three steps are well inside the default grace
+    assert restarts(0) > 0  # codes the first steps did not choose are restarted at once
+
+
+def test_edge_loss_ignores_shading_and_sees_a_missing_line():
+    from llm_cxr.vqgan.losses import edge_l1
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 1, 32, 32, generator=g) * 0.2
+    assert float(edge_l1(x, x)) == 0
+    assert float(edge_l1(x, x + 0.3)) == pytest.approx(0, abs=1e-6)  # a brightness offset has no edges
+    lined = x.clone()
+    lined[..., :, 10] += 1.0  # a one-pixel bright line
+    recon = x.clone().requires_grad_(True)
+    loss = edge_l1(lined, recon)
+    assert float(loss.detach()) > 0.01
+    loss.backward()
+    assert float(recon.grad[..., :, 9:12].abs().sum()) > 0  # the gradient points at the line's columns

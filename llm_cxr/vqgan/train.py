@@ -35,6 +35,7 @@ from llm_cxr.vqgan.losses import (
     FeatureLoss,
     NLayerDiscriminator,
     adaptive_weight,
+    edge_l1,
     hinge_d_loss,
     load_feature_net,
 )
@@ -63,11 +64,15 @@ class VQGANTrainConfig:
     disc_layers: int = 2
     feature_net: str | None = None  # a frozen network saved with torch.export (.pt2) or TorchScript
     feature_weight: float = 0.1
+    edge_weight: float = 0.0  # weight of an L1 loss on the images' spatial gradients (llm_cxr.vqgan.losses.edge_l1)
     lpips_vgg: str | None = None  # torchvision vgg16 state dict (user-supplied; enables LPIPS)
     lpips_lin: str | None = None  # lpips' weights/v0.1/vgg.pth (user-supplied)
     lpips_weight: float = 1.0
     dead_code_every: int = 50
     dead_code_threshold: float = 0.03  # EMA uses per step below which a code is dead
+    # steps a code (at the start, or just restarted) may go unused before it counts as dead; the default is the
+    # ~350 steps an EMA started at 1 takes to decay below 0.03 (what runs before this option did)
+    dead_code_grace: int = 350
     mixed_precision: str = "no"  # "no" | "bf16" | "fp16"
     log_every: int = 10
     sample_every: int = 250
@@ -84,6 +89,9 @@ class VQGANTrainConfig:
             problems.append(f"steps ({self.steps}) and batch_size ({self.batch_size}) must be > 0")
         if self.lr <= 0:
             problems.append(f"lr must be > 0, got {self.lr}")
+        if self.dead_code_grace < 0 or self.dead_code_threshold <= 0:
+            problems.append(f"dead_code_grace ({self.dead_code_grace}) must be >= 0 and dead_code_threshold "
+                            f"({self.dead_code_threshold}) > 0")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             problems.append(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
         if self.resize not in ("silent", "warn", "error"):
@@ -101,9 +109,10 @@ class VQGANTrainConfig:
 # Training defaults per model preset, tuned to train on a 2-core CPU (tiny, small) or GPUs.
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # bf16 autocast: ~4x faster than fp32 on an AVX-512 CPU; code choice stays in fp32
-    # tiny: no adversarial phase: this short it cost 2 dB PSNR (benchmarks/results/2026-12-06-demo-recipe.md)
-    "tiny": {"steps": 1000, "batch_size": 16, "lr": 1e-3, "disc_start": None, "mixed_precision": "bf16",
-             "dead_code_every": 20},
+    # tiny: no adversarial phase (this short it cost 2 dB PSNR: benchmarks/results/2026-12-06-demo-recipe.md); a
+    # high lr, codes restarted after 60 unused steps and the edge loss (benchmarks/results/2026-12-06-demo-vqgan.md)
+    "tiny": {"steps": 1000, "batch_size": 16, "lr": 4e-3, "disc_start": None, "mixed_precision": "bf16",
+             "dead_code_every": 20, "dead_code_grace": 60, "edge_weight": 1.0},
     "small": {"steps": 3000, "batch_size": 16, "lr": 4e-4, "disc_start": 2000, "mixed_precision": "bf16"},
     "llm-cxr-256": {"steps": 100_000, "batch_size": 8, "lr": 4.5e-6 * 8, "disc_start": 30_000, "disc_weight": 0.8,
                     "mixed_precision": "bf16", "sample_every": 1000, "save_every": 1000},
@@ -222,6 +231,13 @@ def _load_checkpoint(run: Path, model, disc, opt_g, opt_d, accelerator) -> _Stat
     return _State(ck["step"], ck["usage"].to(accelerator.device))
 
 
+def _grace_usage(cfg: VQGANTrainConfig) -> float:
+    """The usage EMA a new code starts at: it decays (x0.99 a step) below the threshold after ``dead_code_grace``
+    unused steps. A short run cannot wait the default's 350 steps: its early codebook collapses onto a few codes
+    (perplexity ~6 for the tiny preset's first 350 steps) and nothing restarts the rest until then."""
+    return cfg.dead_code_threshold / 0.99 ** cfg.dead_code_grace
+
+
 def _reinit_dead_codes(model: VQGAN, latent: torch.Tensor, state: _State, cfg: VQGANTrainConfig,
                        accelerator) -> int:
     dead = (state.usage < cfg.dead_code_threshold).nonzero().flatten()
@@ -235,7 +251,7 @@ def _reinit_dead_codes(model: VQGAN, latent: torch.Tensor, state: _State, cfg: V
     with torch.no_grad():
         emb = model.quantize.embedding.weight
         emb[dead.to(emb.device)] = (pool[pick] + noise).to(emb.dtype)
-    state.usage[dead] = 1.0  # give new codes time to be chosen
+    state.usage[dead] = _grace_usage(cfg)  # give new codes time to be chosen
     return int(dead.numel())
 
 
@@ -290,7 +306,7 @@ def train_vqgan(cfg: VQGANTrainConfig, accelerator=None) -> Path:
 
         lp = LPIPS.from_files(cfg.lpips_vgg, cfg.lpips_lin).to(accelerator.device)
     state = _load_checkpoint(run, model, disc, opt_g, opt_d, accelerator) or _State(
-        0, torch.ones(model_cfg.n_embed, device=accelerator.device))
+        0, torch.full((model_cfg.n_embed,), _grace_usage(cfg), device=accelerator.device))
     raw = accelerator.unwrap_model(model)
     if accelerator.is_main_process and state.step < cfg.steps:
         # model/ is rewritten at every checkpoint from here on: a DONE left by a shorter run would vouch for it
@@ -352,6 +368,8 @@ def _train_step(x, model, raw: VQGAN, disc, opt_g, opt_d, feat, lp, state: _Stat
     out = model(x)
     rec = (x - out.recon.float()).abs().mean()
     nll = rec + (cfg.feature_weight * feat(x, out.recon.float()) if feat is not None else 0.0)
+    if cfg.edge_weight:
+        nll = nll + cfg.edge_weight * edge_l1(x, out.recon.float())
     if lp is not None:
         from llm_cxr.vqgan.lpips import lpips_loss
 
