@@ -646,6 +646,10 @@ def _limit_memory(gb: float) -> Callable[[], None]:
     def apply() -> None:
         limit = int(gb * 2**30)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        # A job started in the background of a non-interactive shell inherits SIGINT ignored, and Python then
+        # installs no KeyboardInterrupt handler: the child would never see the SIGINT case's signal. A user's
+        # Ctrl-C reaches a process whose SIGINT is at its default, so restore that.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
     return apply
 
 
