@@ -39,10 +39,9 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from llm_cxr.configs import IMAGE_TEMPERATURE, IMAGE_TOP_P
 from llm_cxr.data.images import read_image_bytes
 from llm_cxr.errors import ConfigError, ImageReadError, InputError, LLMCXRError
-from llm_cxr.lm.generation import LLMCXR, Sampling
+from llm_cxr.lm.generation import LLMCXR
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +252,7 @@ class Handlers:
         if not report or not report.strip():
             raise InputError("type a report first, e.g. 'Small left pleural effusion. No pneumothorax.'")
         seed = None if seed is None or seed < 0 else int(seed)
-        sampling = Sampling(temperature=IMAGE_TEMPERATURE, top_p=IMAGE_TOP_P, seed=seed)
+        sampling = self.model.image_sampling(seed)
         out = self.model.generate_image([report.strip()], sampling, guidance=float(guidance), batch_size=1)
         return _for_display(out.images[0]), explain_drawing(self.explainer, self.model, report.strip(), out.codes[0])
 

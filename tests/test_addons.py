@@ -345,6 +345,13 @@ def test_image_decoding_with_a_plan_matches_a_full_forward_and_the_plan_saves_wi
     gen.generate_image(["IMPRESSION: 9 mm right upper lobe nodule."])
     assert seen[-1][0].nonzero().squeeze(1).tolist() == [PLAN_INDEX["nodule:right"], PLAN_INDEX["nodule:right@upper"]]
     assert (sampled[-1].temperature, sampled[-1].top_p) == (IMAGE_TEMPERATURE, IMAGE_TOP_P)
+    # a run whose preset chose another temperature (image_temperature) draws with it, and keeps it when saved
+    info = gen.run.info
+    info.image_temperature = 0.0
+    gen.generate_image(["IMPRESSION: x"])
+    assert sampled[-1].temperature == 0.0
+    info.save(tmp_path)
+    assert RunInfo.load(tmp_path).image_temperature == 0.0
 
 
 def test_a_plan_saved_with_fewer_items_loads_grown_and_draws_as_before(tmp_path):

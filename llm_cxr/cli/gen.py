@@ -20,9 +20,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
 
 
-def _sampling_args(p: argparse.ArgumentParser, temperature: float, top_p: float) -> None:
+def _sampling_args(p: argparse.ArgumentParser, temperature: float | None, top_p: float) -> None:
+    said = (f"the run's: its preset's image_temperature, else {IMAGE_TEMPERATURE}" if temperature is None
+            else temperature)
     p.add_argument("--temperature", type=float, default=temperature,
-                   help=f"sampling temperature; 0 is greedy (default {temperature})")
+                   help=f"sampling temperature; 0 is greedy (default {said})")
     p.add_argument("--top-p", type=float, default=top_p, help=f"nucleus sampling mass (default {top_p})")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0 = all (default 0)")
 
@@ -84,7 +86,7 @@ def add_generation_commands(sub) -> None:
     p.add_argument("--candidates", type=int, default=1,
                    help="draw this many images per report and keep the one the run's finding head finds closest "
                         "to the findings the report states (needs a run trained with finding_head: conv)")
-    _sampling_args(p, IMAGE_TEMPERATURE, IMAGE_TOP_P)
+    _sampling_args(p, None, IMAGE_TOP_P)
     p.set_defaults(func=_cmd_image)
 
     p = sub.add_parser("ask", help="answer a question about a chest X-ray (visual question answering)")
@@ -200,6 +202,8 @@ def _cmd_image(args) -> int:
         from llm_cxr.lm.prompts import requested_findings
 
         asked = [requested_findings(r) for r in reports]
+    if args.temperature is None:
+        args.temperature = model.image_sampling().temperature
     out = model.generate_image(reports, _sampling(args), guidance=args.guidance, batch_size=args.batch_size,
                                candidates=args.candidates, findings=asked)
     args.out.mkdir(parents=True, exist_ok=True)

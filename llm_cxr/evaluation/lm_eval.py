@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from llm_cxr.configs import IMAGE_TEMPERATURE, IMAGE_TOP_P
+from llm_cxr.configs import IMAGE_TOP_P
 from llm_cxr.data.schema import FINDING_NAMES, findings_from_json
 from llm_cxr.evaluation.clinical import score_reports
 from llm_cxr.lm.generation import LLMCXR, Sampling
@@ -47,7 +47,7 @@ class EvalConfig:
     vqa_per_image: int = 4
     batch_size: int = 16
     guidance: float = 1.0
-    image_temperature: float = IMAGE_TEMPERATURE
+    image_temperature: float | None = None  # None: the run's (LLMCXR.image_sampling)
     image_top_p: float = IMAGE_TOP_P
     candidates: int = 1  # images drawn per report, the finding head keeps the best (LLMCXR.generate_image)
     seed: int = 0
@@ -163,7 +163,8 @@ def evaluate_images(model: LLMCXR, ds, classifier_dir: str, cfg: EvalConfig) -> 
     thr = load_thresholds(classifier_dir)
     sub = _take(ds, cfg.n_images, cfg.seed + 1)
     reports = list(sub["report"])
-    sampling = Sampling(temperature=cfg.image_temperature, top_p=cfg.image_top_p, seed=cfg.seed)
+    sampling = (model.image_sampling(cfg.seed) if cfg.image_temperature is None
+                else Sampling(temperature=cfg.image_temperature, top_p=cfg.image_top_p, seed=cfg.seed))
     gens = []
 
     asked = [requested_findings(r) for r in reports] if cfg.candidates > 1 else None

@@ -156,21 +156,15 @@ def _report_cases(model, report: str, codes: torch.Tensor | None) -> tuple[list[
     report = check_target(report)
     stated = stated_for_drawing(model, report)
     if codes is None:
-        codes = model.generate_image([report], seed_sampling(), findings=[stated] if stated is not None else None,
+        # the run's own sampling, seeded: an explained drawing can be drawn again
+        codes = model.generate_image([report], model.image_sampling(0),
+                                     findings=[stated] if stated is not None else None,
                                      guided=model.guided_images).codes[0]
     plan = plan_for(model, report, stated)
     case = report_to_image(model, report, codes.reshape(-1), stated, plan=plan)
     ex = Explanation(REPORT_TO_IMAGE, "", [case.label], np.zeros(0), report=report, words=case.words,
                      codes=codes.reshape(-1).tolist())
     return [case], ex
-
-
-def seed_sampling(seed: int = 0):
-    """The run's default image sampling, seeded: an explained drawing can be drawn again."""
-    from llm_cxr.configs import IMAGE_TEMPERATURE, IMAGE_TOP_P
-    from llm_cxr.lm.generation import Sampling
-
-    return Sampling(temperature=IMAGE_TEMPERATURE, top_p=IMAGE_TOP_P, seed=seed)
 
 
 __all__ = ["METHODS", "Case", "Explanation", "attribute", "explain", "register", "word_map"]

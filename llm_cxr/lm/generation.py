@@ -272,6 +272,12 @@ class LLMCXR:
         """Whether the run was trained to draw from reports with their findings listed (``stage.image_guided``)."""
         return self.run.info.guided.images
 
+    def image_sampling(self, seed: int | None = None) -> Sampling:
+        """How this run draws unless told otherwise: its recorded ``image_temperature`` (a preset tuned for its
+        model, e.g. greedy for the tiny one) or the library's default, nucleus mass ``IMAGE_TOP_P``."""
+        t = self.run.info.image_temperature
+        return Sampling(temperature=IMAGE_TEMPERATURE if t is None else t, top_p=IMAGE_TOP_P, seed=seed)
+
     @property
     def guide_sides(self) -> bool:
         """Whether the guided report prompt gives sides (``stage.guide_sides``)."""
@@ -342,7 +348,8 @@ class LLMCXR:
         if len(questions) != len(codes):
             raise InputError(f"got {len(codes)} images and {len(questions)} questions; give one question per image")
         stated = self.stated_findings(codes, guided, findings, batch_size, task="vqa") or [None] * len(codes)
-        prompts = [encode_prompt(self.tok, self.map, vqa_prompt(self.template, q, f), c.tolist())[0]
+        focus = self.run.info.guided.vqa_focus
+        prompts = [encode_prompt(self.tok, self.map, vqa_prompt(self.template, q, f, focus=focus), c.tolist())[0]
                    for q, f, c in zip(questions, stated, codes)]
         out: list[str] = []
         for sl in self._batched(len(prompts), batch_size):
@@ -390,7 +397,7 @@ class LLMCXR:
                 plan = self._positions.plan.vector(layout).repeat_interleave(candidates, dim=0)
         else:
             stated = [None] * len(reports)
-        sampling = sampling or Sampling(temperature=IMAGE_TEMPERATURE, top_k=0, top_p=IMAGE_TOP_P)
+        sampling = sampling or self.image_sampling()
         begin = [self.map.begin_id]
         # the report cut as in training, so the list and the whole image fit; each report's candidates side by side
         one = [image_prompt_ids(self.tok, self.map, self.template, image_prompt(self.template, r, None, f),

@@ -110,6 +110,7 @@ class GuidedModes:
     vqa: bool = False  # answers a question with its reading stated in the prompt
     images: bool = False  # draws from a report with the findings it states listed (and given to the image plan)
     sides: bool = False  # the stated findings carry their sides
+    vqa_focus: bool = False  # a guided question's prompt also states what the list says of the finding it names
 
 
 RUN_FORMAT = 2  # 2: add-ons listed in run.json, each in its own file; 1 (no "format"): converted on load
@@ -127,6 +128,7 @@ class RunInfo:
     max_length: int = 512
     addons: list[dict] | None = None  # [{"name", "config"}] in the order they attach; None: a format-1 run
     guided: GuidedModes = field(default_factory=GuidedModes)
+    image_temperature: float | None = None  # how it draws by default; None: llm_cxr.configs.IMAGE_TEMPERATURE
     format: int = RUN_FORMAT
     extra: dict = field(default_factory=dict)
 

@@ -42,6 +42,10 @@ class StageConfig:
                                             'Cheap; teaches the model to answer presence (and, with guide_sides, '
                                             'side) questions from the list it is given, as report_from_findings '
                                             'teaches the writer')
+    vqa_focus: bool = option(False, help='a guided question\'s prompt ends with what the list says about the finding '
+                                         'the question names ("Stated: right pleural effusion" or "Stated: no '
+                                         'pleural effusion"), so the answer is read from the line before it, not '
+                                         'looked up in the list (llm_cxr.lm.prompts.vqa_prompt). A stage inherits it')
     guide_sides: bool = option(False, help='the guided prompt gives each finding\'s side ("right pleural effusion"), '
                                            "as the run's finding head reads it (finding_head: conv)")
     one_per_patient: bool = option(False, help='stage 2: one study per patient')
@@ -152,6 +156,9 @@ class LMTrainConfig:
                                             'inherits its init_from\'s head. "none": guided reports read the LM\'s own '
                                             'checklist answer.')
     finding_head_epochs: float = option(8.0, help='epochs of the finding head')
+    image_temperature: float | None = option(None, help='the sampling temperature the run draws images with by '
+                                                        'default (0: greedy), recorded in its run.json; null: the '
+                                                        "init_from run's, else the library's (0.4)")
     attn_implementation: str = option("auto", help='transformers\' attention kernel: "auto" (eager for bf16 on CPU, '
                                                    'where it is faster; SDPA elsewhere), or any name transformers '
                                                    'accepts ("sdpa", "eager", "flash_attention_2")')
@@ -163,6 +170,8 @@ class LMTrainConfig:
     loop: dict | LoopConfig = option(default_factory=LoopConfig, help='the training loop (``loop:`` keys)')
 
     def __post_init__(self) -> None:
+        if self.image_temperature is not None and not self.image_temperature >= 0:
+            raise ConfigError(f"image_temperature must be >= 0 (0: greedy), got {self.image_temperature}")
         if isinstance(self.stage, dict):
             self.stage = from_dict_strict(StageConfig, self.stage, "stage")
         if isinstance(self.loop, dict):

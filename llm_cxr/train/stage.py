@@ -116,6 +116,7 @@ def train_lm(cfg: LMTrainConfig, accelerator=None) -> Path:
         vq = codes_info.get("model_path")
         info = RunInfo(kind=kind, base=_abs(base), vqgan=_abs(vq) if vq else None, template=cfg.template,
                        max_length=cfg.max_length, guided=_guided_modes(cfg),
+                       image_temperature=_image_temperature(cfg),
                        extra={"vqgan_weights": codes_info.get("weights"),
                               "trainable": asdict(summary) | {"share": summary.share},
                               **_relative_refs(run / "model", base, vq)})
@@ -126,6 +127,13 @@ def train_lm(cfg: LMTrainConfig, accelerator=None) -> Path:
             (run / "DONE").write_text(json.dumps({"steps": pos.step}) + "\n")
     accelerator.wait_for_everyone()
     return run
+
+
+def _image_temperature(cfg: LMTrainConfig) -> float | None:
+    """The stage's own, or the one its init_from run draws with."""
+    if cfg.image_temperature is not None or not cfg.init_from:
+        return cfg.image_temperature
+    return RunInfo.load(run_model_dir(cfg.init_from)).image_temperature
 
 
 def _guided_modes(cfg: LMTrainConfig) -> GuidedModes:
@@ -140,7 +148,9 @@ def _guided_modes(cfg: LMTrainConfig) -> GuidedModes:
         sides = st.guide_sides
     else:
         sides = prev.sides and (reports or vqa or images)
-    return GuidedModes(reports, vqa, images, sides)
+    # a stage that trains guided questions trains them in its own form; one that does not keeps its init's
+    focus = st.vqa_focus if (st.vqa_guided or st.vqa_from_findings) else prev.vqa_focus and vqa
+    return GuidedModes(reports, vqa, images, sides, focus)
 
 
 def _relative_refs(model_folder: Path, base: str, vqgan: str | None) -> dict[str, str]:
