@@ -12,6 +12,7 @@ from llm_cxr.errors import ConfigError, InputError
 from llm_cxr.lm.prompts import (
     CHECKLIST_QUESTIONS,
     GUIDE_PREFIX,
+    GUIDE_FOCUS,
     GUIDE_QUESTION,
     IMAGE,
     PLAN_INDEX,
@@ -19,6 +20,7 @@ from llm_cxr.lm.prompts import (
     TEMPLATES,
     checklist_qa,
     get_template,
+    asked_finding,
     make_vqa,
     parse_checklist,
     report_text,
@@ -310,6 +312,29 @@ def test_text_only_guided_questions_are_answered_by_their_list():
     with pytest.raises(ConfigError, match="vqa_from_findings"):
         StageConfig(vqa_from_findings=-1)
     StageConfig(report=0, image=0, vqa=0, vqa_from_findings=1)  # a stage of its own
+
+
+def test_focused_questions_state_what_the_list_says_of_the_finding_asked():
+    """stage.vqa_focus: a guided question's prompt ends with the list's word on the finding the question names, which
+    is the answer's evidence: present (with its side) exactly when the answer is yes; every question the training
+    data asks names the finding it is about."""
+    for name in FINDING_NAMES:
+        for qa in make_vqa([Finding(name, "left")], random.Random(name), 8):
+            if qa.kind in ("presence", "laterality"):
+                assert asked_finding(qa.question) == qa.finding, qa.question
+    assert asked_finding("What devices are present?") is None
+    findings = [Finding("pleural_effusion", "right"), Finding("edema", "bilateral"), Finding("chest_tube", "left")]
+    stage = StageConfig(report=0, image=0, vqa=0, checklist=0, vqa_from_findings=12, vqa_guided=4, guide_sides=True,
+                        vqa_focus=True)
+    exs = [e for e in study_examples(_row(findings), stage, get_template("compact"), 0) if e.meta.get("finding")]
+    assert len(exs) >= 12
+    for e in exs:
+        stated = e.prompt[-2].rsplit(GUIDE_FOCUS, 1)[1]
+        assert (e.response != "no") == (not stated.startswith("no ")), (stated, e.response)
+        if e.meta["kind"] == "laterality":
+            assert stated.split()[0] == {"right": "right", "both sides": "bilateral"}[e.response]
+    plain = StageConfig(report=0, image=0, vqa=0, checklist=0, vqa_from_findings=4, guide_sides=True)
+    assert not any(GUIDE_FOCUS in e.prompt[-2] for e in study_examples(_row(findings), plain, get_template("compact"), 0))
 
 
 def test_guided_image_prompt_lists_what_the_report_states():

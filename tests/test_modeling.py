@@ -510,6 +510,13 @@ def test_guided_questions_state_the_reading(gen, monkeypatch):
     texts = said(gen)
     assert len(texts) == 4 and all(CHECKLIST_QUESTIONS[0] in t and GUIDE_PREFIX not in t for t in texts[:2])
     assert all(GUIDE_PREFIX in t and "pneumothorax" in t for t in texts[2:])
+    # a run trained with focused questions (stage.vqa_focus) also states the list's word on the finding asked
+    assert all("Stated:" not in t for t in said(model))
+    monkeypatch.setattr(gen.run.info.guided, "vqa_focus", True)
+    assert all(t.rstrip().endswith("Stated: no pneumothorax\n### Response:") for t in said(model))
+    prompts.clear()
+    model.answer(CODES[:1], "Where is the pleural effusion, left or right?", max_new_tokens=2)
+    assert "Stated: left pleural effusion" in gen.tok.decode(prompts[0])
 
 
 def test_image_candidates_are_reranked_by_the_finding_head(gen, monkeypatch):

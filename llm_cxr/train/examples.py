@@ -81,13 +81,15 @@ def study_examples(row: dict, stage: StageConfig, template: PromptTemplate, seed
             out.append(Example("vqa", vqa_prompt(template, qa.question), qa.answer, codes,
                                {"kind": qa.kind, "finding": qa.finding}))
         for qa in make_vqa(findings, rng, stage.vqa_guided, askable, uncertain):
-            out.append(Example("vqa", vqa_prompt(template, qa.question, present), qa.answer, codes,
+            out.append(Example("vqa", vqa_prompt(template, qa.question, present, focus=stage.vqa_focus), qa.answer,
+                               codes,
                                {"kind": qa.kind, "finding": qa.finding, "guided": True}))
         for _ in range(stage.checklist):
             qa = checklist_qa(findings, rng, askable, uncertain)
             out.append(Example("vqa", vqa_prompt(template, qa.question), qa.answer, codes, {"kind": qa.kind}))
         for qa in list_questions(findings, rng, stage.vqa_from_findings, askable, uncertain, stage.guide_sides):
-            out.append(Example("text", vqa_prompt(template, qa.question, present, image=False), qa.answer, None,
+            out.append(Example("text", vqa_prompt(template, qa.question, present, image=False,
+                                                  focus=stage.vqa_focus), qa.answer, None,
                                {"kind": qa.kind, "finding": qa.finding, "guided": True}))
         layout = plan_items(plan, report) if stage.image_guided else []  # the image plan's items, with zones
         for _ in range(stage.image_guided):
