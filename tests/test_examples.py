@@ -11,16 +11,16 @@ from llm_cxr.data.schema import FINDING_NAMES, Finding
 from llm_cxr.errors import ConfigError, InputError
 from llm_cxr.lm.prompts import (
     CHECKLIST_QUESTIONS,
-    GUIDE_PREFIX,
     GUIDE_FOCUS,
+    GUIDE_PREFIX,
     GUIDE_QUESTION,
     IMAGE,
     PLAN_INDEX,
     PLAN_ITEMS,
     TEMPLATES,
+    asked_finding,
     checklist_qa,
     get_template,
-    asked_finding,
     make_vqa,
     parse_checklist,
     report_text,
