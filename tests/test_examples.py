@@ -334,7 +334,8 @@ def test_focused_questions_state_what_the_list_says_of_the_finding_asked():
         if e.meta["kind"] == "laterality":
             assert stated.split()[0] == {"right": "right", "both sides": "bilateral"}[e.response]
     plain = StageConfig(report=0, image=0, vqa=0, checklist=0, vqa_from_findings=4, guide_sides=True)
-    assert not any(GUIDE_FOCUS in e.prompt[-2] for e in study_examples(_row(findings), plain, get_template("compact"), 0))
+    exs = study_examples(_row(findings), plain, get_template("compact"), 0)
+    assert exs and not any(GUIDE_FOCUS in e.prompt[-2] for e in exs)
 
 
 def test_guided_image_prompt_lists_what_the_report_states():
