@@ -173,7 +173,7 @@ def test_dead_code_grace_is_the_number_of_unused_steps_before_a_restart(tmp_path
     cfg = VQGANTrainConfig(data="x", out="y", dead_code_grace=60)
     u = _grace_usage(cfg)
     assert u * 0.99 ** 59 > cfg.dead_code_threshold > u * 0.99 ** 61  # an unused code dies after 60 steps
-    assert _grace_usage(VQGANTrainConfig(data="x", out="y")) == pytest.approx(1.0, abs=0.02)  # the old start
+    assert _grace_usage(VQGANTrainConfig(data="x", out="y")) == 1.0  # the old start
 
     def restarts(grace):
         data = make_dataset(tmp_path / "ds") if not (tmp_path / "ds").exists() else tmp_path / "ds"
@@ -183,7 +183,7 @@ def test_dead_code_grace_is_the_number_of_unused_steps_before_a_restart(tmp_path
         col = lines[0].split(",").index("reinit")
         return sum(int(float(line.split(",")[col])) for line in lines[1:])
 
-    assert restarts(350) == 0  # three steps are well inside the default grace
+    assert restarts(None) == 0  # three steps are well inside the default grace
     assert restarts(0) > 0  # codes the first steps did not choose are restarted at once
 
 

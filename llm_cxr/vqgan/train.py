@@ -70,9 +70,9 @@ class VQGANTrainConfig:
     lpips_weight: float = 1.0
     dead_code_every: int = 50
     dead_code_threshold: float = 0.03  # EMA uses per step below which a code is dead
-    # steps a code (at the start, or just restarted) may go unused before it counts as dead; the default is the
-    # ~350 steps an EMA started at 1 takes to decay below 0.03 (what runs before this option did)
-    dead_code_grace: int = 350
+    # steps a code (at the start, or just restarted) may go unused before it counts as dead; None: its usage starts
+    # at 1, which takes ~350 steps to decay below the default threshold (what runs before this option did)
+    dead_code_grace: int | None = None
     mixed_precision: str = "no"  # "no" | "bf16" | "fp16"
     log_every: int = 10
     sample_every: int = 250
@@ -89,7 +89,7 @@ class VQGANTrainConfig:
             problems.append(f"steps ({self.steps}) and batch_size ({self.batch_size}) must be > 0")
         if self.lr <= 0:
             problems.append(f"lr must be > 0, got {self.lr}")
-        if self.dead_code_grace < 0 or self.dead_code_threshold <= 0:
+        if (self.dead_code_grace is not None and self.dead_code_grace < 0) or self.dead_code_threshold <= 0:
             problems.append(f"dead_code_grace ({self.dead_code_grace}) must be >= 0 and dead_code_threshold "
                             f"({self.dead_code_threshold}) > 0")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
@@ -236,6 +236,8 @@ def _grace_usage(cfg: VQGANTrainConfig) -> float:
     """The usage EMA a new code starts at: it decays (x0.99 a step) below the threshold after ``dead_code_grace``
     unused steps. A short run cannot wait the default's 350 steps: its early codebook collapses onto a few codes
     (perplexity ~6 for the tiny preset's first 350 steps) and nothing restarts the rest until then."""
+    if cfg.dead_code_grace is None:
+        return 1.0
     return cfg.dead_code_threshold / 0.99 ** cfg.dead_code_grace
 
 
