@@ -388,7 +388,7 @@ def config_cases(tmp: Path, data: Path, encoded: Path | None, lm_base: Path | No
     d = tmp / "configs"
     d.mkdir()
     # a valid base, and the base model's context: only the key under test is wrong
-    base = f"base: {lm_base}\nmax_length: 256\n" if lm_base else ""
+    base = f"base: {lm_base}\nmax_length: 384\n" if lm_base else ""  # a 16x16 image and its prompt fit
     lm_cfgs = [
         ("YAML list", "- 1\n- 2\n", "error"),
         ("YAML scalar", "just a string\n", "error"),
@@ -447,8 +447,7 @@ class Payload:
         return (os.mkdir, (self.marker,))
 
 
-def taming_yaml(path: Path, vq: Path) -> Path:
-    m = json.loads((vq / "model" / "config.json").read_text())
+def taming_yaml(path: Path, m: dict) -> Path:
     dd = {k: m[k] for k in ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels", "resolution",
                             "in_channels", "out_ch", "dropout", "double_z")}
     doc = {"model": {"target": "taming.models.vqgan.VQModel",
@@ -465,8 +464,16 @@ def checkpoint_cases(tmp: Path, vq: Path | None, lm: Path | None, real: Path | N
 
     d = tmp / "ckpt"
     d.mkdir()
-    cfg = taming_yaml(d / "taming.yaml", vq)
-    state = load_file(str(vq / "model" / "model.safetensors"))
+    m = json.loads((vq / "model" / "config.json").read_text())
+    if m.get("norm_groups", 32) == 32:
+        state = load_file(str(vq / "model" / "model.safetensors"))
+    else:  # taming's GroupNorm has 32 groups, which the run's model (the tiny preset's 8) cannot be: a small one
+        from llm_cxr.vqgan import VQGAN
+        from llm_cxr.vqgan.config import preset
+
+        m = preset("small").to_dict()
+        state = VQGAN(preset("small")).state_dict()
+    cfg = taming_yaml(d / "taming.yaml", m)
     cases = []
     kinds = [("plain pickle.dump of a payload (legacy)", "legacy", "error"),
              ("legacy torch.save: payload + state_dict", "torch_legacy", "ok"),
@@ -549,6 +556,11 @@ def lm_run_cases(d: Path, lm: Path, vq: Path, img: str, warn: Callable) -> list[
         shutil.copytree(lm, dst)
         if with_base and (lm.parent / "base").is_dir():
             (d / name / "base").symlink_to(lm.parent / "base")
+        if not with_base:  # where run.json looks for its base (the recorded path, then beside the run): nowhere
+            info = json.loads((dst / "model" / "run.json").read_text())
+            info["base"] = str(d / name / "moved-away" / "base")
+            info.get("extra", {}).pop("base_relative", None)
+            (dst / "model" / "run.json").write_text(json.dumps(info))
         return dst
 
     unfinished = lm_copy("lm_unfinished")
