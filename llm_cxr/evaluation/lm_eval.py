@@ -163,8 +163,8 @@ def evaluate_images(model: LLMCXR, ds, classifier_dir: str, cfg: EvalConfig) -> 
     thr = load_thresholds(classifier_dir)
     sub = _take(ds, cfg.n_images, cfg.seed + 1)
     reports = list(sub["report"])
-    sampling = (model.image_sampling(cfg.seed) if cfg.image_temperature is None
-                else Sampling(temperature=cfg.image_temperature, top_p=cfg.image_top_p, seed=cfg.seed))
+    temperature = model.image_sampling().temperature if cfg.image_temperature is None else cfg.image_temperature
+    sampling = Sampling(temperature=temperature, top_p=cfg.image_top_p, seed=cfg.seed)
     gens = []
 
     asked = [requested_findings(r) for r in reports] if cfg.candidates > 1 else None
