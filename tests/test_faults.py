@@ -130,19 +130,38 @@ def _image_table(folder: Path, n: int) -> Path:
     return folder / "t.csv"
 
 
-def test_killed_import_reruns_to_the_same_rows(tmp_path):
-    table = _image_table(tmp_path / "src", 600)
+def _chunks_done(manifest: Path):
+    def ready() -> bool:
+        try:
+            return bool(json.loads(manifest.read_text())["chunks"])
+        except (OSError, ValueError, KeyError):
+            return False
+
+    return ready
+
+
+def test_killed_import_resumes_after_its_last_chunk_to_the_same_rows(tmp_path, monkeypatch):
+    from llm_cxr.data.importers import generic
+
+    n = 1100  # chunks of 512 rows: the kill comes after the first or second
+    table = _image_table(tmp_path / "src", n)
     ref, out = tmp_path / "ref", tmp_path / "out"
     args = ["data", "import", "table", table, "--size", "16", "--out"]
     assert main(["-q", *map(str, args), str(ref)]) == 0
-    _kill_when([*args, out], _has_file(tmp_path, ".out.*/**/*.arrow", 1), tmp_path)
+    manifest = tmp_path / ".out.partial" / "manifest.json"
+    _kill_when([*args, out], _chunks_done(manifest), tmp_path)
     assert not out.exists()
+    done = json.loads(manifest.read_text())["chunks"][-1]["position"]
+    loaded = []
+    real = generic.load_or_skip
+    monkeypatch.setattr(generic, "load_or_skip", lambda path, *a: loaded.append(path) or real(path, *a))
     assert main(["-q", *map(str, args), str(out)]) == 0
+    assert 0 < done < n and len(loaded) == n - done  # resumed: the images before its last chunk were not read again
     a, b = load_dataset(ref), load_dataset(out)
     assert a.data.table.equals(b.data.table)  # every row, images included
     sa, sb = (json.loads((p / "summary.json").read_text()) for p in (ref, out))
     assert {k: v for k, v in sa.items() if k != "out_dir"} == {k: v for k, v in sb.items() if k != "out_dir"}
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no work folder left
 
 
 def _reports(path: Path, n: int, seed: int) -> Path:

@@ -476,3 +476,36 @@ def test_an_unterminated_quote_is_named_not_merged(tmp_path):
     assert got == [{"id": "1", "report": "fine"}]  # rows before it were read, none merged
     p.write_text('id,report\n1,"a report, with a comma\nand a line break"\n2,plain\n')  # quoted newlines stay fine
     assert [r["id"] for r in read_csv(p, ["id", "report"])] == ["1", "2"]
+
+
+@pytest.mark.parametrize("limit", [None, 3])
+def test_table_import_interrupted_resumes_with_its_duplicates_and_limit(tmp_path, monkeypatch, limit):
+    from llm_cxr.data import dataset
+    from llm_cxr.data.importers import generic
+
+    make_table_images(tmp_path)
+    rows = [["img/a.png", "Clear.", "p1"], ["img/b.jpg", "Clear.", "p2"], ["img/a.png", "Again.", "p3"],
+            ["img/c.png", "Nodule.", "p4"], ["img/e.png", "Clear.", "p5"]]
+    table = write_csv(tmp_path / "t.csv", ["image", "report", "pid"], rows)
+    monkeypatch.setattr(dataset, "CHUNK_ROWS", 1)  # a chunk per row: the job can resume after any of them
+    args = dict(patient_column="pid", size=SIZE, label=False, progress=False, limit=limit)
+    ref = import_table(table, out=tmp_path / "ref", **args)
+    real, calls, interrupt = generic.load_or_skip, [], [True]
+
+    def interrupted(path, *a):
+        calls.append(path.name)
+        if path.name == "c.png" and interrupt:
+            interrupt.clear()
+            raise KeyboardInterrupt  # as a kill would, after a, b and the duplicate a
+        return real(path, *a)
+
+    monkeypatch.setattr(generic, "load_or_skip", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        import_table(table, out=tmp_path / "ds", **args)
+    calls.clear()
+    resumed = import_table(table, out=tmp_path / "ds", **args)
+    # a and b were not read again, the duplicate a is still refused, and the limit counts the rows written before
+    assert calls == (["c.png", "e.png"] if limit is None else ["c.png"])
+    assert load_dataset(tmp_path / "ds").data.table.equals(load_dataset(tmp_path / "ref").data.table)
+    assert [b.to_dict() for b in resumed.bad_items] == [b.to_dict() for b in ref.bad_items]
+    assert resumed.n_rows == (4 if limit is None else 3) and "duplicate id" in resumed.bad_items[0].problem

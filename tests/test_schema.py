@@ -105,3 +105,54 @@ def test_load_dataset_errors_name_the_path(tmp_path):
     (tmp_path / "junk").mkdir()
     with pytest.raises(DatasetError, match="not a saved dataset"):
         load_dataset(tmp_path / "junk")
+
+
+def _resumable(n, fail_at=None, bad_at=(), seen=None):
+    """A row generator over n source items that supports resuming, and fails at item ``fail_at``."""
+    def rows(job):
+        for i in range(job.start, n):
+            if i == fail_at:
+                raise KeyboardInterrupt
+            if seen is not None:
+                seen.append(i)
+            job.position = i + 1
+            if i in bad_at:
+                job.add(f"img{i}.png", "truncated file")
+                continue
+            yield _row(i, "test" if i % 4 == 0 else "train")
+    return rows
+
+
+def test_write_dataset_resumes_after_its_last_chunk_and_equals_a_straight_run(tmp_path):
+    straight = write_dataset(_resumable(10, bad_at=(2, 7)), tmp_path / "ref", info={"a": 1}, chunk_rows=3)
+    with pytest.raises(KeyboardInterrupt):
+        write_dataset(_resumable(10, fail_at=8, bad_at=(2, 7)), tmp_path / "ds", info={"a": 1}, chunk_rows=3)
+    assert not (tmp_path / "ds").exists() and (tmp_path / ".ds.partial").is_dir()
+    seen = []
+    resumed = write_dataset(_resumable(10, bad_at=(2, 7), seen=seen), tmp_path / "ds", info={"a": 1}, chunk_rows=3)
+    assert seen == [7, 8, 9]  # two chunks (items 0-6, bad item 2 included) were kept
+    assert load_dataset(tmp_path / "ds").data.table.equals(load_dataset(tmp_path / "ref").data.table)
+    assert (resumed.n_rows, resumed.n_bad, resumed.splits) == (straight.n_rows, straight.n_bad, straight.splits)
+    assert [b.item for b in resumed.bad_items] == ["img2.png", "img7.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "ref"]
+
+
+def _interrupted_without_position(job):
+    """A generator that does not say where it is: its chunks cannot be resumed from."""
+    for i in range(10):
+        if i == 8:
+            raise KeyboardInterrupt
+        yield _row(i)
+
+
+@pytest.mark.parametrize("change", ["info", "key", "no position"])
+def test_write_dataset_starts_over_when_it_cannot_resume(tmp_path, change):
+    first = _interrupted_without_position if change == "no position" else _resumable(10, fail_at=8)
+    with pytest.raises(KeyboardInterrupt):
+        write_dataset(first, tmp_path / "ds", info={"a": 1}, key=1, chunk_rows=3)
+    assert json.loads((tmp_path / ".ds.partial" / "manifest.json").read_text())["chunks"]
+    seen = []
+    info, key = ({"a": 2}, 1) if change == "info" else ({"a": 1}, 2 if change == "key" else 1)
+    summary = write_dataset(_resumable(10, seen=seen), tmp_path / "ds", info=info, key=key, chunk_rows=3)
+    assert seen == list(range(10)) and summary.n_rows == 10
+    assert load_dataset(tmp_path / "ds")["id"] == [f"r{i}" for i in range(10)]

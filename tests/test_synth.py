@@ -262,6 +262,32 @@ def test_a_failing_study_is_recorded_and_the_others_kept(tmp_path, monkeypatch):
     assert "boom" in (tmp_path / "ds" / "bad_items.jsonl").read_text()
 
 
+def test_interrupted_synthesis_resumes_after_its_last_chunk(tmp_path, monkeypatch):
+    import llm_cxr.data.synth as synth
+    from llm_cxr.data import dataset
+    from llm_cxr.data.dataset import load_dataset
+
+    monkeypatch.setattr(dataset, "CHUNK_ROWS", 4)
+    cfg = SynthConfig(size=64)
+    generate_dataset(11, tmp_path / "ref", cfg, seed=3, progress=False)
+    real, made, stop = synth._make_row, [], [9]
+
+    def interrupted(task, **kw):
+        if task[0] in stop:
+            stop.clear()
+            raise KeyboardInterrupt  # as a kill would, with two chunks (8 studies) written
+        made.append(task[0])
+        return real(task, **kw)
+
+    monkeypatch.setattr(synth, "_make_row", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        generate_dataset(11, tmp_path / "ds", cfg, seed=3, progress=False)
+    made.clear()
+    summary = generate_dataset(11, tmp_path / "ds", cfg, seed=3, progress=False)
+    assert made == [8, 9, 10] and summary.n_rows == 11
+    assert load_dataset(tmp_path / "ds").data.table.equals(load_dataset(tmp_path / "ref").data.table)
+
+
 def test_other_seed_gives_other_dataset(tmp_path):
     cfg = SynthConfig(size=64)
     generate_dataset(3, tmp_path / "a", cfg, seed=1, progress=False)

@@ -8,8 +8,10 @@ when nothing usable is left.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,9 @@ log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "summary.json"
 BAD_ITEMS_FILE = "bad_items.jsonl"
+_MANIFEST = "manifest.json"
+# a chunk is written (and the job can resume after it) every CHUNK_ROWS rows or CHUNK_BYTES of images
+CHUNK_ROWS, CHUNK_BYTES = 512, 64 << 20
 
 
 @dataclass
@@ -56,8 +61,8 @@ class WriteSummary:
 class BadItemLog:
     """Collects bad items during a job; passed to row generators."""
 
-    def __init__(self) -> None:
-        self.items: list[BadItem] = []
+    def __init__(self, items: list[BadItem] | None = None) -> None:
+        self.items: list[BadItem] = list(items or [])
 
     def add(self, item: str | Path, problem: str) -> None:
         self.items.append(BadItem(str(item), problem))
@@ -67,70 +72,192 @@ class BadItemLog:
         return len(self.items)
 
 
+class WriteJob(BadItemLog):
+    """What :func:`write_dataset` passes to a row generator: the bad-item log, and where to resume.
+
+    A generator that walks a list of source items can make the job resumable: start at item
+    ``start`` (the items before it are already in the dataset, or were bad), count its rows from
+    ``rows_done`` (for a row limit), treat ``ids_done`` as written, and set ``position`` to
+    ``i + 1`` once item ``i`` is dealt with, *before* yielding its row. A generator that never
+    sets ``position`` still works; its job just starts over after an interruption.
+    """
+
+    def __init__(self, items: list[BadItem] | None = None, start: int = 0, rows_done: int = 0,
+                 ids_done: set[str] | None = None) -> None:
+        super().__init__(items)
+        self.start, self.rows_done = start, rows_done
+        self.ids_done: set[str] = ids_done or set()
+        self.position: int | None = None
+
+
 def write_dataset(
-    rows: Callable[[BadItemLog], Iterator[dict[str, Any]]],
+    rows: Callable[[WriteJob], Iterator[dict[str, Any]]],
     out_dir: str | Path,
     info: dict[str, Any] | None = None,
     overwrite: bool = True,
+    key: Any = None,
+    chunk_rows: int | None = None,
 ) -> WriteSummary:
-    """Stream ``rows(bad_log)`` into an Arrow dataset at ``out_dir``.
+    """Stream ``rows(job)`` into an Arrow dataset at ``out_dir``, resumably.
 
-    ``rows`` is a generator function taking a :class:`BadItemLog`; it yields complete rows in
-    the schema and records what it had to skip. The dataset is built in a temporary folder
-    next to ``out_dir`` and moved into place only when complete, so an interrupted job
-    never leaves a half-written dataset behind.
+    ``rows`` is a generator function taking a :class:`WriteJob`; it yields complete rows in
+    the schema and records what it had to skip. Rows are written in chunks to a work folder
+    next to ``out_dir`` (``.NAME.partial``), each chunk with the generator's position, so a
+    job killed at any point resumes, when run again with the same ``info`` and ``key``, after
+    its last chunk (generators that support it, see :class:`WriteJob`). The dataset is moved
+    into place only when complete: an interrupted job never leaves a half-written dataset.
     """
-    import datasets
-
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise DatasetError(f"{out_dir} already exists; pass overwrite=True (--overwrite) to replace it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    bad = BadItemLog()
-    counts: dict[str, int] = {}
-
-    def gen() -> Iterator[dict[str, Any]]:
-        for row in rows(bad):
-            counts[row["split"]] = counts.get(row["split"], 0) + 1
-            yield row
-
-    # one temporary folder per output, emptied first: a killed job's leftovers go (never reused: the counts and the
-    # bad items come from running the generator), and the folder goes on success and on error alike
-    tmp = out_dir.parent / f".{out_dir.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    work = _Partial(out_dir.parent / f".{out_dir.name}.partial", {"info": info or {}, "key": key})
+    job = work.resume()
+    chunk_rows = chunk_rows or CHUNK_ROWS
+    buffer: list[dict[str, Any]] = []
+    size = 0
     try:
+        for row in rows(job):
+            buffer.append(row)
+            size += _row_bytes(row)
+            if len(buffer) >= chunk_rows or size >= CHUNK_BYTES:
+                work.flush(buffer, job)
+                buffer, size = [], 0
+        work.flush(buffer, job)
+    except BaseException:
+        if work.chunks:
+            log.warning("kept %d row(s) already written in %s: run the same command again to resume",
+                        work.n_rows, work.path)
+        raise
+    summary = WriteSummary(str(out_dir), work.n_rows, len(job), dict(sorted(work.counts.items())), job.items,
+                           info or {})
+    if work.n_rows == 0:
+        work.remove()
+        if not job.items:
+            raise NothingUsableError(f"no item to write to {out_dir}: the source has no rows (only a header, "
+                                     f"or every row filtered out)")
+        raise NothingUsableError(
+            f"no usable item for {out_dir}: {len(job)} bad item(s); first problems: "
+            + "; ".join(f"{b.item}: {b.problem}" for b in job.items[:5])
+        )
+    work.finish(out_dir, summary)
+    log.info("wrote %d rows to %s (%d bad items skipped)", work.n_rows, out_dir, len(job))
+    return summary
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    import datasets
+
+    was = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was:
+            datasets.enable_progress_bars()
+
+
+def _row_bytes(row: dict[str, Any]) -> int:
+    image = row.get("image")
+    return len(image.get("bytes") or b"") if isinstance(image, dict) else 0
+
+
+class _Partial:
+    """The work folder of one :func:`write_dataset` call: numbered chunks and a manifest.
+
+    The manifest is replaced atomically after each chunk folder is renamed into place, so
+    it never names a chunk that is not complete; a chunk it does not name is a leftover of
+    a killed job and is deleted.
+    """
+
+    def __init__(self, path: Path, job: dict[str, Any]) -> None:
+        self.path, self.job = path, json.loads(json.dumps(job, default=str, sort_keys=True))
+        self.chunks: list[dict[str, Any]] = []  # {"name", "rows", "position"} per chunk, in order
+        self.counts: dict[str, int] = {}
+        self.bad: list[dict[str, str]] = []
+
+    @property
+    def n_rows(self) -> int:
+        return sum(c["rows"] for c in self.chunks)
+
+    def resume(self) -> WriteJob:
+        import datasets
+
+        manifest = self._read_manifest()
+        usable = (manifest is not None and manifest.get("job") == self.job and manifest.get("chunks")
+                  and all(c.get("position") is not None for c in manifest["chunks"]))
+        if not usable:
+            if manifest is not None:
+                log.info("%s is from another job (other source or options) or cannot be resumed; starting over",
+                         self.path)
+            shutil.rmtree(self.path, ignore_errors=True)
+            self.path.mkdir(parents=True)
+            self._write_manifest()
+            return WriteJob()
+        self.chunks, self.counts, self.bad = manifest["chunks"], manifest["counts"], manifest["bad"]
+        named = {c["name"] for c in self.chunks}
+        for leftover in self.path.iterdir():
+            if leftover.name != _MANIFEST and leftover.name not in named:
+                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+        ids: set[str] = set()
+        for c in self.chunks:
+            ids.update(datasets.load_from_disk(str(self.path / c["name"]))["id"])
+        start = self.chunks[-1]["position"]
+        log.info("resuming %s: %d row(s) and %d bad item(s) already done, from source item %d (delete %s to "
+                 "start over)", self.path.name, self.n_rows, len(self.bad), start, self.path)
+        return WriteJob([BadItem(**b) for b in self.bad], start=start, rows_done=self.n_rows, ids_done=ids)
+
+    def flush(self, buffer: list[dict[str, Any]], job: WriteJob) -> None:
+        """Write ``buffer`` as the next chunk and record the generator's position and bad items."""
+        import datasets
+        import pyarrow
+
+        if not buffer:
+            return
+        name = f"chunk-{len(self.chunks):05d}"
+        tmp = self.path / f"{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
         try:
-            ds = datasets.Dataset.from_generator(
-                gen, features=dataset_features(), cache_dir=str(Path(tmp) / "cache")
-            )
-            n = len(ds)
-        except (datasets.exceptions.DatasetGenerationError, ValueError) as e:
-            # datasets refuses an empty generator (every item was bad): that is ours to report.
-            if counts:
-                raise DatasetError(f"could not write dataset {out_dir}: {e.__cause__ or e}") from e
-            n = 0
-        summary = WriteSummary(str(out_dir), n, len(bad), dict(sorted(counts.items())), bad.items, info or {})
-        if n == 0:
-            _write_reports(Path(tmp) / "report", summary)
-            if not bad.items:
-                raise NothingUsableError(f"no item to write to {out_dir}: the source has no rows (only a header, "
-                                         f"or every row filtered out)")
-            raise NothingUsableError(
-                f"no usable item for {out_dir}: {len(bad)} bad item(s); first problems: "
-                + "; ".join(f"{b.item}: {b.problem}" for b in bad.items[:5])
-            )
-        staged = Path(tmp) / "dataset"
-        ds.save_to_disk(str(staged))
-        del ds
+            with _no_progress_bars():  # one bar per chunk would bury the job's own
+                datasets.Dataset.from_list(buffer, features=dataset_features()).save_to_disk(str(tmp))
+        except (ValueError, TypeError, KeyError, pyarrow.ArrowException) as e:
+            raise DatasetError(f"could not write dataset rows to {self.path}: {type(e).__name__}: {e}") from e
+        os.replace(tmp, self.path / name)
+        for row in buffer:
+            self.counts[row["split"]] = self.counts.get(row["split"], 0) + 1
+        self.chunks.append({"name": name, "rows": len(buffer), "position": job.position})
+        self.bad = [b.to_dict() for b in job.items]
+        self._write_manifest()
+
+    def finish(self, out_dir: Path, summary: WriteSummary) -> None:
+        """Join the chunks into the dataset at ``out_dir`` (replacing what was there) and remove the work folder."""
+        import datasets
+
+        parts = [datasets.load_from_disk(str(self.path / c["name"])) for c in self.chunks]
+        staged = self.path / "dataset"
+        shutil.rmtree(staged, ignore_errors=True)
+        (parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)).save_to_disk(str(staged))
+        del parts
         _write_reports(staged, summary)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         staged.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    log.info("wrote %d rows to %s (%d bad items skipped)", n, out_dir, len(bad))
-    return summary
+        self.remove()
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def _read_manifest(self) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.path / _MANIFEST).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _write_manifest(self) -> None:
+        tmp = self.path / f"{_MANIFEST}.tmp"
+        tmp.write_text(json.dumps({"job": self.job, "chunks": self.chunks, "counts": self.counts, "bad": self.bad}))
+        os.replace(tmp, self.path / _MANIFEST)
 
 
 def _write_reports(folder: Path, summary: WriteSummary) -> None:

@@ -25,7 +25,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from llm_cxr.data.dataset import BadItemLog, WriteSummary, write_dataset
+from llm_cxr.data.dataset import WriteJob, WriteSummary, write_dataset
 from llm_cxr.data.reports import format_report
 from llm_cxr.data.schema import (
     DEVICES,
@@ -362,17 +362,18 @@ def generate_dataset(n: int, out: str | Path, cfg: SynthConfig | None = None, se
     make = functools.partial(_make_row, cfg=cfg, seed=seed)
     info = {"generator": "llm_cxr.data.synth", "seed": seed, "n_patients": len(set(plan)), "config": cfg.to_dict()}
 
-    def rows(bad: BadItemLog) -> Iterator[dict[str, Any]]:
-        tasks = list(enumerate(plan))
-        bar = tqdm(total=n, desc="synth", unit="img", disable=not progress)
+    def rows(job: WriteJob) -> Iterator[dict[str, Any]]:
+        tasks = list(enumerate(plan))[job.start:]  # a resumed job starts after what it wrote
+        bar = tqdm(total=n, initial=job.start, desc="synth", unit="img", disable=not progress)
         pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
         try:
             results = (pool.imap(make, tasks, chunksize=max(1, min(32, n // (4 * workers)))) if pool
                        else map(make, tasks))
-            for res in results:
+            for (i, _), res in zip(tasks, results):
                 bar.update(1)
+                job.position = i + 1
                 if isinstance(res, tuple):
-                    bad.add(res[1].split(":")[0], res[1])
+                    job.add(res[1].split(":")[0], res[1])
                     continue
                 yield res
         finally:
@@ -381,4 +382,4 @@ def generate_dataset(n: int, out: str | Path, cfg: SynthConfig | None = None, se
                 pool.terminate()
 
     log.info("generating %d synthetic studies (%d px, seed %d, %d worker(s))", n, cfg.size, seed, workers)
-    return write_dataset(rows, out, info=info)
+    return write_dataset(rows, out, info=info, key={"n": n})

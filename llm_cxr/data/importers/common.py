@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import io
 import json
 import logging
@@ -21,7 +22,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 from PIL import Image
 from tqdm.auto import tqdm
 
-from llm_cxr.data.dataset import BadItemLog
+from llm_cxr.data.dataset import BadItemLog, WriteJob
 from llm_cxr.data.images import load_image, png_bytes
 from llm_cxr.data.reports import format_report, parse_sections
 from llm_cxr.data.schema import LABEL_NAMES, Finding, empty_labels, findings_to_json
@@ -218,15 +219,29 @@ def make_row(*, image_id: str, patient_id: str, split: str, image: Image.Image, 
     }
 
 
+def job_key(items: Sequence[Any], opts: ImportOptions) -> dict[str, Any]:
+    """What, beyond the importer's info, makes two runs the same job (see :func:`write_dataset`'s resume):
+    the row limit and the exact list of source items."""
+    return {"limit": opts.limit, "items": hashlib.sha256(repr(list(items)).encode()).hexdigest()}
+
+
 def stream(items: Sequence[Any], to_row: Callable[[Any], dict[str, Any] | None], opts: ImportOptions,
-           bad: BadItemLog, desc: str) -> Iterator[dict[str, Any]]:
-    """Yield ``to_row(item)`` for each item (None = skipped), up to ``opts.limit`` rows."""
-    n = 0
-    with tqdm(items, total=len(items), desc=desc, unit="img", disable=not opts.progress) as bar:
-        for item in bar:
-            row = to_row(item)
+           job: WriteJob, desc: str) -> Iterator[dict[str, Any]]:
+    """Yield ``to_row(item)`` for each item (None = skipped), up to ``opts.limit`` rows.
+
+    Starts at ``job.start`` (a resumed job: the items before it are written or were bad) and
+    records its position in ``job`` before each row, so that :func:`write_dataset` can resume.
+    """
+    n = job.rows_done
+    if opts.limit is not None and n >= opts.limit:
+        return
+    with tqdm(total=len(items), initial=job.start, desc=desc, unit="img", disable=not opts.progress) as bar:
+        for i in range(job.start, len(items)):
+            row = to_row(items[i])
+            job.position = i + 1
+            bar.update(1)
             if row is None:
-                bar.set_postfix(rows=n, bad=len(bad), refresh=False)
+                bar.set_postfix(rows=n, bad=len(job), refresh=False)
                 continue
             n += 1
             yield row

@@ -21,7 +21,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from llm_cxr.data.dataset import BadItemLog, WriteSummary, write_dataset
+from llm_cxr.data.dataset import BadItemLog, WriteJob, WriteSummary, write_dataset
 from llm_cxr.data.images import IMAGE_SUFFIXES, is_dicom
 from llm_cxr.data.importers.common import (
     ImportOptions,
@@ -29,6 +29,7 @@ from llm_cxr.data.importers.common import (
     LabelFn,
     check_columns,
     has_section_headers,
+    job_key,
     load_or_skip,
     make_row,
     read_csv,
@@ -102,10 +103,11 @@ def import_table(path: str | Path, *, image_column: str = "image", report_column
                         image=pixels, report=text, labels=labels, findings=findings,
                         source=TABLE_SOURCE, meta=meta)
 
-    def rows(bad: BadItemLog):
+    def rows(bad: WriteJob):
+        seen.update(bad.ids_done)  # a resumed job: the rows already written count as seen
         yield from stream(records, lambda r: to_row(r, bad), opts, bad, f"import {path.name}")
 
-    return write_dataset(rows, opts.out, info)
+    return write_dataset(rows, opts.out, info, key=job_key(records, opts))
 
 
 def import_folder(path: str | Path, *, out: str | Path, size: int = 512, seed: int = 0,
@@ -132,10 +134,10 @@ def import_folder(path: str | Path, *, out: str | Path, size: int = 512, seed: i
                         image=pixels, report="", labels=empty_labels(), findings=[], source=FOLDER_SOURCE,
                         meta={"original_path": rel.as_posix()})
 
-    def rows(bad: BadItemLog):
+    def rows(bad: WriteJob):
         yield from stream(files, lambda f: to_row(f, bad), opts, bad, "import folder")
 
-    return write_dataset(rows, opts.out, info)
+    return write_dataset(rows, opts.out, info, key=job_key(files, opts))
 
 
 # ---- helpers -----------------------------------------------------------------------------

@@ -18,11 +18,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from llm_cxr.data.dataset import BadItemLog, WriteSummary, write_dataset
+from llm_cxr.data.dataset import BadItemLog, WriteJob, WriteSummary, write_dataset
 from llm_cxr.data.importers.common import (
     ImportOptions,
     Labeler,
     LabelFn,
+    job_key,
     load_or_skip,
     make_row,
     read_csv,
@@ -81,10 +82,10 @@ def import_iu(root: str | Path, *, images_dir: str | Path | None = None, frontal
                         split=assign_split(p["uid"], opts.seed), image=pixels, report=text, labels=labels,
                         findings=findings, source=SOURCE, meta=meta)
 
-    def rows(bad: BadItemLog):
+    def rows(bad: WriteJob):
         yield from stream(projections, lambda p: to_row(p, bad), opts, bad, "import iu")
 
-    return write_dataset(rows, opts.out, info)
+    return write_dataset(rows, opts.out, info, key=job_key(projections, opts))
 
 
 def _table(root: Path, name: str) -> Path:

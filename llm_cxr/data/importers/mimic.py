@@ -26,12 +26,13 @@ import logging
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from llm_cxr.data.dataset import BadItemLog, WriteSummary, write_dataset
+from llm_cxr.data.dataset import BadItemLog, WriteJob, WriteSummary, write_dataset
 from llm_cxr.data.importers.common import (
     ImportOptions,
     Labeler,
     LabelFn,
     find_table,
+    job_key,
     load_or_skip,
     make_row,
     read_csv,
@@ -113,10 +114,10 @@ def import_mimic(root: str | Path, *, reports_root: str | Path | None = None,
         return make_row(image_id=img.dicom_id, patient_id=img.subject_id, split=split, image=pixels,
                         report=text, labels=labels, findings=findings, source=SOURCE, meta=meta)
 
-    def rows(bad: BadItemLog):
+    def rows(bad: WriteJob):
         yield from stream(images, lambda img: to_row(img, bad), opts, bad, "import mimic")
 
-    return write_dataset(rows, opts.out, info)
+    return write_dataset(rows, opts.out, info, key=job_key(images, opts))
 
 
 def _study_dir(img: MimicImage) -> Path:
