@@ -3,8 +3,9 @@
     python benchmarks/bench_webapp.py --model runs/lm-small-s2 [--clients 1,8] [--requests 8] [--device cpu]
 
 Starts `llm-cxr serve` as its own process on a free loopback port, then for each client count
-C runs C threads, each with its own `gradio_client.Client`, sending REQUESTS X-ray -> report
-requests one after the other (upload included). The app runs one model call at a time and
+C runs C threads, each with its own `gradio_client.Client`, sending REQUESTS requests one
+after the other, cycling through the app's three tabs (X-ray -> report, report -> X-ray,
+question; uploads included; `--tabs report` for reports only). The app runs one model call at a time and
 queues the rest, so latency grows with C while throughput stays that of the model: the table
 shows p50/p90/p99 latency per request, requests per second, and any errors. Traffic stays on
 127.0.0.1; every loop is bounded by --requests and --timeout.
@@ -28,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+TABS = ("report", "image", "answer")  # the app's three tabs, by their API names
 
 
 def _free_port() -> int:
@@ -102,7 +104,9 @@ def _bomb(folder: Path) -> Path:
 
 
 def _client_loop(url: str, images: list[Path], n: int, deadline: float, lat: list, errors: list,
-                 bomb: Path | None = None, refused: list | None = None) -> None:
+                 bomb: Path | None = None, refused: list | None = None, tabs: tuple[str, ...] = TABS,
+                 offset: int = 0) -> None:
+    """``n`` requests, cycling through ``tabs`` from ``offset`` (so that clients mix them at any moment)."""
     from gradio_client import Client, handle_file
 
     client = Client(url, verbose=False, analytics_enabled=False, download_files=False)
@@ -113,32 +117,52 @@ def _client_loop(url: str, images: list[Path], n: int, deadline: float, lat: lis
         except Exception as e:  # noqa: BLE001
             errors.append(f"bomb: {type(e).__name__}: {e}")
     for i in range(n):
-        image = images[i % len(images)]
+        image, tab = images[i % len(images)], tabs[(offset + i) % len(tabs)]
         if time.time() > deadline:
             errors.append("deadline")
             return
         t0 = time.perf_counter()
         try:
-            _seen, report, _gallery, status = client.predict(handle_file(str(image)), api_name="/report")
+            answer, status = _request(client, tab, image, i)
         except Exception as e:  # noqa: BLE001 - counted and reported, the run goes on
-            errors.append(f"{type(e).__name__}: {e}")
+            errors.append(f"{tab}: {type(e).__name__}: {e}")
             continue
-        if status or not report:
-            errors.append(status or "empty report")
+        if status or not answer:
+            errors.append(f"{tab}: {status or 'empty answer'}")
         else:
-            lat.append(time.perf_counter() - t0)
+            lat.append((tab, time.perf_counter() - t0))
+
+
+REPORTS = ["FINDINGS: Small left pleural effusion. No pneumothorax.", "FINDINGS: The lungs are clear.",
+           "FINDINGS: Right upper lobe consolidation. Heart size is normal."]
+QUESTIONS = ["Is there a pleural effusion?", "Is there a pneumothorax?", "Which side is the consolidation on?"]
+
+
+def _request(client, tab: str, image: Path, i: int) -> tuple[object, str]:
+    """One request of one tab; (what came back, the status line: empty when all went well)."""
+    from gradio_client import handle_file
+
+    if tab == "report":
+        _seen, report, _gallery, status = client.predict(handle_file(str(image)), api_name="/report")
+        return report, status
+    if tab == "image":
+        drawn, _words, status = client.predict(REPORTS[i % len(REPORTS)], 1.0, i, api_name="/image")
+        return drawn, status
+    _seen, answer, status = client.predict(handle_file(str(image)), QUESTIONS[i % len(QUESTIONS)],
+                                           api_name="/answer")
+    return answer, status
 
 
 def run_load(url: str, folder: Path, clients: int, requests: int, timeout: float, bomb: Path | None = None,
-             bombers: int = 0) -> dict:
-    lat: list[float] = []
+             bombers: int = 0, tabs: tuple[str, ...] = TABS) -> dict:
+    lat: list[tuple[str, float]] = []
     errors: list[str] = []
     refused: list[str] = []
     deadline = time.time() + timeout
     start = int(time.time() * 1000) % 100_000  # new files at each level too
     images = [[_test_image(folder, variant=start + c * requests + r) for r in range(requests)] for c in range(clients)]
     threads = [threading.Thread(target=_client_loop, args=(url, images[i], requests, deadline, lat, errors,
-                                                           bomb if i < bombers else None, refused))
+                                                           bomb if i < bombers else None, refused, tabs, i))
                for i in range(clients)]
     t0 = time.perf_counter()
     for t in threads:
@@ -146,11 +170,16 @@ def run_load(url: str, folder: Path, clients: int, requests: int, timeout: float
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    q = np.percentile(lat, [50, 90, 99]) if lat else [float("nan")] * 3
-    return {"clients": clients, "requests": clients * requests, "ok": len(lat), "errors": len(errors),
-            "bombs_sent": min(bombers, clients), "bombs_refused": len(refused),
-            "p50_s": float(q[0]), "p90_s": float(q[1]), "p99_s": float(q[2]),
-            "throughput_rps": len(lat) / wall, "wall_s": wall, "first_error": errors[0] if errors else None}
+    every = [t for _, t in lat]
+    q = np.percentile(every, [50, 90, 99]) if every else [float("nan")] * 3
+    row = {"clients": clients, "requests": clients * requests, "ok": len(lat), "errors": len(errors),
+           "bombs_sent": min(bombers, clients), "bombs_refused": len(refused),
+           "p50_s": float(q[0]), "p90_s": float(q[1]), "p99_s": float(q[2])}
+    for tab in tabs:  # each tab's own median: a drawing costs more than an answer
+        mine = [t for k, t in lat if k == tab]
+        row[f"{tab}_ok"] = len(mine)
+        row[f"{tab}_p50_s"] = float(np.median(mine)) if mine else float("nan")
+    return {**row, "throughput_rps": len(lat) / wall, "wall_s": wall, "first_error": errors[0] if errors else None}
 
 
 def main() -> int:
@@ -159,13 +188,19 @@ def main() -> int:
     ap.add_argument("--vqgan", type=Path, help="VQ-GAN run (default: the one recorded with the model)")
     ap.add_argument("--device", default="cpu", help="device of the server (default cpu)")
     ap.add_argument("--clients", default="1,8", help="comma-separated concurrent client counts (default 1,8)")
-    ap.add_argument("--requests", type=int, default=8, help="report requests per client (default 8)")
+    ap.add_argument("--requests", type=int, default=8, help="requests per client (default 8)")
+    ap.add_argument("--tabs", default=",".join(TABS),
+                    help=f"the tabs each client cycles through (default {','.join(TABS)})")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per load level before giving up (default 900)")
     ap.add_argument("--bombers", type=int, default=2, help="clients that first upload a decompression bomb (default 2)")
     ap.add_argument("--explain", default="m2ib", help="the server's --explain (default m2ib, as served; none: off)")
     ap.add_argument("--no-save", action="store_true", help="print the table only; write no results (smoke tests)")
     args = ap.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
+    args.tabs = tuple(t.strip() for t in args.tabs.split(",") if t.strip())
+    if not args.tabs or set(args.tabs) - set(TABS):
+        print(f"--tabs takes some of {', '.join(TABS)}; got {args.tabs}", file=sys.stderr)
+        return 2
     if not args.model.exists():
         print(f"no model at {args.model}: train one (training/lm_small.sh) or pass --model RUN", file=sys.stderr)
         return 2
@@ -175,11 +210,11 @@ def main() -> int:
     try:
         _wait_until_up(proc, port, timeout=600)
         with tempfile.TemporaryDirectory() as tmp:
-            run_load(url, Path(tmp), 1, 1, args.timeout)  # warm-up: first call pays for lazy initialisation
+            run_load(url, Path(tmp), 1, len(args.tabs), args.timeout, tabs=args.tabs)  # warm-up: lazy initialisation
             bomb = _bomb(Path(tmp))
             rows = []
             for c in args.clients:
-                rows.append(run_load(url, Path(tmp), c, args.requests, args.timeout, bomb, args.bombers))
+                rows.append(run_load(url, Path(tmp), c, args.requests, args.timeout, bomb, args.bombers, args.tabs))
                 rows[-1]["server_peak_mb"] = _peak_mb(proc.pid)
     finally:
         proc.terminate()
@@ -188,10 +223,12 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
     table = [{k: v for k, v in r.items() if k not in ("first_error", "wall_s")} for r in rows]
-    notes = (f"Model `{args.model}` on {args.device}, explanations `{args.explain}`; X-ray -> report (greedy, up to "
-             "160 tokens) through the Gradio API over loopback, upload included; one model call at a time, the rest "
-             f"queued. {args.bombers} clients per level first upload a 200-byte PNG claiming 13000x13000 16-bit pixels "
-             "(bombs_refused: answered with a message); server_peak_mb: the server's peak resident memory so far.")
+    notes = (f"Model `{args.model}` on {args.device}, explanations `{args.explain}`; each client cycles through the "
+             f"tabs {', '.join(args.tabs)} (X-ray -> report, greedy, up to 160 tokens; report -> X-ray, guidance 1, "
+             "seeded; X-ray + question -> answer) through the Gradio API over loopback, uploads included; one model "
+             f"call at a time, the rest queued. {args.bombers} clients per level first upload a 200-byte PNG claiming "
+             "13000x13000 16-bit pixels (bombs_refused: answered with a message); server_peak_mb: the server's peak "
+             "resident memory so far.")
     if args.no_save:
         from common import md_table
 
@@ -200,7 +237,7 @@ def main() -> int:
             if r["first_error"]:
                 print(f"clients={r['clients']}: first error: {r['first_error']}")
         return 0
-    write_results("webapp", "Web app: report latency under concurrent users",
+    write_results("webapp", "Web app: latency of its three tabs under concurrent users",
                   {"model": str(args.model), "device": args.device, "rows": rows}, [("", table)], notes)
     return 0
 
