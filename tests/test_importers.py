@@ -509,3 +509,25 @@ def test_table_import_interrupted_resumes_with_its_duplicates_and_limit(tmp_path
     assert load_dataset(tmp_path / "ds").data.table.equals(load_dataset(tmp_path / "ref").data.table)
     assert [b.to_dict() for b in resumed.bad_items] == [b.to_dict() for b in ref.bad_items]
     assert resumed.n_rows == (4 if limit is None else 3) and "duplicate id" in resumed.bad_items[0].problem
+
+
+def test_table_rows_naming_no_file_and_unforeseen_errors_are_bad_items_not_the_end(tmp_path):
+    from llm_cxr.data.dataset import WriteJob
+    from llm_cxr.data.importers.common import ImportOptions, stream
+
+    make_table_images(tmp_path)
+    rows = [["/", "Clear.", "p1"], ["img/a.png", "Clear.", "p2"], [".", "Clear.", "p3"], ["img/e.png", "Clear.", "p4"]]
+    table = write_csv(tmp_path / "t.csv", ["image", "report", "pid"], rows)
+    summary = import_table(table, out=tmp_path / "ds", patient_column="pid", size=SIZE, label=False, progress=False)
+    assert summary.n_rows == 2 and summary.n_bad == 2
+    assert all("is not a file name" in b.problem for b in summary.bad_items)
+
+    def to_row(item):  # a converter with a bug on one item
+        if item == 1:
+            raise ValueError("boom")
+        return {"id": str(item)}
+
+    job = WriteJob()
+    got = list(stream([0, 1, 2], to_row, ImportOptions(tmp_path / "x", progress=False), job, "test"))
+    assert got == [{"id": "0"}, {"id": "2"}] and job.position == 3
+    assert [(b.item, b.problem) for b in job.items] == [("1", "could not be converted (ValueError: boom)")]

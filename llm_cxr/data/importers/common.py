@@ -219,6 +219,12 @@ def make_row(*, image_id: str, patient_id: str, split: str, image: Image.Image, 
     }
 
 
+def _describe(item: Any) -> str:
+    """An item's name for the bad-item list: a path, or a table row's label, kept short."""
+    text = str(item[0] if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], dict) else item)
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
 def job_key(items: Sequence[Any], opts: ImportOptions) -> dict[str, Any]:
     """What, beyond the importer's info, makes two runs the same job (see :func:`write_dataset`'s resume):
     the row limit and the exact list of source items."""
@@ -237,7 +243,12 @@ def stream(items: Sequence[Any], to_row: Callable[[Any], dict[str, Any] | None],
         return
     with tqdm(total=len(items), initial=job.start, desc=desc, unit="img", disable=not opts.progress) as bar:
         for i in range(job.start, len(items)):
-            row = to_row(items[i])
+            try:
+                row = to_row(items[i])
+            except (ValueError, TypeError, KeyError, OSError) as e:
+                # an item no check foresaw must not end a long job: it is listed as bad, with what went wrong
+                job.add(_describe(items[i]), f"could not be converted ({type(e).__name__}: {e})")
+                row = None
             job.position = i + 1
             bar.update(1)
             if row is None:

@@ -77,6 +77,9 @@ def import_table(path: str | Path, *, image_column: str = "image", report_column
             bad.add(where, f"empty {image_column!r} (image path)")
             return None
         image_path = Path(rel) if Path(rel).is_absolute() else root / rel
+        if not Path(rel).name:  # "/", ".", "..": no file name at all
+            bad.add(where, f"{rel!r} is not a file name (image path)")
+            return None
         report = _table_report(_text(rec.get(report_column)))
         if isinstance(report, str):
             bad.add(image_path, f"{where}: {report}")
