@@ -764,6 +764,57 @@ def run_case(case: Case, tmp: Path, timeout: float, mem_gb: float) -> Result:
                   clean(unexpected) if unexpected else None, clean(tail) if tail else None)
 
 
+# The kill -9, full-disk and read-only faults run as tests with real processes (tests/test_faults.py: each kills the
+# command with SIGKILL once partial output is on disk, reruns it and compares with a run never killed); the bench
+# runs them and reports one row each.
+FAULT_TESTS = {
+    "tests/test_vqgan_train.py::test_resume_after_kill_finishes_the_run":
+        ("kill -9 during VQ-GAN training, then the same command", "vqgan train"),
+    "tests/test_faults.py::test_killed_encode_resumes_to_the_same_codes":
+        ("kill -9 during encoding, then the same command: same codes", "vqgan encode"),
+    "tests/test_faults.py::test_killed_import_resumes_after_its_last_chunk_to_the_same_rows":
+        ("kill -9 during an import, then the same command: resumes after its last chunk, same rows", "data import"),
+    "tests/test_faults.py::test_killed_evaluate_resumes_to_the_same_metrics":
+        ("kill -9 during evaluation, then the same command: same metrics", "evaluate"),
+    "tests/test_faults.py::test_killed_lm_training_resumes_to_done_and_equals_a_straight_run":
+        ("kill -9 during LM training, then the same command: equals a straight run", "train"),
+    "tests/test_faults.py::test_full_disk_during_vqgan_training_keeps_the_last_checkpoint":
+        ("full disk (tmpfs) during VQ-GAN training: the last checkpoint kept", "vqgan train"),
+    "tests/test_faults.py::test_full_disk_keeps_the_previous_encoding_and_metrics":
+        ("full disk (tmpfs): the previous encoding and metrics kept", "vqgan encode"),
+    "tests/test_faults.py::test_full_disk_during_generate_keeps_the_previous_reports":
+        ("full disk (tmpfs) during generate report --out: the earlier JSONL whole", "generate report"),
+    "tests/test_faults.py::test_read_only_output_folder_is_one_clear_line":
+        ("read-only output folder: one clear line", "several"),
+}
+
+
+def fault_results(tmp: Path) -> list[Result]:
+    """One row per fault test: ok when it passed (the command resumed, or failed cleanly, as the test demands)."""
+    import xml.etree.ElementTree as ET
+
+    report = tmp / "faults.xml"
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}",
+                           *FAULT_TESTS], cwd=REPO, capture_output=True, text=True, timeout=1800)
+    if not report.exists():
+        return [Result("fault", "the fault tests", "pytest", "ok", "CRASH", proc.returncode,
+                       round(time.monotonic() - t0, 2), None, 0.0, (proc.stdout + proc.stderr)[-200:])]
+    results = []
+    for tc in ET.parse(report).getroot().iter("testcase"):
+        key = f"{tc.get('classname', '').replace('.', '/')}.py::{tc.get('name')}"
+        name, command = FAULT_TESTS.get(key, (tc.get("name"), ""))
+        failed = next((e for e in tc if e.tag in ("failure", "error")), None)
+        skipped = next((e for e in tc if e.tag == "skipped"), None)
+        outcome = "ok" if failed is None and skipped is None else ("skipped" if skipped is not None else "failed")
+        message = (failed.get("message") if failed is not None else skipped.get("message") if skipped is not None
+                   else f"passed: {key}")
+        results.append(Result("fault", name, command, "ok", outcome, 0 if outcome == "ok" else 1,
+                              round(float(tc.get("time", 0)), 2), None, 0.0, (message or "")[:200],
+                              unexpected=None if outcome != "failed" else (message or "failed")[:200]))
+    return results
+
+
 def _default_run(kind: str) -> Path:
     return REPO / "OUT" / "cache" / kind / "run"
 
@@ -833,6 +884,7 @@ def main() -> int:
     ap.add_argument("--only", help="run only the cases whose category, name or command contains one of these "
                                    "(comma-separated)")
     ap.add_argument("--no-write", action="store_true", help="print, do not write results/hostile.*")
+    ap.add_argument("--no-faults", action="store_true", help="skip the kill -9 / full-disk / read-only fault tests")
     args = ap.parse_args()
     t_start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="llm_cxr_hostile_") as tmp_s:
@@ -851,6 +903,12 @@ def main() -> int:
             flag = " <-- " + (r.unexpected or r.outcome) if r.outcome in FAILURES or r.unexpected else ""
             print(f"[{i}/{len(todo)}] {r.category}: {r.case} ({r.command}) -> {r.outcome} rc={r.exit} "
                   f"{r.seconds:.1f}s{flag}", file=sys.stderr)
+        if not args.no_faults and (not args.only or any(w.strip() in "fault" for w in args.only.split(","))):
+            print("running the kill -9, full-disk and read-only fault tests ...", file=sys.stderr)
+            for r in fault_results(tmp):
+                results.append(r)
+                flag = f" <-- {r.unexpected}" if r.unexpected else ""
+                print(f"[fault] {r.case} ({r.command}) -> {r.outcome} {r.seconds:.1f}s{flag}", file=sys.stderr)
         for p in tmp.rglob("*"):  # the read-only folder must not stop the clean-up
             if p.is_dir() and not p.is_symlink():
                 p.chmod(0o755)
@@ -872,7 +930,10 @@ def main() -> int:
              "either is fine, e.g. a randomly mutated DICOM header may still be readable). peak MB: the child's "
              "maximum resident set size. Image cases run through `vqgan reconstruct`; the kinds listed twice also "
              "through `generate report` (which loads the LM). Inputs are built in a temporary folder; real images "
-             "are read from ../shared/data/realcxr-dev/images/.")
+             "are read from ../shared/data/realcxr-dev/images/. The 'fault' rows after the SIGINT case are the "
+             "fault tests with real processes (kill -9 at a point where partial output is on disk, then the same "
+             "command again, compared with a run never killed; a full tmpfs; a read-only folder), run by pytest: "
+             "ok = the test passed (skipped where this machine cannot mount a tmpfs).")
     if args.no_write:
         from common import md_table
 
