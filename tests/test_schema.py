@@ -156,3 +156,14 @@ def test_write_dataset_starts_over_when_it_cannot_resume(tmp_path, change):
     summary = write_dataset(_resumable(10, seen=seen), tmp_path / "ds", info=info, key=key, chunk_rows=3)
     assert seen == list(range(10)) and summary.n_rows == 10
     assert load_dataset(tmp_path / "ds")["id"] == [f"r{i}" for i in range(10)]
+
+
+def test_write_dataset_starts_over_when_a_kept_chunk_is_gone(tmp_path):
+    import shutil
+
+    with pytest.raises(KeyboardInterrupt):
+        write_dataset(_resumable(10, fail_at=8), tmp_path / "ds", chunk_rows=3)
+    shutil.rmtree(tmp_path / ".ds.partial" / "chunk-00000")  # removed by hand, or lost
+    seen = []
+    summary = write_dataset(_resumable(10, seen=seen), tmp_path / "ds", chunk_rows=3)
+    assert seen == list(range(10)) and summary.n_rows == 10

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator
 
 from llm_cxr.data.schema import REQUIRED_COLUMNS, dataset_features
 from llm_cxr.errors import DatasetError, NothingUsableError
+from llm_cxr.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +188,14 @@ class _Partial:
         manifest = self._read_manifest()
         usable = (manifest is not None and manifest.get("job") == self.job and manifest.get("chunks")
                   and all(c.get("position") is not None for c in manifest["chunks"]))
+        ids: set[str] = set()
+        if usable:
+            try:  # the ids already written (a chunk deleted or damaged by hand: start over)
+                for c in manifest["chunks"]:
+                    ids.update(datasets.load_from_disk(str(self.path / c["name"]))["id"])
+            except (OSError, ValueError) as e:
+                log.warning("%s: a chunk cannot be read (%s); starting over", self.path, e)
+                usable = False
         if not usable:
             if manifest is not None:
                 log.info("%s is from another job (other source or options) or cannot be resumed; starting over",
@@ -200,9 +209,6 @@ class _Partial:
         for leftover in self.path.iterdir():
             if leftover.name != _MANIFEST and leftover.name not in named:
                 shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
-        ids: set[str] = set()
-        for c in self.chunks:
-            ids.update(datasets.load_from_disk(str(self.path / c["name"]))["id"])
         start = self.chunks[-1]["position"]
         log.info("resuming %s: %d row(s) and %d bad item(s) already done, from source item %d (delete %s to "
                  "start over)", self.path.name, self.n_rows, len(self.bad), start, self.path)
@@ -255,9 +261,8 @@ class _Partial:
             return None
 
     def _write_manifest(self) -> None:
-        tmp = self.path / f"{_MANIFEST}.tmp"
-        tmp.write_text(json.dumps({"job": self.job, "chunks": self.chunks, "counts": self.counts, "bad": self.bad}))
-        os.replace(tmp, self.path / _MANIFEST)
+        write_atomic(self.path / _MANIFEST,
+                     json.dumps({"job": self.job, "chunks": self.chunks, "counts": self.counts, "bad": self.bad}))
 
 
 def _write_reports(folder: Path, summary: WriteSummary) -> None:
