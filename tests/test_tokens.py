@@ -130,3 +130,18 @@ def test_pick_attention():
     assert pick_attention("auto", "cpu", "no") == "sdpa"
     assert pick_attention("auto", "cuda", "bf16") == "sdpa"
     assert pick_attention("flash_attention_2", "cpu", "bf16") == "flash_attention_2"
+
+
+def test_cached_text_ids_equal_the_tokenizer_and_follow_added_tokens(tokenizer_factory):
+    from llm_cxr.lm.sequence import _text_ids
+
+    tok = tokenizer_factory(120)
+    text = f"Small left pleural effusion.{BEGIN_IMAGE}"
+    first = _text_ids(tok, text)
+    assert first == tok(text, add_special_tokens=False)["input_ids"] == _text_ids(tok, text)
+    first.append(-1)  # callers get a copy: the cached ids cannot be changed through it
+    assert _text_ids(tok, text) == tok(text, add_special_tokens=False)["input_ids"]
+    tok.add_tokens([BEGIN_IMAGE])  # a new token splits the same text differently: the cache must not answer
+    after = _text_ids(tok, text)
+    assert after == tok(text, add_special_tokens=False)["input_ids"] and after != first[:-1]
+    assert after[-1] == tok.convert_tokens_to_ids(BEGIN_IMAGE)
