@@ -1,6 +1,7 @@
 """The one forward pass (llm_cxr.lm.model.CXRModel): what decoding computed is what a teacher-forced forward
 over the same sequence computes, and every token the model sees goes through the input-embedding module."""
 
+import pytest
 import torch
 from test_addons import _plan, _reader
 from test_modeling import GRID, N_CODES, make_base
@@ -152,3 +153,56 @@ def test_a_run_saved_before_the_addon_registry_loads_converted_and_computes_the_
     again = save_model(b.model, b.tokenizer, b.token_map, b.info, old, addons=[b.addons["finding_head"]])
     assert not (again / "image_positions.safetensors").exists() and not (again / "finding_head.safetensors").exists()
     assert load_run(again).info.format == 2
+
+
+def _full_logits_loss(model, batch, mode):
+    """The loss as computed before the output head saw only the scored positions: every position's logits."""
+    logits = model(batch.input_ids, batch.attention_mask, batch.image).logits[:, :-1].float()
+    target = batch.labels[:, 1:]
+    per = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
+    w = (target != -100).float() * (batch.weights[:, 1:] if batch.weights is not None else 1.0)
+    if mode == "token":
+        return (per * w).sum() / w.sum()
+    n = w.sum(1)
+    return ((per * w).sum(1)[n > 0] / n[n > 0]).mean()
+
+
+@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("mode", ["token", "example"])
+def test_the_loss_through_the_scored_positions_only_equals_the_full_logits_loss(tmp_path, lora, mode):
+    from llm_cxr.lm.model import response_loss
+    from llm_cxr.lm.sequence import collate
+    from llm_cxr.train.lora import LoraSettings, apply_lora
+
+    if lora:  # as a LoRA stage starts: image tokens, adapters with trainable image-token rows, then the add-ons
+        lm, tok = load_causal_lm(str(make_base(tmp_path / "base")))
+        m = add_image_tokens(tok, lm, N_CODES, GRID, "fp")
+        lm = apply_lora(lm, m, LoraSettings(r=4, dropout=0.0))
+        attach(lm, m, plan=_plan(lm.config.hidden_size))
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in lm.parameters():
+                p.add_(torch.randn_like(p) * 0.2)  # adapters start at zero: make them matter
+        model = CXRModel(lm, m)
+    else:
+        gen = _run_with_every_addon(tmp_path)
+        m, model = gen.map, gen.cxr
+    codes = [m.first_id + (i * 7) % N_CODES for i in range(GRID * GRID)]
+    rows = [{"input_ids": [5, 6, 7, m.begin_id, *codes, m.end_id], "n_prompt": 3, "plan": [0, 2],
+             "focus": [0, 1, 5], "focus_weight": 4.0},
+            {"input_ids": [9, 10, 11, 12, 13, 14], "n_prompt": 4},
+            {"input_ids": [8, 9, 10], "n_prompt": 3}]  # no response token at all
+    batch = collate(rows, pad_id=0, token_map=m)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    got = response_loss(model, batch, mode)
+    got_grads = torch.autograd.grad(got, params, allow_unused=True)  # (the reader reads no image here)
+    want = _full_logits_loss(model, batch, mode)
+    want_grads = torch.autograd.grad(want, params, allow_unused=True)
+    torch.testing.assert_close(got, want)
+    assert sum(g is not None for g in got_grads) > len(params) // 2
+    for a, b in zip(got_grads, want_grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-3)  # fp32 sums in another order
+    assert not model.lm.get_output_embeddings()._forward_pre_hooks  # the head's temporary hook is gone

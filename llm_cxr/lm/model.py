@@ -10,6 +10,7 @@ one code at a time), with the sequence's :class:`~llm_cxr.lm.sequence.ImageInput
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import torch
@@ -56,13 +57,15 @@ class CXRModel(nn.Module):
                 image: ImageInputs | None = None, position_ids: torch.Tensor | None = None,
                 cache=None, use_cache: bool = False, logits_to_keep: int = 0,
                 output_hidden_states: bool = False, inputs_embeds: torch.Tensor | None = None,
-                output_attentions: bool = False):
+                output_attentions: bool = False, positions: torch.Tensor | None = None):
         """The LM's output (``logits`` (B, T, V), the KV cache (:func:`cache_of`), ``hidden_states`` /
         ``attentions`` on request) for ids (B, T).
 
         ``image``: the sequences' image inputs (None: derived from the ids, every whole image a prompt image).
         ``logits_to_keep``: only the last positions' logits (decoding needs one). ``inputs_embeds``: embeddings
-        to use instead of embedding ``input_ids`` (an attribution method that perturbs them)."""
+        to use instead of embedding ``input_ids`` (an attribution method that perturbs them). ``positions``
+        (B, T) bool: the logits of these positions only, as (1, N, V) in row-major order (a loss needs no
+        others, and the output head is a small model's largest matrix)."""
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids, image)
         extra = {"logits_to_keep": logits_to_keep} if logits_to_keep and self._keep_arg else {}
@@ -70,8 +73,11 @@ class CXRModel(nn.Module):
             extra[self._cache_arg] = cache
         if output_attentions:
             extra["output_attentions"] = True
-        out = self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                      use_cache=use_cache, output_hidden_states=output_hidden_states, **extra)
+        only = (_only_positions(self.lm.get_output_embeddings(), positions) if positions is not None
+                else contextlib.nullcontext())
+        with only:
+            out = self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=use_cache, output_hidden_states=output_hidden_states, **extra)
         if logits_to_keep and not extra:
             out.logits = out.logits[:, -logits_to_keep:]
         return out
@@ -89,6 +95,25 @@ class CXRModel(nn.Module):
         return logits.log_softmax(-1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
 
 
+@contextlib.contextmanager
+def _only_positions(head: nn.Module, positions: torch.Tensor):
+    """While inside, ``head`` (the output embeddings) sees only the hidden states at ``positions``, flattened to
+    (1, N, D). What a model does to its logits after the head (scaling, soft-capping) is elementwise and still
+    applies."""
+    def keep(_module, args):
+        hidden, *rest = args
+        if hidden.shape[:2] != positions.shape:
+            raise ValueError(f"positions {tuple(positions.shape)} do not match the hidden states "
+                             f"{tuple(hidden.shape[:2])}")
+        return (hidden[positions.to(hidden.device)].unsqueeze(0), *rest)
+
+    handle = head.register_forward_pre_hook(keep)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def cache_of(out):
     """The KV cache in a model output (``cache`` in transformers 5, ``past_key_values`` before)."""
     cache = getattr(out, "cache", None)
@@ -98,18 +123,21 @@ def cache_of(out):
 def response_loss(model: CXRModel, batch: Batch, mode: str = "token") -> torch.Tensor:
     """Cross-entropy of the response tokens (``labels != -100``), weighted by ``batch.weights`` if any. ``mode``
     "token": their mean over the batch; "example": averaged over each example's response tokens first, then over
-    the examples that have any."""
-    # model(...), not model.batch_forward(...): under DDP only the wrapper's own call synchronises gradients
-    logits = model(batch.input_ids, batch.attention_mask, batch.image).logits[:, :-1].float()
+    the examples that have any. Only the positions that predict a response token go through the output head."""
     target = batch.labels[:, 1:]
-    per_token = nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
-    w = (target != -100).float()
-    if batch.weights is not None:
-        w = w * batch.weights[:, 1:].to(w)
+    scored = target != -100  # (B, T-1): position t predicts token t + 1
+    positions = torch.zeros_like(batch.labels, dtype=torch.bool)
+    positions[:, :-1] = scored
+    # model(...), not model.batch_forward(...): under DDP only the wrapper's own call synchronises gradients
+    logits = model(batch.input_ids, batch.attention_mask, batch.image, positions=positions).logits[0].float()
+    per_token = nn.functional.cross_entropy(logits, target[scored], reduction="none")  # (N,)
+    w = batch.weights[:, 1:][scored].to(per_token) if batch.weights is not None else torch.ones_like(per_token)
     if mode == "token":
         return (per_token * w).sum() / w.sum().clamp_min(1e-9)
-    n = w.sum(1)
-    return ((per_token * w).sum(1)[n > 0] / n[n > 0]).mean()
+    row = scored.nonzero()[:, 0]  # the example of each scored position
+    total = torch.zeros(len(scored), device=w.device, dtype=w.dtype).index_add(0, row, per_token * w)
+    n = torch.zeros(len(scored), device=w.device, dtype=w.dtype).index_add(0, row, w)
+    return (total[n > 0] / n[n > 0]).mean()
 
 
 __all__ = ["CXRModel", "cache_of", "response_loss"]
