@@ -206,3 +206,19 @@ def test_the_loss_through_the_scored_positions_only_equals_the_full_logits_loss(
         if a is not None:
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-3)  # fp32 sums in another order
     assert not model.lm.get_output_embeddings()._forward_pre_hooks  # the head's temporary hook is gone
+
+
+def test_only_positions_reaches_the_head_called_either_way_and_leaves_no_hook():
+    from llm_cxr.lm.model import _only_positions
+
+    head = torch.nn.Linear(4, 3)
+    hidden = torch.randn(2, 5, 4)
+    positions = torch.zeros(2, 5, dtype=torch.bool)
+    positions[0, 1], positions[1, 3], positions[1, 4] = True, True, True
+    want = head(hidden[positions]).unsqueeze(0)
+    with _only_positions(head, positions):
+        torch.testing.assert_close(head(hidden), want)
+        torch.testing.assert_close(head(input=hidden), want)
+    with pytest.raises(ValueError, match="do not match"), _only_positions(head, positions):
+        head(torch.randn(2, 6, 4))
+    assert not head._forward_pre_hooks and head(hidden).shape == (2, 5, 3)

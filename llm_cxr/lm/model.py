@@ -100,14 +100,19 @@ def _only_positions(head: nn.Module, positions: torch.Tensor):
     """While inside, ``head`` (the output embeddings) sees only the hidden states at ``positions``, flattened to
     (1, N, D). What a model does to its logits after the head (scaling, soft-capping) is elementwise and still
     applies."""
-    def keep(_module, args):
-        hidden, *rest = args
+    def select(hidden: torch.Tensor) -> torch.Tensor:
         if hidden.shape[:2] != positions.shape:
             raise ValueError(f"positions {tuple(positions.shape)} do not match the hidden states "
                              f"{tuple(hidden.shape[:2])}")
-        return (hidden[positions.to(hidden.device)].unsqueeze(0), *rest)
+        return hidden[positions.to(hidden.device)].unsqueeze(0)
 
-    handle = head.register_forward_pre_hook(keep)
+    def keep(_module, args, kwargs):
+        if args:
+            return (select(args[0]), *args[1:]), kwargs
+        name = next(k for k, v in kwargs.items() if isinstance(v, torch.Tensor))  # called as head(input=...)
+        return args, {**kwargs, name: select(kwargs[name])}
+
+    handle = head.register_forward_pre_hook(keep, with_kwargs=True)
     try:
         yield
     finally:

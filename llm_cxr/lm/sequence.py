@@ -36,7 +36,7 @@ class Encoded:
 # questions (about three in four calls of the demo's 160,680 examples are repeats). Keyed by the vocabulary size
 # too: adding tokens (the image tokens) can change how a text splits.
 _IDS_CACHE: "weakref.WeakKeyDictionary[Any, tuple[int, dict[str, tuple[int, ...]]]]" = weakref.WeakKeyDictionary()
-_IDS_CACHE_SIZE = 200_000
+_IDS_CACHE_SIZE = 50_000  # entries (texts up to a report long): tens of MB at most
 
 
 def _text_ids(tokenizer, text: str) -> list[int]:

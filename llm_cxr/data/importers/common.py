@@ -228,7 +228,11 @@ def _describe(item: Any) -> str:
 def job_key(items: Sequence[Any], opts: ImportOptions) -> dict[str, Any]:
     """What, beyond the importer's info, makes two runs the same job (see :func:`write_dataset`'s resume):
     the row limit and the exact list of source items."""
-    return {"limit": opts.limit, "items": hashlib.sha256(repr(list(items)).encode()).hexdigest()}
+    h = hashlib.sha256()
+    for item in items:
+        h.update(repr(item).encode())
+        h.update(b"\0")
+    return {"limit": opts.limit, "items": h.hexdigest()}
 
 
 def stream(items: Sequence[Any], to_row: Callable[[Any], dict[str, Any] | None], opts: ImportOptions,
