@@ -181,8 +181,7 @@ def _stage_lm(stages: Stages, cfg: DemoConfig, codes_dir: Path):
         run = train_lm(load_lm_config(preset_path("tiny", 1), data=str(codes_dir), out=str(tmp / "run"),
                                       base=str(base), steps=cfg.lm_steps, seed=cfg.seed, progress=cfg.progress,
                                       eval_every=cfg.lm_steps,
-                                      # two tokenising processes make the same examples in half the time (48 s ->
-                                      # 24 s for the demo's 160,680)
+                                      # two tokenising processes make the same examples in about half the time
                                       num_proc=min(2, os.cpu_count() or 1)))
         t2 = time.perf_counter()
         shutil.copy(run / "metrics.csv", tmp / "metrics.csv")

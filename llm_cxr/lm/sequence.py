@@ -33,8 +33,8 @@ class Encoded:
 
 
 # text -> ids per tokenizer: a study's examples repeat its report, and every study the same instructions and
-# questions (about three in four calls of the demo's 160,680 examples are repeats). Keyed by the vocabulary size
-# too: adding tokens (the image tokens) can change how a text splits.
+# questions, so most calls repeat a text seen before. Keyed by the vocabulary size too: adding tokens (the image
+# tokens) can change how a text splits.
 _IDS_CACHE: "weakref.WeakKeyDictionary[Any, tuple[int, dict[str, tuple[int, ...]]]]" = weakref.WeakKeyDictionary()
 _IDS_CACHE_SIZE = 50_000  # entries (texts up to a report long): tens of MB at most
 

@@ -24,7 +24,7 @@ from llm_cxr.lm.run import model_dir as run_model_dir
 from llm_cxr.lm.tokens import add_image_tokens, init_image_rows_from_codebook
 from llm_cxr.rng import seeded
 from llm_cxr.train.addons import _codebook, _prepare_finding_head, _pretrain_reader
-from llm_cxr.train.config import LMTrainConfig
+from llm_cxr.train.config import LMTrainConfig, StageConfig
 from llm_cxr.train.examples import build_stage_dataset
 from llm_cxr.train.loop import CHECKPOINT, train_loop
 from llm_cxr.train.lora import apply_lora, pick_attention
@@ -114,9 +114,12 @@ def train_lm(cfg: LMTrainConfig, accelerator=None) -> Path:
                      token_map=token_map)
     if accelerator.is_main_process:
         vq = codes_info.get("model_path")
+        prev = RunInfo.load(run_model_dir(cfg.init_from)) if cfg.init_from else None  # what a stage inherits
+        temperature = (prev.image_temperature if cfg.image_temperature is None and prev is not None
+                       else cfg.image_temperature)  # the stage's own, else the one its init_from draws with
         info = RunInfo(kind=kind, base=_abs(base), vqgan=_abs(vq) if vq else None, template=cfg.template,
-                       max_length=cfg.max_length, guided=_guided_modes(cfg),
-                       image_temperature=_image_temperature(cfg),
+                       max_length=cfg.max_length, guided=_guided_modes(cfg.stage, prev.guided if prev else None),
+                       image_temperature=temperature,
                        extra={"vqgan_weights": codes_info.get("weights"),
                               "trainable": asdict(summary) | {"share": summary.share},
                               **_relative_refs(run / "model", base, vq)})
@@ -129,18 +132,11 @@ def train_lm(cfg: LMTrainConfig, accelerator=None) -> Path:
     return run
 
 
-def _image_temperature(cfg: LMTrainConfig) -> float | None:
-    """The stage's own, or the one its init_from run draws with."""
-    if cfg.image_temperature is not None or not cfg.init_from:
-        return cfg.image_temperature
-    return RunInfo.load(run_model_dir(cfg.init_from)).image_temperature
-
-
-def _guided_modes(cfg: LMTrainConfig) -> GuidedModes:
-    """What the run does with a findings list: this stage trains a guided mode, or continues a stage that did and
-    trains no plain form of it (plain reports, plain drawings; only guided questions)."""
-    st = cfg.stage
-    prev = RunInfo.load(run_model_dir(cfg.init_from)).guided if cfg.init_from else GuidedModes()
+def _guided_modes(st: StageConfig, prev: GuidedModes | None) -> GuidedModes:
+    """What the run does with a findings list: this stage trains a guided mode, or continues a stage (``prev``: its
+    init_from's modes) that did and trains no plain form of it (plain reports, plain drawings; only guided
+    questions)."""
+    prev = prev or GuidedModes()
     reports = bool(st.report_guided or (not st.report and prev.reports))
     vqa = bool(st.vqa_guided or st.vqa_from_findings or (not st.vqa and prev.vqa))
     images = bool(st.image_guided or (not st.image and prev.images))
