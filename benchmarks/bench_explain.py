@@ -5,10 +5,11 @@
     python benchmarks/bench_explain.py --tune --run runs/lm-small-s2 --data runs/synth-20k-codes --n 25  # M2IB's
         hyper-parameters on the validation split: pointing per bottleneck layer, then beta and IBA's normalisation
 
-Quality: on the test split's focal findings (with the generator's masks), every method explains the phrase naming
-each finding; pointing game and mass in mask per finding, deletion / insertion areas for M2IB and random
-(llm_cxr.explain.evaluate). Targets: M2IB pointing >= 0.80 and above every baseline; deletion area at least 30%
-below random's.
+Quality: on the test split's focal findings (with the generator's masks) that the model's own report states, every
+method explains the sentence that states each one; pointing game and mass in mask per finding, deletion / LeRF /
+insertion areas through the pipeline as it runs, for M2IB and random (llm_cxr.explain.evaluate); ``--phrases``
+explains the phrase naming each finding instead. Targets: M2IB pointing >= 0.80 and above every baseline; deletion
+area at least 30% below random's.
 
 Measured on a model of the `small` preset's shape (GPT-NeoX 256 x 6 blocks, 2,048 report tokens + 512 image codes,
 a 16 x 16 grid, with position table, image reader and image plan): its weights are random, since cost does not depend
@@ -74,6 +75,9 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=100, help="studies (with --run)")
     ap.add_argument("--split", default="test", help="the split (with --run; hyper-parameters are chosen on val)")
     ap.add_argument("--tune", action="store_true", help="choose M2IB's settings on the validation split (with --run)")
+    ap.add_argument("--phrases", action="store_true", help="explain the phrase naming each finding, not the sentence "
+                                                          "of the model's report that states it")
+    ap.add_argument("--methods", help="comma-separated methods (default: all)")
     args = ap.parse_args()
     if args.tune:
         return tune(args)
@@ -125,33 +129,44 @@ def quality(args) -> int:
     model = LLMCXR.from_pretrained(args.run)
     ds = load_dataset(args.data, split=args.split)
     rows = list(ds.select(range(min(args.n, len(ds)))))
-    res = evaluate_methods(model, rows, {m: {} for m in sorted(METHODS)}, progress=True)
+    methods = args.methods.split(",") if args.methods else sorted(METHODS)
+    res = evaluate_methods(model, rows, {m: {} for m in methods}, progress=True, phrases=args.phrases)
     table = [{"method": m, "pointing": r["pointing"], "mass in mask": r["mass_in_mask"],
-              "deletion area": r.get("deletion_area"), "insertion area": r.get("insertion_area"),
+              "deletion area": r.get("deletion_area"), "LeRF area": r.get("lerf_area"),
+              "insertion area": r.get("insertion_area"), "deletion, LM route only": r.get("deletion_area_lm"),
               "confidence drop": r.get("confidence_drop"), "confidence increase": r.get("confidence_increase"),
               "s per explanation": r["seconds_per_explanation"]} for m, r in res["methods"].items()]
     findings = sorted({f for r in res["methods"].values() for f in r["per_finding"]})
-    per = [{"finding": f, **{m: r["per_finding"].get(f, {}).get("pointing") for m, r in res["methods"].items()}}
-           for f in findings]
-    drawings = evaluate_drawings(model, rows, {m: {} for m in sorted(METHODS) if m != "occlusion"},  # codes only
+    per = [{"finding": f, "n": next(r["per_finding"][f]["n"] for r in res["methods"].values() if f in r["per_finding"]),
+            **{m: r["per_finding"].get(f, {}).get("pointing") for m, r in res["methods"].items()}} for f in findings]
+    drawings = evaluate_drawings(model, rows, {m: {} for m in methods if m != "occlusion"},  # codes only
                                  progress=True)
     words = [{"method": m, "targets": r["n"], "mass on the finding's words": r["word_mass"],
               "their share of the words": r["chance"], "a finding word on top": r["top_word"]}
              for m, r in drawings["methods"].items()]
+    what = ("the phrase naming it" if args.phrases else
+            f"the sentence of the model's report that states it ({res['stated']} of {res['findings']} stated)")
+    notes = (f"Each focal finding with a mask is explained by {what}. Deletion, LeRF and insertion re-score the "
+             "target through the pipeline as it runs (a guided run's finding head re-reads the changed codes); "
+             "areas are of the per-token probability relative to the whole image's (1: the curve never moves). "
+             "\"LM route only\" holds the stated findings fixed.")
     write_results(args.name or "explain_quality", f"Explanations on the {args.split} split",
                   {"image_to_report": res, "report_to_image": drawings},
                   [(f"{res['targets']} focal findings of {len(rows)} {args.split} studies", table),
                    ("Pointing game per finding", per),
-                   ("Report -> image: the codes inside each finding's mask explained by the report's words", words)])
+                   ("Report -> image: the codes inside each finding's mask explained by the report's words", words)],
+                  notes=notes)
     return 0
 
 
 def tune(args) -> int:
-    """M2IB's settings chosen on the validation split by the pointing game (ties: mass in mask): every bottleneck
-    block at M2IB's beta 0.1, then at the best block beta 0.01 and 1, IBA's feature normalisation, and the LM's
-    route alone. Steps, lr, samples and alpha stay at M2IB's published values (10, 1, 10, 5)."""
+    """M2IB's settings chosen on the validation split by the pointing game (ties: mass in mask), on the sentences
+    of the model's own reports: every bottleneck block at M2IB's published values (beta 0.1, lr 1, 10 steps of 10
+    samples, alpha 5), then at the best block beta 0.01 and 1, IBA's feature normalisation, and the LM's route
+    alone. For a run with a finding head, then the head route's bottleneck (``head_*``): M2IB's values, beta 1,
+    and a smaller step for longer (lr 0.3, 30 steps) at beta 1, 3 and 10."""
     from llm_cxr.data.dataset import load_dataset
-    from llm_cxr.explain.evaluate import evaluate_methods
+    from llm_cxr.explain.evaluate import evaluate_methods, reports_for
     from llm_cxr.explain.m2ib import M2IBSettings
     from llm_cxr.explain.tail import n_layers
     from llm_cxr.lm.generation import LLMCXR
@@ -161,32 +176,45 @@ def tune(args) -> int:
     model = LLMCXR.from_pretrained(args.run)
     ds = load_dataset(args.data, split="val")
     rows = list(ds.select(range(min(args.n, len(ds)))))
+    reports = reports_for(model, rows, progress=True)  # written once for every setting
     depth = n_layers(model.cxr.lm)
     curve = []
+    published = {"head_beta": 0.1, "head_lr": 1.0, "head_steps": 10}
 
     def score(options: dict) -> dict:
         t0 = time.perf_counter()
-        r = evaluate_methods(model, rows, {"m2ib": options}, faithfulness=(), progress=True)
+        r = evaluate_methods(model, rows, {"m2ib": options}, faithfulness=(), progress=True, reports=reports)
         m = r["methods"]["m2ib"]
         row = {"layer": options.get("layer", M2IBSettings().block(depth)), "beta": options.get("beta", 0.1),
                "normalize": options.get("normalize", False), "routes": options.get("routes", "all"),
+               "head": ", ".join(f"{k[5:]} {v}" for k, v in options.items() if k.startswith("head_")) or "default",
                "pointing": m["pointing"], "mass in mask": m["mass_in_mask"], "targets": r["targets"],
                "minutes": (time.perf_counter() - t0) / 60}
         print(row, flush=True)
         curve.append(row)
         return row
 
+    key = lambda r: (r["pointing"], r["mass in mask"])  # noqa: E731
     layers = [score({"layer": k}) for k in range(depth)]
-    best = max(layers, key=lambda r: (r["pointing"], r["mass in mask"]))
+    best = max(layers, key=key)
     for extra in ({"beta": 0.01}, {"beta": 1.0}, {"normalize": True}, {"routes": "lm"}):
         score({"layer": best["layer"], **extra})
-    chosen = max(curve[:depth + 3], key=lambda r: (r["pointing"], r["mass in mask"]))  # routes: faithfulness decides
-    notes = (f"{len(rows)} validation studies, {best['targets']} focal findings with masks; {depth} blocks; M2IB's "
-             f"steps 10, lr 1, samples 10, alpha 5. Best: block {chosen['layer']}, beta {chosen['beta']}, "
-             f"normalize {chosen['normalize']} (pointing {chosen['pointing']:.3f}).")
+    chosen = max(curve[:depth + 3], key=key)  # routes: faithfulness decides
+    head_rows = []
+    if model.finding_head is not None and model.guided_reports:
+        lm = {"layer": chosen["layer"], "beta": chosen["beta"], "normalize": chosen["normalize"]}
+        for head in (published, {**published, "head_beta": 1.0},
+                     *({"head_beta": b, "head_lr": 0.3, "head_steps": 30} for b in (1.0, 3.0, 10.0))):
+            head_rows.append(score({**lm, **head}))
+    head_best = max(head_rows, key=key) if head_rows else None
+    notes = (f"{len(rows)} validation studies, {best['targets']} focal findings stated by the model's reports; "
+             f"{depth} blocks. Best for the LM's route: block {chosen['layer']}, beta {chosen['beta']}, normalize "
+             f"{chosen['normalize']} (pointing {chosen['pointing']:.3f})."
+             + (f" Best for the finding head's route: {head_best['head']} (pointing {head_best['pointing']:.3f})."
+                if head_best else ""))
     write_results(args.name or "explain_tuning", "M2IB's settings on the validation split",
-                  {"curve": curve, "chosen": chosen}, [("Pointing game and mass in mask per setting", curve)],
-                  notes=notes)
+                  {"curve": curve, "chosen": chosen, "chosen_head": head_best},
+                  [("Pointing game and mass in mask per setting", curve)], notes=notes)
     return 0
 
 

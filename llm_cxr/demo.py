@@ -224,7 +224,8 @@ def _stage_explain(stages: Stages, cfg: DemoConfig, codes_dir: Path):
 
     explain_eval = import_module("llm_cxr.explain.evaluate")
     fp = {"generate": stages.key("generate"), "n": cfg.n_explain, "loc": cfg.n_localise,
-          "code": code_hash(*(import_module(f"llm_cxr.explain.{m}") for m in ("m2ib", "routes", "cases", "evaluate")),
+          "code": code_hash(*(import_module(f"llm_cxr.explain.{m}")
+                              for m in ("m2ib", "routes", "cases", "evaluate", "metrics")),
                             import_module("llm_cxr.explain"))}
 
     def build(tmp: Path) -> dict[str, Any]:

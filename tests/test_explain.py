@@ -7,7 +7,7 @@ import torch
 from test_forward import _run_with_every_addon
 from test_modeling import GRID, N_CODES
 
-from llm_cxr.errors import InputError
+from llm_cxr.errors import ConfigError, InputError
 from llm_cxr.explain import METHODS, explain
 from llm_cxr.explain.cases import image_to_report, report_to_image, sentences
 from llm_cxr.explain.m2ib import M2IBSettings, capacity, m2ib
@@ -159,31 +159,81 @@ def test_deletion_and_insertion_curves_end_where_they_must(gen):
     from llm_cxr.explain.metrics import deletion_insertion
 
     case = image_to_report(gen, CODES, "Small left pleural effusion.")
-    res = deletion_insertion(gen.cxr, case, torch.arange(GRID * GRID, dtype=torch.float32), fractions=(0, 0.5, 1))
-    full = float(_score(gen.cxr, case, case.ids)[0])
+    res = deletion_insertion(gen, case, torch.arange(GRID * GRID, dtype=torch.float32), fractions=(0, 0.5, 1))
+    with torch.no_grad():
+        full = float(_score(gen.cxr, case, case.ids)[0])
+    assert res["full"] == pytest.approx(full, abs=1e-5)
     assert res["deletion"][0] == pytest.approx(full, abs=1e-5) and res["insertion"][-1] == pytest.approx(full, abs=1e-5)
-    assert res["deletion"][-1] == pytest.approx(res["insertion"][0], abs=1e-5)  # all codes neutral, both ways
-    assert np.isfinite([res["deletion_area"], res["insertion_area"]]).all()
+    assert res["lerf"][0] == pytest.approx(full, abs=1e-5)
+    assert res["deletion"][-1] == pytest.approx(res["insertion"][0], abs=1e-5)  # all codes neutral, every way
+    assert res["lerf"][-1] == pytest.approx(res["deletion"][-1], abs=1e-5)
+    # the areas are of exp(l_k - l_full): a curve that never moves has area 1
+    flat = [np.exp(np.array(res[k]) - full) for k in ("deletion", "insertion", "lerf")]
+    for curve, key in zip(flat, ("deletion", "insertion", "lerf")):
+        assert res[f"{key}_area"] == pytest.approx(float(np.trapezoid(curve, [0, 0.5, 1])), rel=1e-6)
+
+
+def test_the_pipeline_re_reads_the_changed_codes_for_a_guided_prompt(gen, monkeypatch):
+    """Faithfulness through the pipeline as it runs: a guided run's prompt states what the finding head reads from
+    the *changed* codes, so each row is scored with the prompt built for it; with ``pipeline=False`` (the LM's
+    route alone) the case's stated list is kept."""
+    from llm_cxr.explain.baselines import _score
+    from llm_cxr.explain.cases import with_codes
+    from llm_cxr.explain.metrics import pipeline_scores
+
+    def reading(codes, guided=None, **kw):  # a stand-in head: an effusion wherever the first code is odd
+        return [["pleural_effusion:left"] if int(c[0]) % 2 == 1 else [] for c in codes]
+
+    monkeypatch.setattr(gen, "stated_findings", reading)
+    case = image_to_report(gen, CODES, "FINDINGS: Small left pleural effusion. No pneumothorax.", (10, 38),
+                           stated=["pleural_effusion:left"])
+    assert case.label == "Small left pleural effusion." and case.response.startswith("FINDINGS")
+    rows = torch.stack([CODES, CODES.roll(1), CODES.flip(0), (CODES + 1) % N_CODES])
+    lists = [tuple(r) for r in reading(rows)]
+    assert len(set(lists)) == 2  # both prompts occur, so the rows are scored in two groups
+    got = pipeline_scores(gen, case, rows)
+    for row, items, score in zip(rows, lists, got):
+        other = with_codes(gen, case, row, list(items))
+        assert torch.equal(other.ids[0, other.sources] - gen.map.first_id, row)
+        assert score == pytest.approx(float(_score(gen.cxr, other, other.ids)[0]), abs=1e-4)
+    fixed = pipeline_scores(gen, case, rows, pipeline=False)
+    for row, score in zip(rows, fixed):
+        ids = case.ids.clone()
+        ids[0, case.sources] = gen.map.first_id + row
+        assert score == pytest.approx(float(_score(gen.cxr, case, ids)[0]), abs=1e-4)
+    assert got[0] == pytest.approx(fixed[0], abs=1e-4)  # the case's own codes: the same prompt either way
 
 
 def test_evaluation_on_a_dataset_with_masks_scores_every_focal_finding(tmp_path):
-    """On the synthetic generator's studies: each focal finding with a mask becomes a target phrase with its cells,
-    and every method gets pointing-game and mass-in-mask figures in [0, 1] (faithfulness for the ones asked)."""
+    """On the synthetic generator's studies: each focal finding with a mask that a sentence of the report states
+    becomes a target (that sentence, with the finding's cells), and every method gets pointing-game and
+    mass-in-mask figures in [0, 1] (faithfulness for the ones asked)."""
     from test_modeling import make_codes_dataset
 
     from llm_cxr.data.dataset import load_dataset
-    from llm_cxr.explain.evaluate import FOCAL, evaluate_methods, targets_of
+    from llm_cxr.data.labeler import label_report
+    from llm_cxr.explain.evaluate import FOCAL, evaluate_methods, stated_targets, targets_of
 
     rows = list(load_dataset(make_codes_dataset(tmp_path / "codes", n=30)))
     targets = [t for r in rows for t in targets_of(r, GRID)]
     assert targets and all(t.finding in FOCAL and t.cells.any() and t.phrase for t in targets)
     gen = _run_with_every_addon(tmp_path / "run")
-    res = evaluate_methods(gen, rows[:10], {"random": {}, "m2ib": {"steps": 2, "samples": 2}})
+    truth = {str(r["id"]): r["report"] for r in rows}
+    stated, counts = stated_targets(gen, rows, reports=truth)
+    assert stated and counts["stated"] == len(stated) <= counts["findings"] == len(targets)
+    for t in stated:  # the sentence the target explains states the finding, and sits in the report
+        assert label_report(t.phrase).labels.get(t.finding) == 1 and t.report[t.span[0]:t.span[1]].strip() == t.phrase
+    sparse = {k: (v if i % 2 else "The lungs are clear.") for i, (k, v) in enumerate(truth.items())}
+    assert stated_targets(gen, rows, reports=sparse)[1]["stated"] < counts["stated"]  # unstated findings are skipped
+    res = evaluate_methods(gen, rows[:10], {"random": {}, "m2ib": {"steps": 2, "samples": 2}}, reports=truth)
+    assert res["targets"] == res["stated"] > 0
     for name in ("random", "m2ib"):
         m = res["methods"][name]
         assert 0 <= m["pointing"] <= 1 and 0 <= m["mass_in_mask"] <= 1 and m["per_finding"]
-        assert np.isfinite([m["deletion_area"], m["insertion_area"]]).all()
+        assert np.isfinite([m["deletion_area"], m["insertion_area"], m["lerf_area"]]).all()
         assert 0 <= m["confidence_drop"] <= 1 and 0 <= m["confidence_increase"] <= 1
+    phrases = evaluate_methods(gen, rows[:10], {"random": {}}, faithfulness=(), phrases=True)
+    assert phrases["targets"] == len([t for r in rows[:10] for t in targets_of(r, GRID)])
 
 
 def test_a_guided_sentence_is_explained_through_both_routes(gen, monkeypatch):
@@ -213,6 +263,31 @@ def test_a_guided_sentence_is_explained_through_both_routes(gen, monkeypatch):
     assert not torch.allclose(attribute(gen, case, "m2ib", **opts), lm_only)
     plain = image_to_report(gen, CODES, "Small left pleural effusion.")  # not guided: the LM's route only
     torch.testing.assert_close(attribute(gen, plain, "m2ib", **opts), m2ib(gen.cxr, plain, M2IBSettings(**opts)))
+    with pytest.raises(ConfigError):
+        attribute(gen, case, "random", head_beta=1.0)  # the head's bottleneck options are M2IB's
+
+
+def test_route_weights_cut_one_route_at_a_time(gen, monkeypatch):
+    """Each route's weight is the fall of the sentence's log-likelihood when that route alone is cut: the head's
+    by taking the sentence's findings out of the stated list (nothing to take out: exactly 0), the LM's by the
+    bottleneck's noise at its block (computed from the block's input once; equal to the whole forward's)."""
+    from importlib import import_module
+
+    from llm_cxr.explain.routes import combine, route_weights, without_information
+
+    m2ib_module = import_module("llm_cxr.explain.m2ib")  # the package's name m2ib is the function
+
+    case = image_to_report(gen, CODES, "Small left pleural effusion.", None, stated=["pleural_effusion:left"])
+    settings = M2IBSettings(layer=1, samples=3)
+    w_lm, w_head = route_weights(gen, case, {"pleural_effusion": (True, "left")}, settings)
+    assert w_lm >= 0 and w_head >= 0
+    assert route_weights(gen, case, {"pneumothorax": (False, None)}, settings)[1] == 0.0
+    fast = without_information(gen.cxr, case, settings)
+    monkeypatch.setattr(m2ib_module, "_tail_works", lambda *a: False)
+    assert without_information(gen.cxr, case, settings) == pytest.approx(fast, abs=1e-4)
+    lm, head = torch.rand(GRID * GRID), torch.rand(GRID * GRID)
+    torch.testing.assert_close(combine(lm, head, (0.0, 2.0)), (head - head.min()) / (head.max() - head.min()))
+    torch.testing.assert_close(combine(lm, head, (0.0, 0.0)), combine(lm, head))  # no evidence: equal weights
 
 
 def test_the_randomisation_sanity_check_moves_the_map_and_restores_the_weights(gen):
@@ -235,14 +310,14 @@ def test_confidence_drop_and_increase_by_construction(gen):
     from llm_cxr.explain.metrics import confidence_change
 
     case = image_to_report(gen, CODES, "Small left pleural effusion.")
-    everything = confidence_change(gen.cxr, case, torch.rand(GRID * GRID), keep=1.0)
+    everything = confidence_change(gen, case, torch.rand(GRID * GRID), keep=1.0)
     assert everything["drop"] == pytest.approx(0.0, abs=1e-6) and everything["increase"] == 0.0  # nothing removed
-    half = confidence_change(gen.cxr, case, torch.rand(GRID * GRID), keep=0.5)
+    half = confidence_change(gen, case, torch.rand(GRID * GRID), keep=0.5)
     p = float(_score(gen.cxr, case, case.ids)[0].exp())
     assert half["p"] == pytest.approx(p, rel=1e-5) and 0 <= half["drop"] <= 1
     assert half["increase"] == float(half["p_kept"] > half["p"])
     with pytest.raises(ValueError):
-        confidence_change(gen.cxr, case, torch.rand(GRID * GRID), keep=0)
+        confidence_change(gen, case, torch.rand(GRID * GRID), keep=0)
 
 
 def test_word_mass_by_hand():

@@ -27,7 +27,8 @@ def add_explain_command(sub) -> None:
     p.add_argument("--out", type=Path, default=Path("explanation"), help="output folder (default ./explanation)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="a method option, e.g. beta=1, layer=3, steps=20, samples=10, normalize=true (M2IB)")
+                   help="a method option, e.g. beta=1, layer=3, steps=20, samples=10, normalize=true (M2IB; "
+                        "head_beta=..., head_steps=... for the finding head's route of a guided run)")
     p.set_defaults(func=_cmd_explain)
 
 

@@ -85,7 +85,8 @@ def explain(model, image=None, report: str | None = None, method: str = "m2ib", 
         for case in tqdm(cases, desc=f"explain ({method})", disable=not progress):
             maps.append(_shape(case, attribute(model, case, method, routes, **options)))
             if method == "m2ib" and routes == "all" and case.stated is not None and model.finding_head is not None:
-                note = "m2ib: the LM's and the finding head's routes, combined (each min-max normalised, averaged)"
+                note = ("m2ib: the LM's and the finding head's routes, combined (each min-max normalised, weighted by "
+                        "what each route is worth to the sentence)")
                 if note not in ex.notes:
                     ex.notes.append(note)
     finally:
@@ -97,19 +98,26 @@ def explain(model, image=None, report: str | None = None, method: str = "m2ib", 
 
 def attribute(model, case: Case, method: str, routes: str = "all", **options) -> torch.Tensor:
     """(S,) scores of ``method`` for ``case``. M2IB on a guided run's sentence (``routes="all"``) also bottlenecks
-    the finding head's route and combines the two maps (:mod:`llm_cxr.explain.routes`)."""
+    the finding head's route and combines the two maps (:mod:`llm_cxr.explain.routes`); options named ``head_*``
+    (``head_beta``, ``head_steps``...) set that route's bottleneck, the others the LM's."""
     if routes not in ("all", "lm"):
         raise ConfigError(f"routes must be 'all' or 'lm', got {routes!r}")
+    head_options = {k[len("head_"):]: v for k, v in options.items() if k.startswith("head_")}
+    options = {k: v for k, v in options.items() if not k.startswith("head_")}
+    if head_options and method != "m2ib":
+        raise ConfigError(f"head_* options are M2IB's (the finding head's route); {method} takes none")
     scores = METHODS[method](model.cxr, case, **options).detach().float().cpu()
     head = model.finding_head
     if method != "m2ib" or routes != "all" or case.stated is None or head is None or case.direction != IMAGE_TO_REPORT:
         return scores
-    from llm_cxr.explain.routes import combine, head_decisions, m2ib_head
+    from llm_cxr.explain.routes import HEAD_SETTINGS, combine, head_decisions, m2ib_head, route_weights
 
     decisions = head_decisions(head, case.label)
+    if not decisions:
+        return combine(scores, None)
     codes = case.ids[0, case.sources] - model.map.first_id
-    head_map = m2ib_head(head, codes, decisions, M2IBSettings(**options)) if decisions else None
-    return combine(scores, head_map)
+    head_map = m2ib_head(head, codes, decisions, M2IBSettings(**{**HEAD_SETTINGS, **head_options}))
+    return combine(scores, head_map, route_weights(model, case, decisions, M2IBSettings(**options)))
 
 
 def _shape(case: Case, scores: torch.Tensor) -> np.ndarray:

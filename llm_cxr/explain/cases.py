@@ -40,6 +40,9 @@ class Case:
     words: list[str] = field(default_factory=list)  # report -> image: the report's words
     word_of: list[int] = field(default_factory=list)  # report -> image: the word of each source token
     stated: list[str] | None = None  # the findings list of a guided prompt (the finding head's reading)
+    response: str = ""  # image -> report: the report the target is part of
+    span: tuple[int, int] | None = None  # image -> report: the target's characters in ``response`` (None: all)
+    sections: str = "findings_impression"
 
     def batch(self, ids: torch.Tensor | None = None) -> Batch:
         ids = self.ids if ids is None else ids
@@ -99,7 +102,13 @@ def image_to_report(model, codes: torch.Tensor, response: str, span: tuple[int, 
     if len(sources) != tmap.tokens_per_image:
         raise InputError("the prompt holds no whole image to explain")
     return Case(IMAGE_TO_REPORT, ids, image, sources, target, response[lo:hi].strip(), grid=tmap.grid_size,
-                stated=stated)
+                stated=stated, response=response, span=span, sections=sections)
+
+
+def with_codes(model, case: Case, codes: torch.Tensor, stated: list[str] | None) -> Case:
+    """The same image -> report target on other codes (H*W,), with the prompt the pipeline would build for them
+    (``stated``: what the run states for those codes)."""
+    return image_to_report(model, codes, case.response, case.span, stated, case.sections)
 
 
 def report_to_image(model, report: str, codes: torch.Tensor, stated: list[str] | None = None,
@@ -161,4 +170,4 @@ def plan_for(model, report: str, stated: list[str] | None) -> torch.Tensor | Non
 
 
 __all__ = ["IMAGE_TO_REPORT", "REPORT_TO_IMAGE", "Case", "check_target", "image_to_report", "plan_for",
-           "report_to_image", "sentences"]
+           "report_to_image", "sentences", "with_codes"]

@@ -1,6 +1,8 @@
 """Explanations measured on a dataset with ground-truth masks (the synthetic generator's): for every focal finding of
-every study, each method explains the phrase that names it (with its side, as MS-CXR grounds phrases in boxes), and
-the map is scored for localisation (pointing game, mass in mask) and faithfulness (deletion / insertion).
+every study that the model's own report states, each method explains the sentence that states it (in the context
+of the whole report, from the prompt the report was written from), and the map is scored for localisation
+(pointing game, mass in mask) and faithfulness (deletion / insertion through the pipeline as it runs). Findings the
+report does not state have no sentence to explain; they are counted.
 
 The other direction (:func:`evaluate_drawings`): the codes inside a finding's mask, drawn for the study's report,
 are explained by the report's words; the words that name the finding should carry the attribution.
@@ -29,6 +31,8 @@ class Target:
     phrase: str
     cells: np.ndarray  # (grid, grid) bool: the cells the finding's mask covers
     codes: torch.Tensor  # (H*W,)
+    report: str = ""  # the report whose sentence ``span`` states the finding ("": explain ``phrase`` alone)
+    span: tuple[int, int] | None = None
 
 
 def targets_of(row: dict, grid: int, focal=FOCAL) -> list[Target]:
@@ -51,25 +55,74 @@ def targets_of(row: dict, grid: int, focal=FOCAL) -> list[Target]:
     return out
 
 
+def reports_for(model, rows, batch_size: int = 16, progress: bool = False) -> dict[str, str]:
+    """The model's reports (greedy, guided as the run was trained) for the rows with a focal finding: id -> text."""
+    from tqdm.auto import tqdm
+
+    from llm_cxr.lm.generation import Sampling
+
+    grid = model.map.grid_size
+    todo = [(str(row.get("id", "")), ts[0].codes) for row in rows if (ts := targets_of(row, grid))]
+    out = {}
+    for i in tqdm(range(0, len(todo), batch_size), desc="reports to explain", disable=not progress):
+        chunk = todo[i:i + batch_size]
+        written = model.generate_report(torch.stack([c for _, c in chunk]), Sampling(), batch_size=batch_size)
+        out |= {sid: text for (sid, _), text in zip(chunk, written)}
+    return out
+
+
+def stated_targets(model, rows, reports: dict[str, str] | None = None, batch_size: int = 16,
+                   progress: bool = False) -> tuple[list[Target], dict]:
+    """The focal findings of ``rows`` (with masks) that a sentence of the model's report states as present, each
+    with that sentence (the first one that states it). ``reports`` (study id -> text) gives the reports instead
+    of generating them (:func:`reports_for`). Also returns counts: findings with masks, stated."""
+    from llm_cxr.data.labeler import label_report
+    from llm_cxr.explain.cases import sentences
+
+    grid = model.map.grid_size
+    texts = reports if reports is not None else reports_for(model, rows, batch_size, progress)
+    out, total = [], 0
+    for row in rows:
+        ts = targets_of(row, grid)
+        total += len(ts)
+        report = texts.get(str(row.get("id", "")), "")
+        spans = [(span, label_report(report[span[0]:span[1]]).labels) for span in sentences(report)]
+        for t in ts:
+            span = next((sp for sp, labels in spans if labels.get(t.finding) == 1), None)
+            if span is not None:
+                out.append(Target(t.study, t.finding, report[span[0]:span[1]].strip(), t.cells, t.codes, report, span))
+    return out, {"findings": total, "stated": len(out)}
+
+
 def evaluate_methods(model, rows, methods: dict[str, dict], faithfulness: tuple[str, ...] = ("m2ib", "random"),
-                     progress: bool = False) -> dict:
-    """Every method (name -> options) on every target of ``rows``: per method and finding, pointing-game accuracy
-    and mean mass in mask; for the methods in ``faithfulness``, mean deletion and insertion areas and the confidence
-    drop / increase with half the codes kept; seconds per explanation."""
+                     progress: bool = False, reports: dict[str, str] | None = None, phrases: bool = False) -> dict:
+    """Every method (name -> options) on every stated target of ``rows`` (:func:`stated_targets`; ``phrases``:
+    explain the phrase naming each focal finding instead, whatever the model says): per method and finding,
+    pointing-game accuracy and mean mass in mask; for the methods in ``faithfulness``, the mean deletion and
+    insertion areas through the pipeline (and with the stated findings held fixed: the LM's route alone), and
+    the confidence drop / increase with half the codes kept; seconds per explanation."""
     from tqdm.auto import tqdm
 
     from llm_cxr.explain import attribute
 
     grid = model.map.grid_size
-    targets = [t for row in rows for t in targets_of(row, grid)]
-    out: dict = {"targets": len(targets), "methods": {}}
+    if phrases:
+        targets = [t for row in rows for t in targets_of(row, grid)]
+        counts = {"findings": len(targets), "stated": len(targets)}
+    else:
+        targets, counts = stated_targets(model, rows, reports, progress=progress)
+    cases = []
+    for t in targets:
+        stated = model.stated_findings(t.codes[None])
+        stated = stated[0] if stated else None
+        cases.append(image_to_report(model, t.codes, t.report, t.span, stated) if t.report
+                     else image_to_report(model, t.codes, t.phrase, None, stated))
+    out: dict = {"targets": len(targets), **counts, "methods": {}}
     for name, options in methods.items():
         per: dict[str, dict] = {}
-        areas = {"deletion": [], "insertion": [], "drop": [], "increase": []}
+        faith: dict[str, list] = {}
         seconds = []
-        for t in tqdm(targets, desc=f"explain {name}", disable=not progress):
-            stated = model.stated_findings(t.codes[None])
-            case = image_to_report(model, t.codes, t.phrase, None, stated[0] if stated else None)
+        for t, case in tqdm(list(zip(targets, cases)), desc=f"explain {name}", disable=not progress):
             t0 = time.perf_counter()
             scores = attribute(model, case, name, **options)
             seconds.append(time.perf_counter() - t0)
@@ -79,12 +132,8 @@ def evaluate_methods(model, rows, methods: dict[str, dict], faithfulness: tuple[
             row["hits"] += int(pointing_game(m, t.cells))
             row["mass"] += mass_in_mask(m, t.cells)
             if name in faithfulness:
-                curves = deletion_insertion(model.cxr, case, scores)
-                areas["deletion"].append(curves["deletion_area"])
-                areas["insertion"].append(curves["insertion_area"])
-                change = confidence_change(model.cxr, case, scores)
-                areas["drop"].append(change["drop"])
-                areas["increase"].append(change["increase"])
+                for key, value in _faithfulness(model, case, scores).items():
+                    faith.setdefault(key, []).append(value)
         total = sum(r["n"] for r in per.values())
         out["methods"][name] = {
             "pointing": sum(r["hits"] for r in per.values()) / max(total, 1),
@@ -92,12 +141,19 @@ def evaluate_methods(model, rows, methods: dict[str, dict], faithfulness: tuple[
             "per_finding": {k: {"n": r["n"], "pointing": r["hits"] / r["n"], "mass_in_mask": r["mass"] / r["n"]}
                             for k, r in sorted(per.items())},
             "seconds_per_explanation": float(np.mean(seconds)) if seconds else None}
-        if areas["deletion"]:
-            out["methods"][name] |= {"deletion_area": float(np.mean(areas["deletion"])),
-                                     "insertion_area": float(np.mean(areas["insertion"])),
-                                     "confidence_drop": float(np.mean(areas["drop"])),
-                                     "confidence_increase": float(np.mean(areas["increase"]))}
+        out["methods"][name] |= {k: float(np.mean(v)) for k, v in faith.items()}
     return out
+
+
+def _faithfulness(model, case, scores: torch.Tensor) -> dict[str, float]:
+    curves = deletion_insertion(model, case, scores)
+    out = {"deletion_area": curves["deletion_area"], "insertion_area": curves["insertion_area"],
+           "lerf_area": curves["lerf_area"]}
+    if case.stated is not None:  # the LM's route alone: the finding head's reading of the whole image held fixed
+        fixed = deletion_insertion(model, case, scores, pipeline=False)
+        out |= {"deletion_area_lm": fixed["deletion_area"], "insertion_area_lm": fixed["insertion_area"]}
+    change = confidence_change(model, case, scores)
+    return out | {"confidence_drop": change["drop"], "confidence_increase": change["increase"]}
 
 
 # the words by which a report names each focal finding (the synthetic reports' and common radiology phrasing)
@@ -161,4 +217,5 @@ def evaluate_drawings(model, rows, methods: dict[str, dict], progress: bool = Fa
     return out
 
 
-__all__ = ["FINDING_WORDS", "FOCAL", "Target", "evaluate_drawings", "evaluate_methods", "targets_of", "word_mass"]
+__all__ = ["FINDING_WORDS", "FOCAL", "Target", "evaluate_drawings", "evaluate_methods", "reports_for", "stated_targets",
+           "targets_of", "word_mass"]

@@ -102,6 +102,28 @@ def m2ib(cxr, case, settings: M2IBSettings | None = None) -> torch.Tensor:
     return bottleneck(h[0, src], fit, s)
 
 
+@torch.no_grad()
+def without_information(cxr, case, settings: M2IBSettings | None = None) -> float:
+    """The target's mean log-likelihood when the source positions carry no information at the bottleneck's block:
+    their hidden states replaced by the bottleneck's noise (lambda = 0, as M2IB's prior), averaged over samples."""
+    s = settings or M2IBSettings()
+    layer = s.block(n_layers(cxr.lm))
+    batch = case.batch()
+    h = hidden_at(cxr, batch, layer).float()
+    src = case.sources.to(h.device)
+    x = h[0, src]
+    mean = x.mean(0) if s.normalize else torch.zeros_like(x[0])
+    std = x.std(0).clamp_min(1e-5) if s.normalize else torch.ones_like(x[0])
+    gen = torch.Generator(device=h.device).manual_seed(s.seed)
+    hidden = h.expand(s.samples, -1, -1).clone()
+    hidden[:, src] = torch.randn((s.samples, *x.shape), generator=gen, device=h.device) * std + mean
+    if _tail_works(cxr, batch, layer):
+        logits = tail_logits(cxr, batch, hidden.to(cxr.lm.dtype), layer)
+    else:
+        logits = _full_logits(cxr, batch, hidden, src, layer)
+    return float(fitting(logits, case.ids.to(h.device), case.target.to(h.device)).mean())
+
+
 def _tail_works(cxr, batch, layer: int) -> bool:
     """Whether the upper-blocks shortcut reproduces this model's forward at ``layer``: a property of its
     architecture, so checked once per model and layer (the check costs three forwards), not per explanation."""
@@ -127,4 +149,4 @@ def _full_logits(cxr, batch, hidden: torch.Tensor, src: torch.Tensor, layer: int
         return cxr(ids, batch.attention_mask.expand(n, -1), image).logits
 
 
-__all__ = ["M2IBSettings", "bottleneck", "capacity", "fitting", "m2ib"]
+__all__ = ["M2IBSettings", "bottleneck", "capacity", "fitting", "m2ib", "without_information"]

@@ -4,9 +4,11 @@
   (the codes are 8x8-pixel cells of a 128-px image in the small preset: a peak one cell off is on the finding's edge).
 * Mass in mask: the share of the map's (non-negative) attribution inside the finding's cells.
 * Deletion / insertion (Petsiuk et al., BMVC 2018): replace the top-k attributed codes by a neutral code (deletion)
-  or start from an all-neutral image and put back the top-k (insertion), re-score the target; the area under the
-  curve of the target log-likelihood over k. A faithful map makes deletion fall fast (small area) and insertion
-  rise fast (large area).
+  or start from an all-neutral image and put back the top-k (insertion), re-score the target through the pipeline
+  as it runs (a guided run re-reads the changed codes with its finding head); the area under the curve of the
+  target's probability relative to the whole image's, over k. A faithful map makes deletion fall fast (small
+  area) and insertion rise fast (large area); deleting its least attributed codes first (LeRF) should keep the
+  target (large area), so the LeRF - deletion gap separates the map from the damage any edit does.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 import torch
 
 from llm_cxr.explain.baselines import _score
+from llm_cxr.explain.cases import IMAGE_TO_REPORT, with_codes
 
 _trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy < 2 has only trapz
 
@@ -64,57 +67,97 @@ def mass_in_mask(grid_map: np.ndarray, cells: np.ndarray) -> float:
     return float(m[cells].sum() / total) if total > 0 else 0.0
 
 
+def pipeline_scores(model, case, codes: torch.Tensor, pipeline: bool = True) -> np.ndarray:
+    """Target mean log-likelihood (N,) of ``case`` with its image's codes replaced by each row of ``codes``
+    (N, H*W). ``pipeline``: as the run would produce the output from those codes, i.e. a guided run's prompt
+    states what its finding head reads from *them* (a deletion that removes a finding from the head's reading
+    removes it from the prompt too); otherwise the case's stated list is held fixed (the LM's own route only)."""
+    tmap = model.map
+    codes = codes.reshape(len(codes), -1).long()
+    if not pipeline or case.stated is None or case.direction != IMAGE_TO_REPORT:
+        ids = case.ids.repeat(len(codes), 1)
+        ids[:, case.sources] = tmap.first_id + codes.to(ids)
+        return _batched(model.cxr, case, ids)
+    stated = model.stated_findings(codes, guided=True)
+    out = np.zeros(len(codes))
+    groups: dict[tuple, list[int]] = {}
+    for i, items in enumerate(stated):
+        groups.setdefault(tuple(items), []).append(i)
+    for items, rows in groups.items():
+        other = with_codes(model, case, codes[rows[0]], list(items))
+        ids = other.ids.repeat(len(rows), 1)
+        ids[:, other.sources] = tmap.first_id + codes[rows].to(ids)
+        out[rows] = _batched(model.cxr, other, ids)
+    return out
+
+
 @torch.no_grad()
-def deletion_insertion(cxr, case, scores: torch.Tensor, fractions=tuple(i / 10 for i in range(11)),
-                       neutral: int | None = None) -> dict:
-    """Curves of the target's mean log-likelihood as the top-k attributed codes are deleted (replaced by a neutral
-    code, the image's most frequent one unless given) or inserted into an all-neutral image; their areas
-    (trapezoid over the fraction of codes). For image -> report cases."""
-    tmap = cxr.token_map
-    src = case.sources
-    codes = case.ids[0, src]
-    fill = tmap.first_id + (int((codes - tmap.first_id).mode().values) if neutral is None else int(neutral))
+def _batched(cxr, case, ids: torch.Tensor, batch_size: int = 16) -> np.ndarray:
+    return np.concatenate([_score(cxr, case, ids[i:i + batch_size]).float().cpu().numpy()
+                           for i in range(0, len(ids), batch_size)])
+
+
+def _neutral(case, neutral: int | None, first_id: int) -> int:
+    """The code that stands for "nothing here": the image's most frequent one (its background) unless given."""
+    return int((case.ids[0, case.sources] - first_id).mode().values) if neutral is None else int(neutral)
+
+
+@torch.no_grad()
+def deletion_insertion(model, case, scores: torch.Tensor, fractions=tuple(i / 10 for i in range(11)),
+                       neutral: int | None = None, pipeline: bool = True) -> dict:
+    """Curves of the target as the top-k attributed codes are deleted (replaced by a neutral code) or inserted into
+    an all-neutral image, and as the *least* attributed are deleted first (``lerf``: ROAD's check, Rong et al.,
+    ICML 2022, that what a deletion measures is the map and not the damage any edit does), re-scored through the
+    pipeline (:func:`pipeline_scores`). Each curve is the mean log-likelihood per step; the areas (trapezoid over
+    the fraction of codes) are of the target's per-token probability relative to the whole image's,
+    exp(l_k - l_full), so that easy and hard sentences weigh the same: 1 for a curve that never moves, near 0 for a
+    deletion that removes the evidence at once. For image -> report cases."""
+    first = model.map.first_id
+    codes = case.ids[0, case.sources] - first
+    fill = _neutral(case, neutral, first)
     order = torch.argsort(scores.float(), descending=True)
-    rows_del, rows_ins = [], []
+    rows: dict[str, list] = {"deletion": [], "insertion": [], "lerf": []}
     for f in fractions:
-        top = order[:round(f * len(src))]
-        d = case.ids.clone()
-        d[0, src[top]] = fill
-        i = case.ids.clone()
-        i[0, src] = fill
-        i[0, src[top]] = codes[top]
-        rows_del.append(d)
-        rows_ins.append(i)
-    dele = _score(cxr, case, torch.cat(rows_del)).cpu().numpy()
-    ins = _score(cxr, case, torch.cat(rows_ins)).cpu().numpy()
+        k = round(f * len(codes))
+        top, bottom = order[:k], order[len(order) - k:]
+        d, i, lerf = codes.clone(), torch.full_like(codes, fill), codes.clone()
+        d[top] = fill
+        i[top] = codes[top]
+        lerf[bottom] = fill
+        for key, row in (("deletion", d), ("insertion", i), ("lerf", lerf)):
+            rows[key].append(row)
+    scored = pipeline_scores(model, case, torch.stack([r for v in rows.values() for r in v] + [codes]), pipeline)
+    full, n = scored[-1], len(fractions)
     x = np.asarray(fractions, dtype=np.float64)
-    return {"fractions": x.tolist(), "deletion": dele.tolist(), "insertion": ins.tolist(),
-            "deletion_area": float(_trapezoid(dele, x)), "insertion_area": float(_trapezoid(ins, x))}
+    out: dict = {"fractions": x.tolist(), "full": float(full)}
+    for j, key in enumerate(rows):
+        curve = scored[j * n:(j + 1) * n]
+        out[key] = curve.tolist()
+        out[f"{key}_area"] = float(_trapezoid(np.exp(curve - full), x))
+    return out
 
 
-def confidence_change(cxr, case, scores: torch.Tensor, keep: float = 0.5, neutral: int | None = None) -> dict:
+def confidence_change(model, case, scores: torch.Tensor, keep: float = 0.5, neutral: int | None = None,
+                      pipeline: bool = True) -> dict:
     """The M2IB paper's confidence drop and increase (Wang et al., NeurIPS 2023, after Chattopadhay et al.'s Grad-CAM++
     "average drop" and "increase in confidence", WACV 2018), on codes: keep the top ``keep`` share of the attributed
     codes, make the rest neutral, and compare the target's probability (per token, exp of the mean log-likelihood)
-    with that on the whole image. ``drop`` = max(0, p - p_kept) / p (lower is better: the kept regions carry the
-    evidence); ``increase`` = whether p_kept > p (averaged over cases it is the share of cases)."""
+    with that on the whole image, both through the pipeline. ``drop`` = max(0, p - p_kept) / p (lower is better:
+    the kept regions carry the evidence); ``increase`` = whether p_kept > p (averaged: the share of cases)."""
     if not 0 < keep <= 1:
         raise ValueError(f"keep must be in (0, 1], got {keep}")
-    tmap = cxr.token_map
-    src = case.sources
-    codes = case.ids[0, src]
-    fill = tmap.first_id + (int((codes - tmap.first_id).mode().values) if neutral is None else int(neutral))
-    top = torch.argsort(scores.float(), descending=True)[:max(1, round(keep * len(src)))]
-    kept = case.ids.clone()
-    kept[0, src] = fill
-    kept[0, src[top]] = codes[top]
-    full, part = (float(v) for v in _score(cxr, case, torch.cat([case.ids, kept])).exp())
+    first = model.map.first_id
+    codes = case.ids[0, case.sources] - first
+    top = torch.argsort(scores.float(), descending=True)[:max(1, round(keep * len(codes)))]
+    kept = torch.full_like(codes, _neutral(case, neutral, first))
+    kept[top] = codes[top]
+    full, part = (float(v) for v in np.exp(pipeline_scores(model, case, torch.stack([codes, kept]), pipeline)))
     return {"keep": keep, "p": full, "p_kept": part, "drop": max(0.0, full - part) / max(full, 1e-12),
             "increase": float(part > full)}
 
 
 __all__ = ["cascading_randomisation", "confidence_change", "deletion_insertion", "dilate", "mask_cells",
-           "mass_in_mask", "pointing_game", "rank_correlation"]
+           "mass_in_mask", "pipeline_scores", "pointing_game", "rank_correlation"]
 
 
 def rank_correlation(a, b) -> float:

@@ -8,15 +8,21 @@ effusion is there. A bottleneck on the LM's image positions alone explains the f
 Here the second route gets its own bottleneck, on what the head reads (the codebook vectors of the codes on the
 grid), with the head's own likelihood of the decisions the sentence depends on as the fitting term: each finding the
 sentence mentions (read by the report labeler), present or absent as the sentence says, and on its side. The two
-maps are min-max normalised and averaged where the head decided something the sentence states; whether that mix is
-the faithful one is what the deletion test on the full pipeline decides (llm_cxr.explain.metrics).
+maps are min-max normalised and mixed in proportion to what each route is worth to the sentence
+(:func:`route_weights`): how much the sentence's log-likelihood falls when that route alone is cut. In a guided run
+the LM mostly copies the stated list, so the head's route carries most of it (the deletion test on the full
+pipeline, llm_cxr.explain.metrics, is what showed it).
 """
 
 from __future__ import annotations
 
 import torch
 
-from llm_cxr.explain.m2ib import M2IBSettings, bottleneck
+from llm_cxr.explain.m2ib import M2IBSettings, bottleneck, without_information
+
+# The head's bottleneck, chosen on the synthetic validation split (benchmarks/results/explain_tuning.md): a smaller
+# step for longer (M2IB's lr 1 x 10 steps moves alpha in coarse jumps) and a stronger pressure on information.
+HEAD_SETTINGS = {"beta": 3.0, "lr": 0.3, "steps": 30}
 
 
 def head_decisions(head, sentence: str) -> dict[str, tuple[bool, str | None]]:
@@ -61,13 +67,39 @@ def m2ib_head(head, codes: torch.Tensor, decisions: dict, settings: M2IBSettings
     return bottleneck(v[0].flatten(1).T, fit, s)
 
 
-def combine(lm_map: torch.Tensor, head_map: torch.Tensor | None) -> torch.Tensor:
-    """The two routes' maps, each min-max normalised, averaged (the LM's alone when the head decided nothing)."""
-    def norm(m):
-        m = m.float()
-        return (m - m.min()) / (m.max() - m.min()) if float(m.max() - m.min()) > 0 else torch.zeros_like(m)
+@torch.no_grad()
+def route_weights(model, case, decisions: dict, settings: M2IBSettings | None = None) -> tuple[float, float]:
+    """What each route is worth to the case's target, each as the fall of its mean log-likelihood when that route
+    alone is cut, in the way it carries information: the LM's image positions replaced by the bottleneck's noise
+    at its block (:func:`~llm_cxr.explain.m2ib.without_information`), and the finding head's decisions that the
+    sentence states taken out of the prompt's list (the LM's image kept). Each >= 0."""
+    from llm_cxr.explain.cases import with_codes
+    from llm_cxr.explain.metrics import _batched
+    from llm_cxr.lm.prompts import split_item
 
-    return norm(lm_map) if head_map is None else (norm(lm_map) + norm(head_map)) / 2
+    full = float(_batched(model.cxr, case, case.ids)[0])
+    lm_cut = without_information(model.cxr, case, settings)
+    present = {name for name, (yes, _) in decisions.items() if yes}
+    kept = [item for item in case.stated if split_item(item)[0] not in present]
+    codes = case.ids[0, case.sources] - model.map.first_id
+    head_cut = with_codes(model, case, codes, kept)
+    head_score = float(_batched(model.cxr, head_cut, head_cut.ids)[0])
+    return max(0.0, full - lm_cut), max(0.0, full - head_score)
 
 
-__all__ = ["combine", "head_decisions", "m2ib_head"]
+def _norm(m: torch.Tensor) -> torch.Tensor:
+    m = m.float()
+    return (m - m.min()) / (m.max() - m.min()) if float(m.max() - m.min()) > 0 else torch.zeros_like(m)
+
+
+def combine(lm_map: torch.Tensor, head_map: torch.Tensor | None,
+            weights: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
+    """The two routes' maps, each min-max normalised, mixed by ``weights`` (LM, head; equal when both are 0); the
+    LM's alone when the head decided nothing the sentence states."""
+    if head_map is None:
+        return _norm(lm_map)
+    w_lm, w_head = weights if sum(weights) > 0 else (1.0, 1.0)
+    return (w_lm * _norm(lm_map) + w_head * _norm(head_map)) / (w_lm + w_head)
+
+
+__all__ = ["HEAD_SETTINGS", "combine", "head_decisions", "m2ib_head", "route_weights"]
