@@ -121,7 +121,7 @@ def main() -> int:
 def quality(args) -> int:
     from llm_cxr.data.dataset import load_dataset
     from llm_cxr.explain import METHODS
-    from llm_cxr.explain.evaluate import evaluate_drawings, evaluate_methods
+    from llm_cxr.explain.evaluate import evaluate_drawings, evaluate_methods, sanity
     from llm_cxr.lm.generation import LLMCXR
 
     if not args.data:
@@ -132,8 +132,8 @@ def quality(args) -> int:
     methods = args.methods.split(",") if args.methods else sorted(METHODS)
     res = evaluate_methods(model, rows, {m: {} for m in methods}, progress=True, phrases=args.phrases)
     table = [{"method": m, "pointing": r["pointing"], "mass in mask": r["mass_in_mask"],
-              "deletion area": r.get("deletion_area"), "LeRF area": r.get("lerf_area"),
-              "insertion area": r.get("insertion_area"), "deletion, LM route only": r.get("deletion_area_lm"),
+              "deletion area": r.get("deletion_area"), "insertion area": r.get("insertion_area"),
+              "deletion, LM route only": r.get("deletion_area_lm"),
               "confidence drop": r.get("confidence_drop"), "confidence increase": r.get("confidence_increase"),
               "s per explanation": r["seconds_per_explanation"]} for m, r in res["methods"].items()]
     findings = sorted({f for r in res["methods"].values() for f in r["per_finding"]})
@@ -141,19 +141,27 @@ def quality(args) -> int:
             **{m: r["per_finding"].get(f, {}).get("pointing") for m, r in res["methods"].items()}} for f in findings]
     drawings = evaluate_drawings(model, rows, {m: {} for m in methods if m != "occlusion"},  # codes only
                                  progress=True)
+    checks = sanity(model, rows, n=8, progress=True)
+    checks_table = checks["randomised"] + [{"randomised up to": "(none: another stated finding's sentence)",
+                                            "targets": checks["other_target"]["pairs"],
+                                            "rank correlation": checks["other_target"]["rank correlation"]}]
     words = [{"method": m, "targets": r["n"], "mass on the finding's words": r["word_mass"],
               "their share of the words": r["chance"], "a finding word on top": r["top_word"]}
              for m, r in drawings["methods"].items()]
     what = ("the phrase naming it" if args.phrases else
             f"the sentence of the model's report that states it ({res['stated']} of {res['findings']} stated)")
-    notes = (f"Each focal finding with a mask is explained by {what}. Deletion, LeRF and insertion re-score the "
-             "target through the pipeline as it runs (a guided run's finding head re-reads the changed codes); "
-             "areas are of the per-token probability relative to the whole image's (1: the curve never moves). "
+    blank = max((r.get("no_evidence") or 0) for r in res["methods"].values())
+    notes = (f"Each focal finding with a mask is explained by {what}. Deletion and insertion re-score the target "
+             "through the pipeline as it runs (a guided run's finding head re-reads the changed codes); areas are "
+             "of the per-token probability rescaled between the all-neutral image (0) and the whole one (1); "
+             f"{blank} targets whose whole image gives no evidence over a blank one are left out of them. "
              "\"LM route only\" holds the stated findings fixed.")
     write_results(args.name or "explain_quality", f"Explanations on the {args.split} split",
-                  {"image_to_report": res, "report_to_image": drawings},
+                  {"image_to_report": res, "report_to_image": drawings, "sanity": checks},
                   [(f"{res['targets']} focal findings of {len(rows)} {args.split} studies", table),
                    ("Pointing game per finding", per),
+                   ("Sanity (Adebayo et al. 2018): rank correlation of M2IB's map with the trained model's",
+                    checks_table),
                    ("Report -> image: the codes inside each finding's mask explained by the report's words", words)],
                   notes=notes)
     return 0

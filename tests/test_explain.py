@@ -164,13 +164,13 @@ def test_deletion_and_insertion_curves_end_where_they_must(gen):
         full = float(_score(gen.cxr, case, case.ids)[0])
     assert res["full"] == pytest.approx(full, abs=1e-5)
     assert res["deletion"][0] == pytest.approx(full, abs=1e-5) and res["insertion"][-1] == pytest.approx(full, abs=1e-5)
-    assert res["lerf"][0] == pytest.approx(full, abs=1e-5)
-    assert res["deletion"][-1] == pytest.approx(res["insertion"][0], abs=1e-5)  # all codes neutral, every way
-    assert res["lerf"][-1] == pytest.approx(res["deletion"][-1], abs=1e-5)
-    # the areas are of exp(l_k - l_full): a curve that never moves has area 1
-    flat = [np.exp(np.array(res[k]) - full) for k in ("deletion", "insertion", "lerf")]
-    for curve, key in zip(flat, ("deletion", "insertion", "lerf")):
-        assert res[f"{key}_area"] == pytest.approx(float(np.trapezoid(curve, [0, 0.5, 1])), rel=1e-6)
+    assert res["deletion"][-1] == pytest.approx(res["insertion"][0], abs=1e-5) == pytest.approx(res["blank"], abs=1e-5)
+    if np.exp(res["full"]) > np.exp(res["blank"]):  # rescaled to the evidence: 1 on the whole image, 0 on the blank
+        for key in ("deletion", "insertion"):
+            curve = (np.exp(res[key]) - np.exp(res["blank"])) / (np.exp(res["full"]) - np.exp(res["blank"]))
+            assert res[f"{key}_area"] == pytest.approx(float(np.trapezoid(curve, [0, 0.5, 1])), rel=1e-5)
+    else:
+        assert res["deletion_area"] is None and res["insertion_area"] is None
 
 
 def test_the_pipeline_re_reads_the_changed_codes_for_a_guided_prompt(gen, monkeypatch):
@@ -212,7 +212,7 @@ def test_evaluation_on_a_dataset_with_masks_scores_every_focal_finding(tmp_path)
 
     from llm_cxr.data.dataset import load_dataset
     from llm_cxr.data.labeler import label_report
-    from llm_cxr.explain.evaluate import FOCAL, evaluate_methods, stated_targets, targets_of
+    from llm_cxr.explain.evaluate import FOCAL, evaluate_methods, sanity, stated_targets, targets_of
 
     rows = list(load_dataset(make_codes_dataset(tmp_path / "codes", n=30)))
     targets = [t for r in rows for t in targets_of(r, GRID)]
@@ -230,10 +230,15 @@ def test_evaluation_on_a_dataset_with_masks_scores_every_focal_finding(tmp_path)
     for name in ("random", "m2ib"):
         m = res["methods"][name]
         assert 0 <= m["pointing"] <= 1 and 0 <= m["mass_in_mask"] <= 1 and m["per_finding"]
-        assert np.isfinite([m["deletion_area"], m["insertion_area"], m["lerf_area"]]).all()
+        assert m["no_evidence"] == res["targets"] or np.isfinite([m["deletion_area"], m["insertion_area"]]).all()
         assert 0 <= m["confidence_drop"] <= 1 and 0 <= m["confidence_increase"] <= 1
     phrases = evaluate_methods(gen, rows[:10], {"random": {}}, faithfulness=(), phrases=True)
     assert phrases["targets"] == len([t for r in rows[:10] for t in targets_of(r, GRID)])
+    before = {k: v.clone() for k, v in gen.cxr.lm.state_dict().items()}
+    checks = sanity(gen, rows, n=2, reports=truth, layer=0, steps=2, samples=2)
+    assert [r["randomised up to"] for r in checks["randomised"]] == ["LM block 2", "LM block 1"]
+    assert all(-1 <= r["rank correlation"] <= 1 and r["targets"] == 2 for r in checks["randomised"])
+    assert all(torch.equal(v, before[k]) for k, v in gen.cxr.lm.state_dict().items())
 
 
 def test_a_guided_sentence_is_explained_through_both_routes(gen, monkeypatch):
@@ -298,9 +303,10 @@ def test_the_randomisation_sanity_check_moves_the_map_and_restores_the_weights(g
     case = image_to_report(gen, CODES, "Small left pleural effusion.")
     before = {k: v.clone() for k, v in gen.cxr.lm.state_dict().items()}
     logits = gen.cxr(case.ids).logits
-    rows = cascading_randomisation(gen.cxr, case, lambda cxr, c: m2ib(cxr, c, M2IBSettings(layer=0, steps=2,
-                                                                                            samples=2)))
-    assert [r["randomised_blocks"] for r in rows] == [1, 2] and all(-1 <= r["rank_correlation"] <= 1 for r in rows)
+    rows = cascading_randomisation(gen, case, lambda model, c: m2ib(model.cxr, c, M2IBSettings(layer=0, steps=2,
+                                                                                                samples=2)))
+    assert [r["randomised"] for r in rows] == [1, 2] and [r["last"] for r in rows] == ["LM block 2", "LM block 1"]
+    assert all(-1 <= r["rank_correlation"] <= 1 for r in rows)
     assert all(torch.equal(v, before[k]) for k, v in gen.cxr.lm.state_dict().items())
     torch.testing.assert_close(gen.cxr(case.ids).logits, logits)
 
@@ -341,3 +347,50 @@ def test_drawings_are_explained_by_the_words_of_each_finding(tmp_path):
     assert res["targets"] > 0
     for m in res["methods"].values():
         assert m["n"] > 0 and 0 <= m["word_mass"] <= 1 and 0 < m["chance"] < 1 and 0 <= m["top_word"] <= 1
+
+
+def test_a_guided_drawing_gives_the_stated_list_s_share_to_the_words_it_was_read_from(gen):
+    """A guided drawing's prompt lists the findings read from the report after it; those tokens are attributed too,
+    and each item's share goes to the report's words that state it, so nothing is lost and nothing lands on a word
+    that does not state the item."""
+    from llm_cxr.explain import word_map
+
+    report = "Small left pleural effusion. Right chest tube in place."
+    stated = ["pleural_effusion:left", "chest_tube:right"]
+    plain = report_to_image(gen, report, CODES)
+    case = report_to_image(gen, report, CODES, stated)
+    n_report = len(plain.sources)
+    assert torch.equal(case.sources[:n_report], plain.sources) and len(case.sources) > n_report
+    listed = case.ids[0, case.sources[n_report:]]
+    assert "pleural effusion" in gen.tok.decode(listed) and "chest tube" in gen.tok.decode(listed)
+    assert set(case.item_of[n_report:]) >= {0, 1} and set(case.item_of[:n_report]) == {-1}
+    words = case.words
+    assert {words[i] for i in case.evidence[0]} >= {"left", "pleural", "effusion."}
+    assert {words[i] for i in case.evidence[1]} >= {"Right", "chest", "tube"}
+    assert not set(case.evidence[0]) & set(case.evidence[1])
+    only_item0 = torch.tensor([1.0 if k == 0 else 0.0 for k in case.item_of])
+    m = word_map(case, only_item0)
+    assert m.sum() == pytest.approx(float(only_item0.sum())) and set(np.nonzero(m)[0]) == set(case.evidence[0])
+    own = torch.tensor([1.0 if k == -1 else 0.0 for k in case.item_of])
+    torch.testing.assert_close(torch.as_tensor(word_map(case, own)), torch.as_tensor(word_map(plain, own[:n_report])))
+
+
+def test_a_guided_drawing_with_a_plan_adds_each_item_s_worth_through_the_plan(gen):
+    from llm_cxr.explain import attribute, word_map
+    from llm_cxr.explain.cases import plan_for
+    from llm_cxr.explain.routes import plan_route
+
+    report = "Small left pleural effusion. Right chest tube in place."
+    stated = ["pleural_effusion:left", "chest_tube:right"]
+    plan = plan_for(gen, report, stated)
+    assert plan is not None and int(plan.sum()) >= 2
+    case = report_to_image(gen, report, CODES, stated, plan=plan)
+    opts = {"layer": 1, "steps": 2, "samples": 2}
+    scores, (w_lm, w_plan) = plan_route(gen, case, report, stated, M2IBSettings(**opts))
+    assert w_lm >= 0 and w_plan >= 0 and bool((scores >= 0).all())
+    assert float(scores[torch.as_tensor(case.item_of) == -1].abs().sum()) == 0.0  # the plan holds items, not words
+    both = attribute(gen, case, "m2ib", **opts)
+    assert both.shape == case.sources.shape and 0 < float(both.sum()) <= 1 + 1e-4  # shares of each route, mixed
+    assert np.isfinite(word_map(case, both)).all()
+    lm_only = attribute(gen, case, "m2ib", routes="lm", **opts)
+    torch.testing.assert_close(lm_only, m2ib(gen.cxr, case, M2IBSettings(**opts)))

@@ -84,7 +84,8 @@ def explain(model, image=None, report: str | None = None, method: str = "m2ib", 
     try:
         for case in tqdm(cases, desc=f"explain ({method})", disable=not progress):
             maps.append(_shape(case, attribute(model, case, method, routes, **options)))
-            if method == "m2ib" and routes == "all" and case.stated is not None and model.finding_head is not None:
+            if (method == "m2ib" and routes == "all" and case.stated is not None and model.finding_head is not None
+                    and case.direction == IMAGE_TO_REPORT):
                 note = ("m2ib: the LM's and the finding head's routes, combined (each min-max normalised, weighted by "
                         "what each route is worth to the sentence)")
                 if note not in ex.notes:
@@ -99,7 +100,8 @@ def explain(model, image=None, report: str | None = None, method: str = "m2ib", 
 def attribute(model, case: Case, method: str, routes: str = "all", **options) -> torch.Tensor:
     """(S,) scores of ``method`` for ``case``. M2IB on a guided run's sentence (``routes="all"``) also bottlenecks
     the finding head's route and combines the two maps (:mod:`llm_cxr.explain.routes`); options named ``head_*``
-    (``head_beta``, ``head_steps``...) set that route's bottleneck, the others the LM's."""
+    (``head_beta``, ``head_steps``...) set that route's bottleneck, the others the LM's. On a guided drawing with
+    an image plan, it adds what each stated item is worth through the plan."""
     if routes not in ("all", "lm"):
         raise ConfigError(f"routes must be 'all' or 'lm', got {routes!r}")
     head_options = {k[len("head_"):]: v for k, v in options.items() if k.startswith("head_")}
@@ -107,8 +109,17 @@ def attribute(model, case: Case, method: str, routes: str = "all", **options) ->
     if head_options and method != "m2ib":
         raise ConfigError(f"head_* options are M2IB's (the finding head's route); {method} takes none")
     scores = METHODS[method](model.cxr, case, **options).detach().float().cpu()
+    if method != "m2ib" or routes != "all" or case.stated is None:
+        return scores
+    if case.direction == REPORT_TO_IMAGE:  # a guided drawing: the image plan is the second route
+        if case.image is None or case.image.plan is None or not case.stated:
+            return scores
+        from llm_cxr.explain.routes import mix, plan_route
+
+        plan_scores, weights = plan_route(model, case, case.response, case.stated, M2IBSettings(**options))
+        return mix(scores, plan_scores, weights)
     head = model.finding_head
-    if method != "m2ib" or routes != "all" or case.stated is None or head is None or case.direction != IMAGE_TO_REPORT:
+    if head is None:
         return scores
     from llm_cxr.explain.routes import HEAD_SETTINGS, combine, head_decisions, m2ib_head, route_weights
 
@@ -127,9 +138,17 @@ def _shape(case: Case, scores: torch.Tensor) -> np.ndarray:
 
 
 def word_map(case: Case, scores: torch.Tensor) -> np.ndarray:
-    """Per-token scores of a report -> image case summed over the pieces of each word."""
+    """Per-token scores of a report -> image case summed over the pieces of each word; a guided case's list tokens
+    go, item by item, to the words each item was read from (shared equally among them)."""
+    scores = scores.float()
     words = torch.zeros(len(case.words))
-    words.index_add_(0, torch.as_tensor(case.word_of), scores.float())
+    word_of = torch.as_tensor(case.word_of, dtype=torch.long)
+    own = word_of >= 0
+    words.index_add_(0, word_of[own], scores[own])
+    for k, evidence in enumerate(case.evidence):
+        mass = float(scores[torch.as_tensor([i == k for i in case.item_of])].sum())
+        if evidence:
+            words[evidence] += mass / len(evidence)
     return words.numpy()
 
 
@@ -170,8 +189,14 @@ def _report_cases(model, report: str, codes: torch.Tensor | None) -> tuple[list[
                                      guided=model.guided_images).codes[0]
     plan = plan_for(model, report, stated)
     case = report_to_image(model, report, codes.reshape(-1), stated, plan=plan)
+    notes = []
+    if stated:
+        notes.append("guided drawing: the prompt lists the findings read from the report"
+                     + (" and the image plan lays them out" if plan is not None else "")
+                     + "; each listed item's attribution goes to the words it was read from"
+                     + (" (m2ib adds each item's worth through the plan)" if plan is not None else ""))
     ex = Explanation(REPORT_TO_IMAGE, "", [case.label], np.zeros(0), report=report, words=case.words,
-                     codes=codes.reshape(-1).tolist())
+                     codes=codes.reshape(-1).tolist(), notes=notes)
     return [case], ex
 
 

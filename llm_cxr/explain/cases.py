@@ -38,7 +38,11 @@ class Case:
     label: str
     grid: int = 0  # image -> report: the code grid's side
     words: list[str] = field(default_factory=list)  # report -> image: the report's words
-    word_of: list[int] = field(default_factory=list)  # report -> image: the word of each source token
+    word_of: list[int] = field(default_factory=list)  # report -> image: the word of each source token (-1: none)
+    # report -> image, guided: the stated list's tokens are sources too; each stated item's share goes to the
+    # words of the report the labeler read it from (the list is made from them: requested_findings)
+    item_of: list[int] = field(default_factory=list)  # per source token: its stated item (-1: a report token)
+    evidence: list[list[int]] = field(default_factory=list)  # per stated item: its words in the report
     stated: list[str] | None = None  # the findings list of a guided prompt (the finding head's reading)
     response: str = ""  # image -> report: the report the target is part of
     span: tuple[int, int] | None = None  # image -> report: the target's characters in ``response`` (None: all)
@@ -133,8 +137,55 @@ def report_to_image(model, report: str, codes: torch.Tensor, stated: list[str] |
     target[n_prompt + torch.arange(hw)[keep]] = 1.0  # code k sits at n_prompt + 1 + k, predicted one before
     words, word_of = _words(report, offsets)
     sources = torch.arange(head, head + len(offsets))
+    item_of, evidence = [-1] * len(offsets), []
+    if stated:  # the guide line follows the report (image_prompt): its tokens are where the LM reads the list
+        line = parts[2]
+        line_offsets = _token_spans(tok, line)
+        item_spans = _item_spans(line, stated)
+        items = [next((k for k, (a, b) in enumerate(item_spans) if s < b and e > a), -1) for s, e in line_offsets]
+        sources = torch.cat([sources, torch.arange(head + len(offsets), head + len(offsets) + len(line_offsets))])
+        word_of, item_of = word_of + [-1] * len(line_offsets), item_of + items
+        evidence = _evidence(report, stated)
     return Case(REPORT_TO_IMAGE, ids, image, sources, target, "the drawn image" if region is None else "the region",
-                words=words, word_of=word_of)
+                words=words, word_of=word_of, stated=stated, response=report, item_of=item_of, evidence=evidence)
+
+
+def _item_spans(line: str, stated: list[str]) -> list[tuple[int, int]]:
+    """Character spans of each stated item's phrase in the guide line (``_guide_line``: prefix, then the phrases
+    joined by ", " and " and ")."""
+    from llm_cxr.lm.prompts import _phrase
+
+    out, at = [], 0
+    for item in stated:
+        phrase = _phrase(item)
+        a = line.find(phrase, at)
+        out.append((a, a + len(phrase)) if a >= 0 else (-1, -1))
+        at = a + len(phrase) if a >= 0 else at
+    return out
+
+
+def _evidence(report: str, stated: list[str]) -> list[list[int]]:
+    """Per stated item, the report's words that the labeler read it from: its positive mentions' phrases and, for
+    an item with a side, that side's word in the same sentence."""
+    from llm_cxr.data.labeler import label_report
+    from llm_cxr.lm.prompts import split_item
+
+    spans = [m.span() for m in re.finditer(r"\S+", report)]
+    mentions = [m for m in label_report(report).mentions if m.status == 1]
+    out = []
+    for item in stated:
+        name, side = split_item(item)
+        chars: list[tuple[int, int]] = []
+        for m in (m for m in mentions if m.label == name):
+            start = report.find(m.sentence)
+            if start < 0:
+                continue
+            chars.append((start + m.span[0], start + m.span[1]))
+            if side:
+                chars += [(start + x.start(), start + x.end())
+                          for x in re.finditer(rf"\b{side}\b", m.sentence, re.IGNORECASE)]
+        out.append(sorted({i for i, (s, e) in enumerate(spans) for a, b in chars if s < b and e > a}))
+    return out
 
 
 def _words(text: str, offsets: list[tuple[int, int]]) -> tuple[list[str], list[int]]:

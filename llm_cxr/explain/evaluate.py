@@ -141,19 +141,59 @@ def evaluate_methods(model, rows, methods: dict[str, dict], faithfulness: tuple[
             "per_finding": {k: {"n": r["n"], "pointing": r["hits"] / r["n"], "mass_in_mask": r["mass"] / r["n"]}
                             for k, r in sorted(per.items())},
             "seconds_per_explanation": float(np.mean(seconds)) if seconds else None}
-        out["methods"][name] |= {k: float(np.mean(v)) for k, v in faith.items()}
+        # areas are None where the whole image gives the sentence no evidence over a blank one: left out, counted
+        out["methods"][name] |= {k: float(np.mean([x for x in v if x is not None])) if any(x is not None for x in v)
+                                 else None for k, v in faith.items()}
+        if faith:
+            out["methods"][name]["no_evidence"] = sum(x is None for x in faith["deletion_area"])
     return out
 
 
-def _faithfulness(model, case, scores: torch.Tensor) -> dict[str, float]:
+def _faithfulness(model, case, scores: torch.Tensor) -> dict[str, float | None]:
     curves = deletion_insertion(model, case, scores)
-    out = {"deletion_area": curves["deletion_area"], "insertion_area": curves["insertion_area"],
-           "lerf_area": curves["lerf_area"]}
+    out = {"deletion_area": curves["deletion_area"], "insertion_area": curves["insertion_area"]}
     if case.stated is not None:  # the LM's route alone: the finding head's reading of the whole image held fixed
         fixed = deletion_insertion(model, case, scores, pipeline=False)
         out |= {"deletion_area_lm": fixed["deletion_area"], "insertion_area_lm": fixed["insertion_area"]}
     change = confidence_change(model, case, scores)
     return out | {"confidence_drop": change["drop"], "confidence_increase": change["increase"]}
+
+
+def sanity(model, rows, n: int = 8, reports: dict[str, str] | None = None, progress: bool = False,
+           **options) -> dict:
+    """Adebayo et al.'s checks (NeurIPS 2018) of M2IB on the first ``n`` stated targets: the rank correlation of
+    each map with the map after randomising the LM's blocks top down and then the finding head (mean per step),
+    and, for studies whose report states two focal findings, of the two sentences' maps (another target: the map
+    should move)."""
+    from tqdm.auto import tqdm
+
+    from llm_cxr.explain import attribute
+    from llm_cxr.explain.metrics import cascading_randomisation, rank_correlation
+
+    targets, _ = stated_targets(model, rows, reports, progress=progress)
+
+    def case_of(t):
+        stated = model.stated_findings(t.codes[None])
+        return image_to_report(model, t.codes, t.report, t.span, stated[0] if stated else None)
+
+    def fn(m, c):
+        return attribute(m, c, "m2ib", **options)
+
+    steps: dict[str, list[float]] = {}
+    for t in tqdm(targets[:n], desc="sanity: randomised weights", disable=not progress):
+        for r in cascading_randomisation(model, case_of(t), fn):
+            steps.setdefault(r["last"], []).append(r["rank_correlation"])
+    pairs = []
+    by_study: dict[str, list[Target]] = {}
+    for t in targets:
+        by_study.setdefault(t.study, []).append(t)
+    for ts in [ts for ts in by_study.values() if len(ts) > 1][:n]:
+        a, b = ts[0], ts[1]
+        if a.span != b.span:
+            pairs.append(rank_correlation(fn(model, case_of(a)).numpy(), fn(model, case_of(b)).numpy()))
+    return {"randomised": [{"randomised up to": k, "targets": len(v), "rank correlation": float(np.mean(v))}
+                           for k, v in steps.items()],
+            "other_target": {"pairs": len(pairs), "rank correlation": float(np.mean(pairs)) if pairs else None}}
 
 
 # the words by which a report names each focal finding (the synthetic reports' and common radiology phrasing)
@@ -217,5 +257,5 @@ def evaluate_drawings(model, rows, methods: dict[str, dict], progress: bool = Fa
     return out
 
 
-__all__ = ["FINDING_WORDS", "FOCAL", "Target", "evaluate_drawings", "evaluate_methods", "reports_for", "stated_targets",
-           "targets_of", "word_mass"]
+__all__ = ["FINDING_WORDS", "FOCAL", "Target", "evaluate_drawings", "evaluate_methods", "reports_for", "sanity",
+           "stated_targets", "targets_of", "word_mass"]

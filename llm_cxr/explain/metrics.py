@@ -6,9 +6,8 @@
 * Deletion / insertion (Petsiuk et al., BMVC 2018): replace the top-k attributed codes by a neutral code (deletion)
   or start from an all-neutral image and put back the top-k (insertion), re-score the target through the pipeline
   as it runs (a guided run re-reads the changed codes with its finding head); the area under the curve of the
-  target's probability relative to the whole image's, over k. A faithful map makes deletion fall fast (small
-  area) and insertion rise fast (large area); deleting its least attributed codes first (LeRF) should keep the
-  target (large area), so the LeRF - deletion gap separates the map from the damage any edit does.
+  target's probability rescaled between the all-neutral image (0) and the whole one (1), over k. A faithful map
+  makes deletion fall fast (small area) and insertion rise fast (large area).
 """
 
 from __future__ import annotations
@@ -16,43 +15,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from llm_cxr.data.masks import dilate, mask_cells
 from llm_cxr.explain.baselines import _score
 from llm_cxr.explain.cases import IMAGE_TO_REPORT, with_codes
 
 _trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy < 2 has only trapz
-
-
-def mask_cells(mask, grid: int) -> np.ndarray:
-    """A pixel mask (PIL image or array, any size) -> (grid, grid) bool: the cells any of its pixels fall in."""
-    a = np.asarray(mask)
-    if a.ndim == 3:
-        a = a[..., 0]
-    cells = np.zeros((grid, grid), dtype=bool)
-    ys, xs = np.nonzero(a > 0)
-    cells[ys * grid // a.shape[0], xs * grid // a.shape[1]] = True
-    return cells
-
-
-def dilate(cells: np.ndarray, by: int = 1) -> np.ndarray:
-    out = cells.copy()
-    for dy in range(-by, by + 1):
-        for dx in range(-by, by + 1):
-            out |= np.roll(np.roll(cells, dy, 0), dx, 1) & _inside(cells.shape, dy, dx)
-    return out
-
-
-def _inside(shape, dy: int, dx: int) -> np.ndarray:
-    """Cells that a roll by (dy, dx) did not wrap around into."""
-    ok = np.ones(shape, dtype=bool)
-    if dy > 0:
-        ok[:dy] = False
-    elif dy < 0:
-        ok[dy:] = False
-    if dx > 0:
-        ok[:, :dx] = False
-    elif dx < 0:
-        ok[:, dx:] = False
-    return ok
 
 
 def pointing_game(grid_map: np.ndarray, cells: np.ndarray, dilation: int = 1) -> bool:
@@ -106,34 +73,36 @@ def _neutral(case, neutral: int | None, first_id: int) -> int:
 def deletion_insertion(model, case, scores: torch.Tensor, fractions=tuple(i / 10 for i in range(11)),
                        neutral: int | None = None, pipeline: bool = True) -> dict:
     """Curves of the target as the top-k attributed codes are deleted (replaced by a neutral code) or inserted into
-    an all-neutral image, and as the *least* attributed are deleted first (``lerf``: ROAD's check, Rong et al.,
-    ICML 2022, that what a deletion measures is the map and not the damage any edit does), re-scored through the
-    pipeline (:func:`pipeline_scores`). Each curve is the mean log-likelihood per step; the areas (trapezoid over
-    the fraction of codes) are of the target's per-token probability relative to the whole image's,
-    exp(l_k - l_full), so that easy and hard sentences weigh the same: 1 for a curve that never moves, near 0 for a
-    deletion that removes the evidence at once. For image -> report cases."""
+    an all-neutral image, re-scored through the pipeline (:func:`pipeline_scores`); each is the mean
+    log-likelihood per step. Their areas (trapezoid over the fraction of codes) are of the target's per-token
+    probability rescaled to the evidence the image adds: (p_k - p_blank) / (p_full - p_blank), 1 on the whole
+    image, 0 on the all-neutral one. A sentence keeps some probability without its finding (its other words), so
+    unscaled curves of every map end on the same plateau and the areas mostly measure it. A case whose whole
+    image does not make the target more likely than the blank one has no evidence to delete: its areas are None.
+    For image -> report cases."""
     first = model.map.first_id
     codes = case.ids[0, case.sources] - first
     fill = _neutral(case, neutral, first)
     order = torch.argsort(scores.float(), descending=True)
-    rows: dict[str, list] = {"deletion": [], "insertion": [], "lerf": []}
+    rows_del, rows_ins = [], []
     for f in fractions:
-        k = round(f * len(codes))
-        top, bottom = order[:k], order[len(order) - k:]
-        d, i, lerf = codes.clone(), torch.full_like(codes, fill), codes.clone()
+        top = order[:round(f * len(codes))]
+        d, i = codes.clone(), torch.full_like(codes, fill)
         d[top] = fill
         i[top] = codes[top]
-        lerf[bottom] = fill
-        for key, row in (("deletion", d), ("insertion", i), ("lerf", lerf)):
-            rows[key].append(row)
-    scored = pipeline_scores(model, case, torch.stack([r for v in rows.values() for r in v] + [codes]), pipeline)
-    full, n = scored[-1], len(fractions)
+        rows_del.append(d)
+        rows_ins.append(i)
+    scored = pipeline_scores(model, case, torch.stack(rows_del + rows_ins + [codes, torch.full_like(codes, fill)]),
+                             pipeline)
+    n = len(fractions)
+    dele, ins, full, blank = scored[:n], scored[n:2 * n], float(scored[-2]), float(scored[-1])
     x = np.asarray(fractions, dtype=np.float64)
-    out: dict = {"fractions": x.tolist(), "full": float(full)}
-    for j, key in enumerate(rows):
-        curve = scored[j * n:(j + 1) * n]
-        out[key] = curve.tolist()
-        out[f"{key}_area"] = float(_trapezoid(np.exp(curve - full), x))
+    out = {"fractions": x.tolist(), "deletion": dele.tolist(), "insertion": ins.tolist(), "full": full,
+           "blank": blank, "deletion_area": None, "insertion_area": None}
+    evidence = np.exp(full) - np.exp(blank)
+    if evidence > 1e-6 * np.exp(full):
+        out["deletion_area"] = float(_trapezoid((np.exp(dele) - np.exp(blank)) / evidence, x))
+        out["insertion_area"] = float(_trapezoid((np.exp(ins) - np.exp(blank)) / evidence, x))
     return out
 
 
@@ -169,28 +138,31 @@ def rank_correlation(a, b) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def cascading_randomisation(cxr, case, method, seed: int = 0) -> list[dict]:
+def cascading_randomisation(model, case, method, seed: int = 0) -> list[dict]:
     """Adebayo et al.'s model-randomisation sanity check (NeurIPS 2018): re-initialise the LM's blocks from the top
-    down, one more at a time, and compare each map with the trained model's (rank correlation). A method that
-    explains the model gives maps that drift away; one that only reflects the input stays put. ``method(cxr, case)``
-    -> (S,) scores. The weights are restored afterwards."""
+    down, one more at a time, then the finding head (the other route of a guided run), and compare each map with
+    the trained model's (rank correlation). A method that explains the model gives maps that drift away; one that
+    only reflects the input stays put. ``method(model, case)`` -> (S,) scores. The weights are restored afterwards."""
     from llm_cxr.explain.tail import decoder_layers
 
-    owner, name = decoder_layers(cxr.lm)
+    owner, name = decoder_layers(model.cxr.lm)
     blocks = list(getattr(owner, name))
-    saved = [{k: v.detach().clone() for k, v in b.state_dict().items()} for b in blocks]
-    reference = method(cxr, case).detach().float().cpu().numpy()
+    parts = [(f"LM block {len(blocks) - i}", b) for i, b in enumerate(reversed(blocks))]
+    if getattr(model, "finding_head", None) is not None:
+        parts.append(("finding head", model.finding_head))
+    saved = [{k: v.detach().clone() for k, v in m.state_dict().items()} for _, m in parts]
+    reference = method(model, case).detach().float().cpu().numpy()
     gen = torch.Generator().manual_seed(seed)
     rows = []
     try:
-        for i, block in enumerate(reversed(blocks)):
+        for i, (label, module) in enumerate(parts):
             with torch.no_grad():
-                for p in block.parameters():
+                for p in module.parameters():
                     p.copy_(torch.randn(p.shape, generator=gen).to(p) * float(p.detach().float().std().clamp_min(1e-3)))
-            scores = method(cxr, case).detach().float().cpu().numpy()
-            rows.append({"randomised_blocks": i + 1, "rank_correlation": rank_correlation(reference, scores)})
+            scores = method(model, case).detach().float().cpu().numpy()
+            rows.append({"randomised": i + 1, "last": label, "rank_correlation": rank_correlation(reference, scores)})
     finally:
         with torch.no_grad():
-            for block, state in zip(blocks, saved):
-                block.load_state_dict(state)
+            for (_, module), state in zip(parts, saved):
+                module.load_state_dict(state)
     return rows

@@ -87,6 +87,48 @@ def route_weights(model, case, decisions: dict, settings: M2IBSettings | None = 
     return max(0.0, full - lm_cut), max(0.0, full - head_score)
 
 
+@torch.no_grad()
+def plan_route(model, case, report: str, stated: list[str], settings: M2IBSettings | None = None):
+    """A guided drawing's second route: the image plan lays out the stated findings (``plan_items``), apart from
+    the LM's reading of the list. Each item's worth to the target through it is the fall of the target's
+    log-likelihood when the item (and its zone) leaves the plan; it is spread over that item's list tokens, so that
+    :func:`~llm_cxr.explain.word_map` hands it to the words the item was read from. Returns (token scores (S,),
+    (the LM route's weight, the plan's)), the weights as in :func:`route_weights`: the LM's sources cut by the
+    bottleneck's noise, the plan emptied."""
+    from dataclasses import replace
+
+    from llm_cxr.explain.metrics import _batched
+    from llm_cxr.lm.addons.positions import find
+    from llm_cxr.lm.prompts import plan_items
+
+    plan = find(model.model).plan
+
+    def scored(items: list[str]) -> float:
+        vector = plan.vector([plan_items(items, report)]) if items else torch.zeros_like(case.image.plan)
+        other = replace(case, image=replace(case.image, plan=vector.to(case.image.plan), layout=None))
+        return float(_batched(model.cxr, other, other.ids)[0])
+
+    full = float(_batched(model.cxr, case, case.ids)[0])
+    scores = torch.zeros(len(case.sources))
+    item_of = torch.as_tensor(case.item_of)
+    for k in range(len(stated)):
+        tokens = item_of == k
+        if bool(tokens.any()):
+            scores[tokens] = max(0.0, full - scored(stated[:k] + stated[k + 1:])) / int(tokens.sum())
+    weights = (max(0.0, full - without_information(model.cxr, case, settings)), max(0.0, full - scored([])))
+    return scores, weights
+
+
+def mix(lm: torch.Tensor, other: torch.Tensor, weights: tuple[float, float]) -> torch.Tensor:
+    """Two routes' token scores, each as a share of its total, mixed by ``weights`` (equal when both are 0)."""
+    def share(m):
+        m = m.float().clamp_min(0)
+        return m / m.sum() if float(m.sum()) > 0 else m
+
+    w_lm, w_other = weights if sum(weights) > 0 else (1.0, 1.0)
+    return (w_lm * share(lm) + w_other * share(other)) / (w_lm + w_other)
+
+
 def _norm(m: torch.Tensor) -> torch.Tensor:
     m = m.float()
     return (m - m.min()) / (m.max() - m.min()) if float(m.max() - m.min()) > 0 else torch.zeros_like(m)
@@ -102,4 +144,4 @@ def combine(lm_map: torch.Tensor, head_map: torch.Tensor | None,
     return (w_lm * _norm(lm_map) + w_head * _norm(head_map)) / (w_lm + w_head)
 
 
-__all__ = ["HEAD_SETTINGS", "combine", "head_decisions", "m2ib_head", "route_weights"]
+__all__ = ["HEAD_SETTINGS", "combine", "head_decisions", "m2ib_head", "mix", "plan_route", "route_weights"]
