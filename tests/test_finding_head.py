@@ -142,3 +142,49 @@ def test_score_reading_counts_findings_and_sides_as_a_guided_prompt_states_them(
     # tube's right side is right
     assert got == {"micro_f1": 4 / 6, "side_accuracy": 0.5, "n_sided": 2}
     assert score_reading([["pleural_effusion"]], refs[:1])["side_accuracy"] is None  # no side stated: not judged
+
+
+def test_edit_training_keeps_targets_true_to_each_edit(tmp_path):
+    """The head's edit training (llm_cxr/train/edits.py): an edit away from findings leaves every finding's cells
+    and the targets as they were; an edit of a whole finding sets its cells to the image's commonest code and makes
+    it absent, its side unknown, the other targets unchanged."""
+    from test_modeling import GRID as CODE_GRID
+    from test_modeling import make_codes_dataset
+
+    from llm_cxr.data.dataset import load_dataset
+    from llm_cxr.train.addons import _codes_of
+    from llm_cxr.train.edits import CodeEdits
+
+    rows = load_dataset(make_codes_dataset(tmp_path / "codes", n=24))
+    names = ["pleural_effusion", "pneumothorax", "nodule", "mass", "consolidation", "chest_tube", "pacemaker"]
+    edits = CodeEdits.from_rows(rows, names, CODE_GRID, share=1.0)
+    assert edits.cells.shape == (len(rows), len(names), CODE_GRID ** 2) and bool(edits.cells.any())
+    assert CodeEdits.from_rows(rows, names, CODE_GRID, share=0.0) is None
+    assert CodeEdits.from_rows(rows.remove_columns("masks"), names, CODE_GRID, share=1.0) is None
+    t = finding_targets(rows, names)
+    codes, idx = _codes_of(rows), torch.arange(len(rows))
+    present = t.present.clone()
+    present[(present == 1) & ~edits.cells.any(2)] = 0  # the toy codes: count only findings that have cells
+    seen = {"background": 0, "finding": 0}
+    for seed in range(6):
+        c, p, left, right = edits.apply(codes, idx, present, t.left, t.right, torch.Generator().manual_seed(seed))
+        for b in range(len(rows)):
+            gone = torch.nonzero((present[b] == 1) & (p[b] == 0)).squeeze(1).tolist()
+            changed = c[b] != codes[b]
+            if gone:
+                (k,) = gone
+                seen["finding"] += 1
+                assert bool((c[b, edits.cells[b, k]] == codes[b].mode().values).all())
+                assert not bool(changed[~edits.cells[b, k]].any())
+                assert left[b, k] == -1 and right[b, k] == -1
+                keep = torch.arange(len(names)) != k
+                assert torch.equal(p[b, keep], present[b, keep]) and torch.equal(left[b, keep], t.left[b, keep])
+            else:
+                assert torch.equal(p[b], present[b]) and torch.equal(left[b], t.left[b])
+                on = present[b] == 1
+                if bool(on.any()):
+                    assert not bool(changed[edits.cells[b][on].any(0)].any())
+                seen["background"] += int(bool(changed.any()))
+    assert seen["finding"] > 0 and seen["background"] > 0
+    none = CodeEdits(edits.cells, share=0.0).apply(codes, idx, present, t.left, t.right, torch.Generator())
+    assert torch.equal(none[0], codes) and torch.equal(none[1], present)

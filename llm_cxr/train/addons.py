@@ -22,6 +22,7 @@ from llm_cxr.lm.prompts import NAMES, checklist_scope, guide_items, split_item
 from llm_cxr.lm.run import model_dir as run_model_dir
 from llm_cxr.rng import seeded
 from llm_cxr.train.config import LMTrainConfig
+from llm_cxr.train.edits import CodeEdits
 
 log = logging.getLogger(__name__)
 
@@ -134,19 +135,23 @@ def _masked_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def train_finding_head(head: FindingHead, codes: torch.Tensor, targets: FindingTargets, epochs: float = 8.0,
                        batch_size: int = 64, lr: float = 2e-3, seed: int = 0, progress: bool = True,
-                       autocast: bool = True) -> dict:
+                       autocast: bool = True, edits: CodeEdits | None = None) -> dict:
     """Train ``head`` on ``codes`` (N, H*W) (one-cycle schedule, bf16 autocast on CPU/CUDA when ``autocast``);
-    marks which findings have sides. Returns {"loss", "steps"}."""
+    marks which findings have sides. ``edits``: edit a share of each batch first (llm_cxr.train.edits). Returns
+    {"loss", "steps"}."""
     if len(codes) == 0:
         raise ConfigError("no training images to train the finding head on")
     dev = head.codebook.device
     head.sided.copy_(((targets.left >= 0) | (targets.right >= 0)).any(0).to(dev))
+    gen = torch.Generator().manual_seed(seed + 1)
 
     def loss_of(idx: torch.Tensor) -> torch.Tensor:
+        batch = (codes[idx], targets.present[idx], targets.left[idx], targets.right[idx])
+        if edits is not None:
+            batch = edits.apply(batch[0], idx, *batch[1:], gen)
         with torch.autocast(dev.type, torch.bfloat16, enabled=autocast):
-            out = head(codes[idx].to(dev)).float()  # (B, 3, K)
-        return sum(_masked_bce(out[:, j], t[idx].to(dev)) for j, t in
-                   enumerate((targets.present, targets.left, targets.right)))
+            out = head(batch[0].to(dev)).float()  # (B, 3, K)
+        return sum(_masked_bce(out[:, j], t.to(dev)) for j, t in enumerate(batch[1:]))
 
     head.train()
     res = fit_on_codes(list(head.parameters()), loss_of, len(codes), epochs, batch_size, lr, seed,
@@ -263,10 +268,15 @@ def _prepare_finding_head(cfg: LMTrainConfig, run: Path, train_rows, val_rows, c
     names, targets = usable(finding_targets(train_rows.select_columns(cols), list(NAMES)), list(NAMES))
     with seeded(cfg.loop.seed):
         head = FindingHead(_codebook(codes_info, cfg.data), grid, names).to(device)
+    edits = CodeEdits.from_rows(train_rows, names, grid, cfg.finding_head_edits)
+    if cfg.finding_head_edits > 0 and edits is None:
+        log.warning("finding_head_edits: %s has no masks column, so the finding head trains on whole images only",
+                    cfg.data)
     res = train_finding_head(head, _codes_of(train_rows), targets, cfg.finding_head_epochs, seed=cfg.loop.seed,
-                             progress=progress,
+                             progress=progress, edits=edits,
                              autocast=effective_precision(cfg.loop.mixed_precision, device) == "bf16")
-    metrics = {"train_loss": res["loss"], "steps": res["steps"], "epochs": cfg.finding_head_epochs}
+    metrics = {"train_loss": res["loss"], "steps": res["steps"], "epochs": cfg.finding_head_epochs,
+               "edits": cfg.finding_head_edits if edits is not None else 0.0}
     if len(val_rows):
         metrics |= tune_thresholds(head, _codes_of(val_rows),
                                              finding_targets(val_rows.select_columns(cols), names))

@@ -156,6 +156,10 @@ class LMTrainConfig:
                                             'inherits its init_from\'s head. "none": guided reports read the LM\'s own '
                                             'checklist answer.')
     finding_head_epochs: float = option(8.0, help='epochs of the finding head')
+    finding_head_edits: float = option(0.0, help="share of each finding-head batch's images edited as an "
+                                                 "explanation's deletion test edits them (cells away from findings, "
+                                                 "or a whole finding, set to the image's commonest code; targets "
+                                                 "follow the edit: llm_cxr/train/edits.py); needs the data's masks")
     image_temperature: float | None = option(None, help='the sampling temperature the run draws images with by '
                                                         'default (0: greedy), recorded in its run.json; null: the '
                                                         "init_from run's, else the library's (0.4)")
