@@ -145,7 +145,8 @@ def quality(args) -> int:
     checks_table = checks["randomised"] + [{"randomised up to": "(none: another stated finding's sentence)",
                                             "targets": checks["other_target"]["pairs"],
                                             "rank correlation": checks["other_target"]["rank correlation"]}]
-    words = [{"method": m, "targets": r["n"], "mass on the finding's words": r["word_mass"],
+    words = [{"method": m, "targets": r["n"], "reports cut to max_length": r["cut"],
+              "mass on the finding's words": r["word_mass"],
               "their share of the words": r["chance"], "a finding word on top": r["top_word"]}
              for m, r in drawings["methods"].items()]
     what = ("the phrase naming it" if args.phrases else

@@ -339,14 +339,18 @@ def test_drawings_are_explained_by_the_words_of_each_finding(tmp_path):
     from test_modeling import make_codes_dataset
 
     from llm_cxr.data.dataset import load_dataset
-    from llm_cxr.explain.evaluate import evaluate_drawings
+    from llm_cxr.explain.evaluate import FINDING_WORDS, evaluate_drawings, targets_of
 
     rows = list(load_dataset(make_codes_dataset(tmp_path / "codes", n=30)))
     gen = _run_with_every_addon(tmp_path / "run")
-    res = evaluate_drawings(gen, rows[:8], {"random": {}, "gradient_x_input": {}})
+    rows = rows[:8]
+    long = next(i for i, r in enumerate(rows) if any(t.finding in FINDING_WORDS for t in targets_of(r, GRID)))
+    rows[long] = {**rows[long], "report": rows[long]["report"] + " The heart is normal." * 200}  # past max_length
+    res = evaluate_drawings(gen, rows, {"random": {}, "gradient_x_input": {}})
     assert res["targets"] > 0
     for m in res["methods"].values():
         assert m["n"] > 0 and 0 <= m["word_mass"] <= 1 and 0 < m["chance"] < 1 and 0 <= m["top_word"] <= 1
+        assert m["cut"] >= 1  # the report too long for max_length is read as far as generation reads it (counted)
 
 
 def test_a_guided_drawing_gives_the_stated_list_s_share_to_the_words_it_was_read_from(gen):
@@ -368,6 +372,10 @@ def test_a_guided_drawing_gives_the_stated_list_s_share_to_the_words_it_was_read
     assert {words[i] for i in case.evidence[0]} >= {"left", "pleural", "effusion."}
     assert {words[i] for i in case.evidence[1]} >= {"Right", "chest", "tube"}
     assert not set(case.evidence[0]) & set(case.evidence[1])
+    long = report_to_image(gen, report + " The heart is normal." * 200, CODES, stated)
+    assert long.cut and not case.cut and long.ids.shape[1] <= gen.max_length
+    assert torch.equal(long.ids[0, long.sources[:n_report]], case.ids[0, case.sources[:n_report]])  # the same start
+    assert long.evidence == case.evidence  # the list, read from the whole report, still names its words
     only_item0 = torch.tensor([1.0 if k == 0 else 0.0 for k in case.item_of])
     m = word_map(case, only_item0)
     assert m.sum() == pytest.approx(float(only_item0.sum())) and set(np.nonzero(m)[0]) == set(case.evidence[0])

@@ -190,6 +190,9 @@ def _report_cases(model, report: str, codes: torch.Tensor | None) -> tuple[list[
     plan = plan_for(model, report, stated)
     case = report_to_image(model, report, codes.reshape(-1), stated, plan=plan)
     notes = []
+    if case.cut:
+        notes.append(f"the report is longer than the run's max_length ({model.max_length} tokens) leaves room for "
+                     "with the image: the words past the cut, which the model never read when drawing, get nothing")
     if stated:
         notes.append("guided drawing: the prompt lists the findings read from the report"
                      + (" and the image plan lays them out" if plan is not None else "")

@@ -43,6 +43,7 @@ class Case:
     # words of the report the labeler read it from (the list is made from them: requested_findings)
     item_of: list[int] = field(default_factory=list)  # per source token: its stated item (-1: a report token)
     evidence: list[list[int]] = field(default_factory=list)  # per stated item: its words in the report
+    cut: bool = False  # report -> image: the report was cut to fit max_length with the image, as generation cuts it
     stated: list[str] | None = None  # the findings list of a guided prompt (the finding head's reading)
     response: str = ""  # image -> report: the report the target is part of
     span: tuple[int, int] | None = None  # image -> report: the target's characters in ``response`` (None: all)
@@ -121,11 +122,15 @@ def report_to_image(model, report: str, codes: torch.Tensor, stated: list[str] |
     (H*W,) as the response; the target is every code, or those where ``region`` (H*W,) bool is set."""
     tok, tmap = model.tok, model.map
     parts = image_prompt(model.template, report, None, stated)
+    # a report too long for max_length with its image is cut as training and generation cut it: the words past the
+    # cut were never read by the LM (their share is 0), but the stated list, read from the whole report, still names
+    # what they say
     prompt, cut = image_prompt_ids(tok, tmap, model.template, parts, model.max_length)
-    if cut:
-        raise InputError(f"the report is too long to explain whole ({model.max_length} tokens with the image)")
     head = len(tok(parts[0], add_special_tokens=False)["input_ids"]) if parts[0] else 0
     offsets = _token_spans(tok, report)
+    if cut:
+        after = sum(len(tok(p, add_special_tokens=False)["input_ids"]) for p in parts[2:] if isinstance(p, str) and p)
+        offsets = offsets[:len(prompt) - head - after]
     ids = torch.tensor([prompt + [tmap.begin_id] + tmap.codes_to_ids(codes.reshape(-1)).tolist() + [tmap.end_id]])
     n_prompt = len(prompt)
     image = ImageInputs.of(ids, tmap, torch.tensor([n_prompt]), plan)
@@ -147,7 +152,8 @@ def report_to_image(model, report: str, codes: torch.Tensor, stated: list[str] |
         word_of, item_of = word_of + [-1] * len(line_offsets), item_of + items
         evidence = _evidence(report, stated)
     return Case(REPORT_TO_IMAGE, ids, image, sources, target, "the drawn image" if region is None else "the region",
-                words=words, word_of=word_of, stated=stated, response=report, item_of=item_of, evidence=evidence)
+                words=words, word_of=word_of, stated=stated, response=report, item_of=item_of, evidence=evidence,
+                cut=cut)
 
 
 def _item_spans(line: str, stated: list[str]) -> list[tuple[int, int]]:

@@ -234,11 +234,13 @@ def evaluate_drawings(model, rows, methods: dict[str, dict], progress: bool = Fa
     out: dict = {"targets": len(targets), "methods": {}}
     for name, options in methods.items():
         per: dict[str, dict] = {}
+        cut = 0
         for row, t in tqdm(targets, desc=f"explain drawings {name}", disable=not progress):
             region = torch.as_tensor(t.cells.reshape(-1))
             stated = stated_for_drawing(model, row["report"])  # as generation prompts the drawing
             case = report_to_image(model, row["report"], t.codes, stated, region,
                                    plan_for(model, row["report"], stated))
+            cut += int(case.cut)  # read as far as the run's max_length lets the model read it (counted)
             m = word_mass(case.words, word_map(case, attribute(model, case, name, **options)), t.finding)
             if m is None:
                 continue
@@ -249,7 +251,7 @@ def evaluate_drawings(model, rows, methods: dict[str, dict], progress: bool = Fa
             r["top"] += int(m["best_rank"] == 1)
         n = sum(r["n"] for r in per.values())
         out["methods"][name] = {
-            "n": n, "word_mass": sum(r["mass"] for r in per.values()) / max(n, 1),
+            "n": n, "cut": cut, "word_mass": sum(r["mass"] for r in per.values()) / max(n, 1),
             "chance": sum(r["chance"] for r in per.values()) / max(n, 1),
             "top_word": sum(r["top"] for r in per.values()) / max(n, 1),
             "per_finding": {k: {"n": r["n"], "word_mass": r["mass"] / r["n"], "chance": r["chance"] / r["n"],
