@@ -67,8 +67,9 @@ def explanations_section(page: Page, stage, codes_ds, assets: Path, rel: str) ->
 
     info, rows = stage.info, {sid: i for i, sid in enumerate(codes_ds["id"])}
     page.heading("Why it wrote each sentence: M2IB maps over the image (brighter: the sentence depends on it more)")
-    page.paragraph(f"Over {info['targets']} focal findings of the test split, the M2IB map peaks inside the finding's "
-                   f"true mask {info['pointing_m2ib']:.0%} of the time (random maps: {info['pointing_random']:.0%}); "
+    page.paragraph(f"Over {info['targets']} focal findings of test studies, each explained by the sentence of the "
+                   "model's report that states it, the M2IB map peaks inside the finding's true mask "
+                   f"{info['pointing_m2ib']:.0%} of the time (random maps: {info['pointing_random']:.0%}); "
                    f"{info['seconds_per_sentence']:.1f} s per sentence. Left: the study with its true findings' "
                    "masks tinted; then one map per generated sentence.")
     cards, shown = [], 0
