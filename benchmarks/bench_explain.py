@@ -121,7 +121,7 @@ def main() -> int:
 def quality(args) -> int:
     from llm_cxr.data.dataset import load_dataset
     from llm_cxr.explain import METHODS
-    from llm_cxr.explain.evaluate import evaluate_drawings, evaluate_methods, sanity
+    from llm_cxr.explain.evaluate import evaluate_drawings, evaluate_methods, reports_for, sanity
     from llm_cxr.lm.generation import LLMCXR
 
     if not args.data:
@@ -130,7 +130,9 @@ def quality(args) -> int:
     ds = load_dataset(args.data, split=args.split)
     rows = list(ds.select(range(min(args.n, len(ds)))))
     methods = args.methods.split(",") if args.methods else sorted(METHODS)
-    res = evaluate_methods(model, rows, {m: {} for m in methods}, progress=True, phrases=args.phrases)
+    reports = None if args.phrases else reports_for(model, rows, progress=True)  # written once, explained by all
+    res = evaluate_methods(model, rows, {m: {} for m in methods}, progress=True, phrases=args.phrases,
+                           reports=reports)
     table = [{"method": m, "pointing": r["pointing"], "mass in mask": r["mass_in_mask"],
               "deletion area": r.get("deletion_area"), "insertion area": r.get("insertion_area"),
               "deletion, LM route only": r.get("deletion_area_lm"),
@@ -141,7 +143,7 @@ def quality(args) -> int:
             **{m: r["per_finding"].get(f, {}).get("pointing") for m, r in res["methods"].items()}} for f in findings]
     drawings = evaluate_drawings(model, rows, {m: {} for m in methods if m != "occlusion"},  # codes only
                                  progress=True)
-    checks = sanity(model, rows, n=8, progress=True)
+    checks = sanity(model, rows, n=8, reports=reports, progress=True)
     checks_table = checks["randomised"] + [{"randomised up to": "(none: another stated finding's sentence)",
                                             "targets": checks["other_target"]["pairs"],
                                             "rank correlation": checks["other_target"]["rank correlation"]}]

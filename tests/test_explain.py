@@ -278,6 +278,7 @@ def test_route_weights_cut_one_route_at_a_time(gen, monkeypatch):
     bottleneck's noise at its block (computed from the block's input once; equal to the whole forward's)."""
     from importlib import import_module
 
+    from llm_cxr.explain.baselines import _score
     from llm_cxr.explain.routes import combine, route_weights, without_information
 
     m2ib_module = import_module("llm_cxr.explain.m2ib")  # the package's name m2ib is the function
@@ -285,7 +286,11 @@ def test_route_weights_cut_one_route_at_a_time(gen, monkeypatch):
     case = image_to_report(gen, CODES, "Small left pleural effusion.", None, stated=["pleural_effusion:left"])
     settings = M2IBSettings(layer=1, samples=3)
     w_lm, w_head = route_weights(gen, case, {"pleural_effusion": (True, "left")}, settings)
-    assert w_lm >= 0 and w_head >= 0
+    with torch.no_grad():  # the head's route cut by hand: the same sentence from a prompt that states nothing
+        full = float(_score(gen.cxr, case, case.ids)[0])
+        bare = image_to_report(gen, CODES, "Small left pleural effusion.", None, stated=[])
+        assert w_head == pytest.approx(max(0.0, full - float(_score(gen.cxr, bare, bare.ids)[0])), abs=1e-4)
+        assert w_lm == pytest.approx(max(0.0, full - without_information(gen.cxr, case, settings)), abs=1e-4)
     assert route_weights(gen, case, {"pneumothorax": (False, None)}, settings)[1] == 0.0
     fast = without_information(gen.cxr, case, settings)
     monkeypatch.setattr(m2ib_module, "_tail_works", lambda *a: False)
@@ -372,6 +377,8 @@ def test_a_guided_drawing_gives_the_stated_list_s_share_to_the_words_it_was_read
     assert {words[i] for i in case.evidence[0]} >= {"left", "pleural", "effusion."}
     assert {words[i] for i in case.evidence[1]} >= {"Right", "chest", "tube"}
     assert not set(case.evidence[0]) & set(case.evidence[1])
+    twice = report_to_image(gen, report + " IMPRESSION: Small left pleural effusion.", CODES, stated)
+    assert [twice.words[i] for i in twice.evidence[0]] == ["left", "pleural", "effusion."] * 2  # both sentences
     long = report_to_image(gen, report + " The heart is normal." * 200, CODES, stated)
     assert long.cut and not case.cut and long.ids.shape[1] <= gen.max_length
     assert torch.equal(long.ids[0, long.sources[:n_report]], case.ids[0, case.sources[:n_report]])  # the same start
@@ -386,7 +393,7 @@ def test_a_guided_drawing_gives_the_stated_list_s_share_to_the_words_it_was_read
 def test_a_guided_drawing_with_a_plan_adds_each_item_s_worth_through_the_plan(gen):
     from llm_cxr.explain import attribute, word_map
     from llm_cxr.explain.cases import plan_for
-    from llm_cxr.explain.routes import plan_route
+    from llm_cxr.explain.routes import combine, plan_route, share
 
     report = "Small left pleural effusion. Right chest tube in place."
     stated = ["pleural_effusion:left", "chest_tube:right"]
@@ -395,10 +402,12 @@ def test_a_guided_drawing_with_a_plan_adds_each_item_s_worth_through_the_plan(ge
     case = report_to_image(gen, report, CODES, stated, plan=plan)
     opts = {"layer": 1, "steps": 2, "samples": 2}
     scores, (w_lm, w_plan) = plan_route(gen, case, report, stated, M2IBSettings(**opts))
-    assert w_lm >= 0 and w_plan >= 0 and bool((scores >= 0).all())
-    assert float(scores[torch.as_tensor(case.item_of) == -1].abs().sum()) == 0.0  # the plan holds items, not words
-    both = attribute(gen, case, "m2ib", **opts)
-    assert both.shape == case.sources.shape and 0 < float(both.sum()) <= 1 + 1e-4  # shares of each route, mixed
-    assert np.isfinite(word_map(case, both)).all()
+    item_of = torch.as_tensor(case.item_of)
+    assert float(scores[item_of == -1].abs().sum()) == 0.0  # the plan holds items, not words
+    for k in range(len(stated)):  # an item's worth, spread evenly over its list tokens
+        assert torch.unique(scores[item_of == k]).numel() == 1
     lm_only = attribute(gen, case, "m2ib", routes="lm", **opts)
     torch.testing.assert_close(lm_only, m2ib(gen.cxr, case, M2IBSettings(**opts)))
+    both = attribute(gen, case, "m2ib", **opts)
+    torch.testing.assert_close(both, combine(lm_only, scores, (w_lm, w_plan), scale=share))
+    assert np.isfinite(word_map(case, both)).all()

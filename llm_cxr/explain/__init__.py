@@ -114,10 +114,10 @@ def attribute(model, case: Case, method: str, routes: str = "all", **options) ->
     if case.direction == REPORT_TO_IMAGE:  # a guided drawing: the image plan is the second route
         if case.image is None or case.image.plan is None or not case.stated:
             return scores
-        from llm_cxr.explain.routes import mix, plan_route
+        from llm_cxr.explain.routes import combine, plan_route, share
 
         plan_scores, weights = plan_route(model, case, case.response, case.stated, M2IBSettings(**options))
-        return mix(scores, plan_scores, weights)
+        return combine(scores, plan_scores, weights, scale=share)
     head = model.finding_head
     if head is None:
         return scores
@@ -145,10 +145,10 @@ def word_map(case: Case, scores: torch.Tensor) -> np.ndarray:
     word_of = torch.as_tensor(case.word_of, dtype=torch.long)
     own = word_of >= 0
     words.index_add_(0, word_of[own], scores[own])
+    item_of = torch.as_tensor(case.item_of, dtype=torch.long)
     for k, evidence in enumerate(case.evidence):
-        mass = float(scores[torch.as_tensor([i == k for i in case.item_of])].sum())
         if evidence:
-            words[evidence] += mass / len(evidence)
+            words[evidence] += float(scores[item_of == k].sum()) / len(evidence)
     return words.numpy()
 
 

@@ -177,15 +177,18 @@ def _evidence(report: str, stated: list[str]) -> list[list[int]]:
     from llm_cxr.lm.prompts import split_item
 
     spans = [m.span() for m in re.finditer(r"\S+", report)]
-    mentions = [m for m in label_report(report).mentions if m.status == 1]
+    located, cursor, last = [], 0, None  # mentions come sentence by sentence: a repeated sentence is found again
+    for m in label_report(report).mentions:
+        if m.sentence != last:
+            start = report.find(m.sentence, cursor)
+            cursor, last = (start + len(m.sentence), m.sentence) if start >= 0 else (cursor, None)
+        if start >= 0 and m.status == 1:
+            located.append((m, start))
     out = []
     for item in stated:
         name, side = split_item(item)
         chars: list[tuple[int, int]] = []
-        for m in (m for m in mentions if m.label == name):
-            start = report.find(m.sentence)
-            if start < 0:
-                continue
+        for m, start in (x for x in located if x[0].label == name):
             chars.append((start + m.span[0], start + m.span[1]))
             if side:
                 chars += [(start + x.start(), start + x.end())

@@ -55,6 +55,16 @@ def targets_of(row: dict, grid: int, focal=FOCAL) -> list[Target]:
     return out
 
 
+def case_of(model, t: Target):
+    """The explanation problem of a target: its sentence in its report (or its phrase alone, when it has no report),
+    from the prompt the run builds for its codes."""
+    stated = model.stated_findings(t.codes[None])
+    stated = stated[0] if stated else None
+    if t.report:
+        return image_to_report(model, t.codes, t.report, t.span, stated)
+    return image_to_report(model, t.codes, t.phrase, None, stated)
+
+
 def reports_for(model, rows, batch_size: int = 16, progress: bool = False) -> dict[str, str]:
     """The model's reports (greedy, guided as the run was trained) for the rows with a focal finding: id -> text."""
     from tqdm.auto import tqdm
@@ -111,12 +121,7 @@ def evaluate_methods(model, rows, methods: dict[str, dict], faithfulness: tuple[
         counts = {"findings": len(targets), "stated": len(targets)}
     else:
         targets, counts = stated_targets(model, rows, reports, progress=progress)
-    cases = []
-    for t in targets:
-        stated = model.stated_findings(t.codes[None])
-        stated = stated[0] if stated else None
-        cases.append(image_to_report(model, t.codes, t.report, t.span, stated) if t.report
-                     else image_to_report(model, t.codes, t.phrase, None, stated))
+    cases = [case_of(model, t) for t in targets]
     out: dict = {"targets": len(targets), **counts, "methods": {}}
     for name, options in methods.items():
         per: dict[str, dict] = {}
@@ -172,16 +177,12 @@ def sanity(model, rows, n: int = 8, reports: dict[str, str] | None = None, progr
 
     targets, _ = stated_targets(model, rows, reports, progress=progress)
 
-    def case_of(t):
-        stated = model.stated_findings(t.codes[None])
-        return image_to_report(model, t.codes, t.report, t.span, stated[0] if stated else None)
-
     def fn(m, c):
         return attribute(m, c, "m2ib", **options)
 
     steps: dict[str, list[float]] = {}
     for t in tqdm(targets[:n], desc="sanity: randomised weights", disable=not progress):
-        for r in cascading_randomisation(model, case_of(t), fn):
+        for r in cascading_randomisation(model, case_of(model, t), fn):
             steps.setdefault(r["last"], []).append(r["rank_correlation"])
     pairs = []
     by_study: dict[str, list[Target]] = {}
@@ -190,7 +191,8 @@ def sanity(model, rows, n: int = 8, reports: dict[str, str] | None = None, progr
     for ts in [ts for ts in by_study.values() if len(ts) > 1][:n]:
         a, b = ts[0], ts[1]
         if a.span != b.span:
-            pairs.append(rank_correlation(fn(model, case_of(a)).numpy(), fn(model, case_of(b)).numpy()))
+            pairs.append(rank_correlation(fn(model, case_of(model, a)).numpy(),
+                                          fn(model, case_of(model, b)).numpy()))
     return {"randomised": [{"randomised up to": k, "targets": len(v), "rank correlation": float(np.mean(v))}
                            for k, v in steps.items()],
             "other_target": {"pairs": len(pairs), "rank correlation": float(np.mean(pairs)) if pairs else None}}
@@ -259,5 +261,5 @@ def evaluate_drawings(model, rows, methods: dict[str, dict], progress: bool = Fa
     return out
 
 
-__all__ = ["FINDING_WORDS", "FOCAL", "Target", "evaluate_drawings", "evaluate_methods", "reports_for", "sanity",
-           "stated_targets", "targets_of", "word_mass"]
+__all__ = ["FINDING_WORDS", "FOCAL", "Target", "case_of", "evaluate_drawings", "evaluate_methods", "reports_for",
+           "sanity", "stated_targets", "targets_of", "word_mass"]

@@ -60,8 +60,7 @@ def bottleneck(x: torch.Tensor, fit, s: M2IBSettings) -> torch.Tensor:
     """Optimise a bottleneck on ``x`` (S, D) for ``s.steps`` Adam steps: each samples ``s.samples`` noisy copies
     z (N, S, D) and minimises beta * mean KL - mean ``fit(z)`` (N,). Returns the KL per position, summed over features,
     from the last step's forward (as M2IB's code reads its buffer)."""
-    mean = x.mean(0) if s.normalize else torch.zeros_like(x[0])
-    std = x.std(0).clamp_min(1e-5) if s.normalize else torch.ones_like(x[0])
+    mean, std = _scale(x, s)
     alpha = torch.nn.Parameter(torch.full_like(x, s.alpha))
     opt = torch.optim.Adam([alpha], lr=s.lr)
     gen = torch.Generator(device=x.device).manual_seed(s.seed)
@@ -82,6 +81,24 @@ def bottleneck(x: torch.Tensor, fit, s: M2IBSettings) -> torch.Tensor:
 def m2ib(cxr, case, settings: M2IBSettings | None = None) -> torch.Tensor:
     """(S,) attribution of the case's source positions: each one's KL, summed over features, at the end."""
     s = settings or M2IBSettings()
+    x, fit = _fitting_term(cxr, case, s)
+    return bottleneck(x, fit, s)
+
+
+@torch.no_grad()
+def without_information(cxr, case, settings: M2IBSettings | None = None) -> float:
+    """The target's mean log-likelihood when the source positions carry no information at the bottleneck's block:
+    their hidden states replaced by the bottleneck's noise (lambda = 0, as M2IB's prior), averaged over samples."""
+    s = settings or M2IBSettings()
+    x, fit = _fitting_term(cxr, case, s)
+    mean, std = _scale(x, s)
+    gen = torch.Generator(device=x.device).manual_seed(s.seed)
+    return float(fit(torch.randn((s.samples, *x.shape), generator=gen, device=x.device) * std + mean).mean())
+
+
+def _fitting_term(cxr, case, s: M2IBSettings):
+    """(the source positions' hidden states at the bottleneck's block (S, D), ``fit``: z (N, S, D) -> the target's
+    mean log-likelihood (N,) with z in their place). The blocks below run once, here."""
     layer = s.block(n_layers(cxr.lm))
     batch = case.batch()
     with torch.no_grad():
@@ -99,29 +116,14 @@ def m2ib(cxr, case, settings: M2IBSettings | None = None) -> torch.Tensor:
             logits = _full_logits(cxr, batch, hidden, src, layer)
         return fitting(logits, ids, target)
 
-    return bottleneck(h[0, src], fit, s)
+    return h[0, src], fit
 
 
-@torch.no_grad()
-def without_information(cxr, case, settings: M2IBSettings | None = None) -> float:
-    """The target's mean log-likelihood when the source positions carry no information at the bottleneck's block:
-    their hidden states replaced by the bottleneck's noise (lambda = 0, as M2IB's prior), averaged over samples."""
-    s = settings or M2IBSettings()
-    layer = s.block(n_layers(cxr.lm))
-    batch = case.batch()
-    h = hidden_at(cxr, batch, layer).float()
-    src = case.sources.to(h.device)
-    x = h[0, src]
-    mean = x.mean(0) if s.normalize else torch.zeros_like(x[0])
-    std = x.std(0).clamp_min(1e-5) if s.normalize else torch.ones_like(x[0])
-    gen = torch.Generator(device=h.device).manual_seed(s.seed)
-    hidden = h.expand(s.samples, -1, -1).clone()
-    hidden[:, src] = torch.randn((s.samples, *x.shape), generator=gen, device=h.device) * std + mean
-    if _tail_works(cxr, batch, layer):
-        logits = tail_logits(cxr, batch, hidden.to(cxr.lm.dtype), layer)
-    else:
-        logits = _full_logits(cxr, batch, hidden, src, layer)
-    return float(fitting(logits, case.ids.to(h.device), case.target.to(h.device)).mean())
+def _scale(x: torch.Tensor, s: M2IBSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """The features' mean and std the noise takes (IBA's normalisation), or 0 and 1 (M2IB's)."""
+    if s.normalize:
+        return x.mean(0), x.std(0).clamp_min(1e-5)
+    return torch.zeros_like(x[0]), torch.ones_like(x[0])
 
 
 def _tail_works(cxr, batch, layer: int) -> bool:

@@ -20,7 +20,8 @@ import torch
 
 from llm_cxr.explain.m2ib import M2IBSettings, bottleneck, without_information
 
-# The head's bottleneck, chosen on the synthetic validation split (benchmarks/results/explain_tuning.md): a smaller
+# The head's bottleneck, chosen on the synthetic validation split (benchmarks/results/explain_tuning_demo.md and
+# 2026-12-07-explain-stated-sentences.md): a smaller
 # step for longer (M2IB's lr 1 x 10 steps moves alpha in coarse jumps) and a stronger pressure on information.
 HEAD_SETTINGS = {"beta": 3.0, "lr": 0.3, "steps": 30}
 
@@ -119,29 +120,26 @@ def plan_route(model, case, report: str, stated: list[str], settings: M2IBSettin
     return scores, weights
 
 
-def mix(lm: torch.Tensor, other: torch.Tensor, weights: tuple[float, float]) -> torch.Tensor:
-    """Two routes' token scores, each as a share of its total, mixed by ``weights`` (equal when both are 0)."""
-    def share(m):
-        m = m.float().clamp_min(0)
-        return m / m.sum() if float(m.sum()) > 0 else m
-
-    w_lm, w_other = weights if sum(weights) > 0 else (1.0, 1.0)
-    return (w_lm * share(lm) + w_other * share(other)) / (w_lm + w_other)
-
-
 def _norm(m: torch.Tensor) -> torch.Tensor:
+    """Min-max normalised: a map over the grid, whose peak is what the pointing game reads."""
     m = m.float()
     return (m - m.min()) / (m.max() - m.min()) if float(m.max() - m.min()) > 0 else torch.zeros_like(m)
 
 
-def combine(lm_map: torch.Tensor, head_map: torch.Tensor | None,
-            weights: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
-    """The two routes' maps, each min-max normalised, mixed by ``weights`` (LM, head; equal when both are 0); the
-    LM's alone when the head decided nothing the sentence states."""
-    if head_map is None:
-        return _norm(lm_map)
-    w_lm, w_head = weights if sum(weights) > 0 else (1.0, 1.0)
-    return (w_lm * _norm(lm_map) + w_head * _norm(head_map)) / (w_lm + w_head)
+def share(m: torch.Tensor) -> torch.Tensor:
+    """As a share of its (non-negative) total: token scores, which are summed into words."""
+    m = m.float().clamp_min(0)
+    return m / m.sum() if float(m.sum()) > 0 else m
 
 
-__all__ = ["HEAD_SETTINGS", "combine", "head_decisions", "m2ib_head", "mix", "plan_route", "route_weights"]
+def combine(lm_map: torch.Tensor, other: torch.Tensor | None, weights: tuple[float, float] = (1.0, 1.0),
+            scale=_norm) -> torch.Tensor:
+    """The LM's route's map and another route's (the head's, the plan's), each scaled (``scale``), mixed by
+    ``weights`` (equal when both are 0); the LM's alone when there is no other."""
+    if other is None:
+        return scale(lm_map)
+    w_lm, w_other = weights if sum(weights) > 0 else (1.0, 1.0)
+    return (w_lm * scale(lm_map) + w_other * scale(other)) / (w_lm + w_other)
+
+
+__all__ = ["HEAD_SETTINGS", "combine", "head_decisions", "m2ib_head", "plan_route", "route_weights", "share"]

@@ -54,7 +54,7 @@ class CodeEdits:
         for b in torch.nonzero(torch.rand(len(idx), generator=gen) < self.share).squeeze(1).tolist():
             fill = codes[b].mode().values
             on = present[b] == 1
-            taken = cells[b][on].any(0) if bool(on.any()) else torch.zeros_like(cells[b, 0])
+            taken = cells[b][on].any(0)  # the present findings' cells (none: all False)
             alone = [k for k in torch.nonzero(on & cells[b].any(1)).squeeze(1).tolist()
                      if not bool((cells[b, k] & cells[b][on & (torch.arange(len(on)) != k)].any(0)).any())]
             if alone and float(torch.rand(1, generator=gen)) < 0.5:
