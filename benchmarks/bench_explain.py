@@ -141,16 +141,6 @@ def quality(args) -> int:
     findings = sorted({f for r in res["methods"].values() for f in r["per_finding"]})
     per = [{"finding": f, "n": next(r["per_finding"][f]["n"] for r in res["methods"].values() if f in r["per_finding"]),
             **{m: r["per_finding"].get(f, {}).get("pointing") for m, r in res["methods"].items()}} for f in findings]
-    drawings = evaluate_drawings(model, rows, {m: {} for m in methods if m != "occlusion"},  # codes only
-                                 progress=True)
-    checks = sanity(model, rows, n=8, reports=reports, progress=True)
-    checks_table = checks["randomised"] + [{"randomised up to": "(none: another stated finding's sentence)",
-                                            "targets": checks["other_target"]["pairs"],
-                                            "rank correlation": checks["other_target"]["rank correlation"]}]
-    words = [{"method": m, "targets": r["n"], "reports cut to max_length": r["cut"],
-              "mass on the finding's words": r["word_mass"],
-              "their share of the words": r["chance"], "a finding word on top": r["top_word"]}
-             for m, r in drawings["methods"].items()]
     what = ("the phrase naming it" if args.phrases else
             f"the sentence of the model's report that states it ({res['stated']} of {res['findings']} stated)")
     blank = max((r.get("no_evidence") or 0) for r in res["methods"].values())
@@ -159,14 +149,30 @@ def quality(args) -> int:
              "of the per-token probability rescaled between the all-neutral image (0) and the whole one (1); "
              f"{blank} targets whose whole image gives no evidence over a blank one are left out of them. "
              "\"LM route only\" holds the stated findings fixed.")
-    write_results(args.name or "explain_quality", f"Explanations on the {args.split} split",
-                  {"image_to_report": res, "report_to_image": drawings, "sanity": checks},
-                  [(f"{res['targets']} focal findings of {len(rows)} {args.split} studies", table),
-                   ("Pointing game per finding", per),
-                   ("Sanity (Adebayo et al. 2018): rank correlation of M2IB's map with the trained model's",
-                    checks_table),
-                   ("Report -> image: the codes inside each finding's mask explained by the report's words", words)],
-                  notes=notes)
+    data = {"image_to_report": res}
+    tables = [(f"{res['targets']} focal findings of {len(rows)} {args.split} studies", table),
+              ("Pointing game per finding", per)]
+
+    def write() -> None:  # each part as soon as it is done: an interrupted run keeps what it measured
+        write_results(args.name or "explain_quality", f"Explanations on the {args.split} split", data, tables,
+                      notes=notes)
+
+    write()
+    checks = sanity(model, rows, n=8, reports=reports, progress=True)
+    data["sanity"] = checks
+    tables.append(("Sanity (Adebayo et al. 2018): rank correlation of M2IB's map with the trained model's",
+                   checks["randomised"] + [{"randomised up to": "(none: another stated finding's sentence)",
+                                            "targets": checks["other_target"]["pairs"],
+                                            "rank correlation": checks["other_target"]["rank correlation"]}]))
+    write()
+    drawings = evaluate_drawings(model, rows, {m: {} for m in methods if m != "occlusion"},  # codes only
+                                 progress=True)
+    data["report_to_image"] = drawings
+    tables.append(("Report -> image: the codes inside each finding's mask explained by the report's words",
+                   [{"method": m, "targets": r["n"], "reports cut to max_length": r["cut"],
+                     "mass on the finding's words": r["word_mass"], "their share of the words": r["chance"],
+                     "a finding word on top": r["top_word"]} for m, r in drawings["methods"].items()]))
+    write()
     return 0
 
 

@@ -1,7 +1,7 @@
 """Multimodal LM quality on the synthetic test split (issue: multimodal LLM).
 
     python benchmarks/bench_lm_quality.py --run runs/lm-small-s2 --data runs/synth-20k-codes \
-        --classifier runs/classifier-eval [--stage1 runs/lm-small-s1] [--stage0 runs/lm-small-s0] \
+        --classifier runs/classifier-eval [--stage1 runs/lm-small-s1 [--evaluate-stage1]] [--stage0 runs/lm-small-s0] \
         [--base runs/lm-base-small] [--n 200] [--guidance 1,2]
 
 CXR -> report: clinical micro-F1 of the labeler on generated against ground-truth findings, and
@@ -87,7 +87,9 @@ def cost(run: Path) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True, help="the trained run to evaluate (e.g. stage 2)")
-    ap.add_argument("--stage1", help="the stage-1 run (evaluated too, for the table)")
+    ap.add_argument("--stage1", help="the stage-1 run (its curves and cost go into the table)")
+    ap.add_argument("--evaluate-stage1", action="store_true",
+                    help="evaluate the stage-1 run too, beside the final one (twice the time)")
     ap.add_argument("--base", help="the base-LM run (its cost goes into the table)")
     ap.add_argument("--stage0", help="the reading-stage run (its curves and cost go into the table)")
     ap.add_argument("--data", required=True, help="dataset with codes and ground-truth findings")
@@ -105,8 +107,9 @@ def main() -> int:
     from llm_cxr.evaluation.lm_eval import EvalConfig, evaluate_all, evaluate_images
     from llm_cxr.lm.generation import LLMCXR
 
-    runs = {"stage 2" if args.stage1 else "model": Path(args.run)}
-    if args.stage1:
+    evaluated_stage1 = args.stage1 and args.evaluate_stage1
+    runs = {"stage 2" if evaluated_stage1 else "model": Path(args.run)}
+    if evaluated_stage1:
         runs = {"stage 1": Path(args.stage1), **runs}
     data: dict = {"targets": TARGETS, "n": args.n, "runs": {}}
     rows = []
@@ -160,7 +163,8 @@ def main() -> int:
         rows.append(row)
     svg = RESULTS / f"{args.name}_curves.svg"
     curve_runs = (({"base LM": Path(args.base)} if args.base else {}) |
-                  ({"stage 0 (reading)": Path(args.stage0)} if args.stage0 else {}) | runs)
+                  ({"stage 0 (reading)": Path(args.stage0)} if args.stage0 else {}) |
+                  ({"stage 1": Path(args.stage1)} if args.stage1 else {}) | runs)
     curves_svg(curve_runs, svg)
     for name, run in curve_runs.items():
         slug = name.split(" (")[0].replace(" ", "")
