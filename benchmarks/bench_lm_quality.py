@@ -95,7 +95,8 @@ def main() -> int:
     ap.add_argument("--data", required=True, help="dataset with codes and ground-truth findings")
     ap.add_argument("--classifier", required=True, help="finding classifier that judges generated images")
     ap.add_argument("--n", type=int, default=200, help="test studies per direction")
-    ap.add_argument("--guidance", default="1", help="comma-separated guidance scales for report -> image")
+    ap.add_argument("--guidance", default="run",
+                    help="comma-separated guidance scales for report -> image; run: the run's own (else 1)")
     ap.add_argument("--candidates", default="",
                     help="comma-separated numbers of images drawn per report and reranked by the run's finding head "
                          "(measured beside the plain draw, for runs with a finding head)")
@@ -113,7 +114,7 @@ def main() -> int:
         runs = {"stage 1": Path(args.stage1), **runs}
     data: dict = {"targets": TARGETS, "n": args.n, "runs": {}}
     rows = []
-    guidances = [float(g) for g in args.guidance.split(",")]
+    guidances = [None if g.strip() == "run" else float(g) for g in args.guidance.split(",")]
     for name, run in runs.items():
         model = LLMCXR.from_pretrained(run)
         res = evaluate_all(model, args.data, "test", args.classifier, n=args.n, guidance=guidances[0],
@@ -153,7 +154,8 @@ def main() -> int:
                "reading micro-F1 / sides": _pair(s.get("report_reading_micro_f1"),
                                                  s.get("report_reading_side_accuracy")),
                "writer given truth": s.get("report_writer_micro_f1_given_truth"),
-               f"image micro-F1 (g={guidances[0]:g})": s.get("image_finding_micro_f1"),
+               "image micro-F1 (one draw)": s.get("image_finding_micro_f1"),
+               "guidance": model.image_guidance if guidances[0] is None else guidances[0],
                "valid images": s.get("valid_image_rate"),
                "image Frechet / floor": _pair(s.get("image_frechet"), s.get("image_frechet_floor"))}
         for g in guidances[1:]:

@@ -18,7 +18,7 @@ from common import RESULTS, write_results
 
 QUALITY = [("report micro-F1", "report_clinical_micro_f1"), ("laterality", "report_laterality_accuracy"),
            ("VQA yes/no+side", "vqa_accuracy"), ("VQA, LM alone", "vqa_accuracy_unguided"),
-           ("checklist micro-F1", "checklist_micro_f1"), ("image micro-F1 (g=1)", "image_finding_micro_f1"),
+           ("checklist micro-F1", "checklist_micro_f1"), ("image micro-F1 (one draw)", "image_finding_micro_f1"),
            ("valid images", "valid_image_rate"), ("image Frechet", "image_frechet")]
 
 

@@ -350,8 +350,18 @@ def test_image_decoding_with_a_plan_matches_a_full_forward_and_the_plan_saves_wi
     info.image_temperature = 0.0
     gen.generate_image(["IMPRESSION: x"])
     assert sampled[-1].temperature == 0.0
+    # and its guidance scale (image_guidance): the unconditional branch runs only when the scale is not 1
+    guided = []
+    gen._decode = lambda *a, **k: guided.append((a[5] is not None, a[6])) or real(*a, **k)
+    gen.generate_image(["IMPRESSION: x"])
+    info.image_guidance = 1.25
+    gen.generate_image(["IMPRESSION: x"])
+    gen.generate_image(["IMPRESSION: x"], guidance=1.0)
+    assert guided == [(False, 1.0), (True, 1.25), (False, 1.0)]
+    with pytest.raises(ConfigError, match="guidance must be > 0"):
+        gen.generate_image(["IMPRESSION: x"], guidance=0)
     info.save(tmp_path)
-    assert RunInfo.load(tmp_path).image_temperature == 0.0
+    assert (RunInfo.load(tmp_path).image_temperature, RunInfo.load(tmp_path).image_guidance) == (0.0, 1.25)
 
 
 def test_a_plan_saved_with_fewer_items_loads_grown_and_draws_as_before(tmp_path):

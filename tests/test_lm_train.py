@@ -328,13 +328,17 @@ def test_guided_report_runs_are_marked_and_later_stages_inherit_it(two_step_run,
         return g.reports, g.vqa, g.sides, g.images
 
     assert load_run(two_step_run).info.guided.reports is False  # plain reports (the default)
-    assert stage("g1", 0, 1, True, base=str(base), image_temperature=0.0) == (True, False, True, False)
+    assert stage("g1", 0, 1, True, base=str(base), image_temperature=0.0,
+                 image_guidance=1.25) == (True, False, True, False)
     assert stage("g2", 0, 0, init_from=str(tmp_path / "g1")) == (True, False, True, False)  # continues it
     assert stage("g3", 1, 0, init_from=str(tmp_path / "g1")) == (False, False, False, False)  # trained back to plain
     assert stage("g4", 0, 1, init_from=str(tmp_path / "g1"), image_temperature=0.7) == (True, False, False, False)
     # the drawing temperature: a stage's own, else its init_from's, else none recorded (the library's default)
     assert [load_run(tmp_path / g).info.image_temperature for g in ("g1", "g2", "g4")] == [0.0, 0.0, 0.7]
     assert load_run(two_step_run).info.image_temperature is None
+    # the guidance scale likewise
+    assert [load_run(tmp_path / g).info.image_guidance for g in ("g1", "g2", "g4")] == [1.25, 1.25, 1.25]
+    assert load_run(two_step_run).info.image_guidance is None
     # guided questions: marked, inherited by a stage that asks none of its own, dropped by one that asks plain ones
     assert stage("v1", 1, 0, True, vqa=0, vqa_guided=1, base=str(base)) == (False, True, True, False)
     assert stage("v2", 1, 0, vqa=0, init_from=str(tmp_path / "v1")) == (False, True, True, False)

@@ -428,6 +428,10 @@ def main(argv: list[str] | None = None) -> int:
         # (which imports the library) is built
         os.environ.setdefault("TQDM_MININTERVAL", "10")
         os.environ.setdefault("TQDM_MAXINTERVAL", "60")
+        # the libraries' own short bars (datasets' "Filter", "Map"; transformers' "Loading weights") say nothing
+        # a log needs: off, ours stay
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     # -q / -v are global, but users type them after the subcommand too: accept both places

@@ -52,7 +52,8 @@ def add_evaluate_commands(sub) -> None:
     p.add_argument("--classifier", type=Path, help="with --model: finding classifier run that judges generated "
                                                     "images (omit to skip report -> image)")
     p.add_argument("--n", type=int, default=200, help="with --model: studies per direction (default 200)")
-    p.add_argument("--guidance", type=float, default=1.0, help="with --model: classifier-free guidance for images")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="with --model: classifier-free guidance for images (default the run's, else 1 = off)")
     p.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed (default 0)")
     p.add_argument("--out", type=Path, help="results folder (--predictions; default: beside the predictions) or "
                                             "results JSON (--model)")

@@ -81,8 +81,9 @@ def add_generation_commands(sub) -> None:
     p.add_argument("--split", default="test", help="dataset split with --data (default test)")
     p.add_argument("--limit", type=int, help="at most this many reports")
     p.add_argument("--out", required=True, type=Path, help="folder for PNGs and images.jsonl")
-    p.add_argument("--guidance", type=float, default=1.0,
-                   help="classifier-free guidance scale; 1 = off, e.g. 2-3 for images closer to the report")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale; 1 = off, higher follows the report more closely (default "
+                        "the run's: its preset's image_guidance, else 1)")
     p.add_argument("--candidates", type=int, default=1,
                    help="draw this many images per report and keep the one the run's finding head finds closest "
                         "to the findings the report states (needs a run trained with finding_head: conv)")

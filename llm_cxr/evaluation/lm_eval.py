@@ -46,7 +46,7 @@ class EvalConfig:
     n_vqa_images: int = 200
     vqa_per_image: int = 4
     batch_size: int = 16
-    guidance: float = 1.0
+    guidance: float | None = None  # None: the run's (LLMCXR.image_guidance)
     image_temperature: float | None = None  # None: the run's (LLMCXR.image_sampling)
     image_top_p: float = IMAGE_TOP_P
     candidates: int = 1  # images drawn per report, the finding head keeps the best (LLMCXR.generate_image)
@@ -296,7 +296,7 @@ def _progress_map(fn, n: int, batch: int, desc: str, progress: bool) -> list:
 
 
 def evaluate_all(model: LLMCXR, data: str, split: str = "test", classifier: str | None = None, n: int = 200,
-                 guidance: float = 1.0, batch_size: int = 16, seed: int = 0, progress: bool = True,
+                 guidance: float | None = None, batch_size: int = 16, seed: int = 0, progress: bool = True,
                  out=None) -> dict[str, Any]:
     """Every direction on ``split`` of ``data``; a ``summary`` of headline numbers plus the details.
 

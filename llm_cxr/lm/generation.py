@@ -279,6 +279,13 @@ class LLMCXR:
         return Sampling(temperature=IMAGE_TEMPERATURE if t is None else t, top_p=IMAGE_TOP_P, seed=seed)
 
     @property
+    def image_guidance(self) -> float:
+        """The classifier-free guidance scale this run draws with unless told otherwise: its recorded
+        ``image_guidance`` (a preset tuned for its model), else 1 (off)."""
+        g = self.run.info.image_guidance
+        return 1.0 if g is None else float(g)
+
+    @property
     def guide_sides(self) -> bool:
         """Whether the guided report prompt gives sides (``stage.guide_sides``)."""
         return self.run.info.guided.sides
@@ -356,11 +363,13 @@ class LLMCXR:
             out += self._text(prompts[sl], sampling or Sampling(), self._room(prompts[sl], max_new_tokens))
         return out
 
-    def generate_image(self, reports: Sequence[str], sampling: Sampling | None = None, guidance: float = 1.0,
+    def generate_image(self, reports: Sequence[str], sampling: Sampling | None = None, guidance: float | None = None,
                        batch_size: int = 16, candidates: int = 1,
                        findings: Sequence[Sequence[str]] | None = None,
                        guided: bool | None = None) -> GeneratedImages:
         """Images for reports: always exactly H*W image tokens, decoded by the VQ-GAN.
+
+        ``guidance`` (default: the run's :attr:`image_guidance`): the classifier-free guidance scale, 1 = off.
 
         ``guided`` (default: what the run was trained for, :attr:`guided_images`): the prompt also lists the
         findings each report asks for, with their sides: ``findings``, or what the report labeler reads in the
@@ -398,6 +407,9 @@ class LLMCXR:
         else:
             stated = [None] * len(reports)
         sampling = sampling or self.image_sampling()
+        guidance = self.image_guidance if guidance is None else float(guidance)
+        if not guidance > 0:
+            raise ConfigError(f"guidance must be > 0 (1: off), got {guidance}")
         begin = [self.map.begin_id]
         # the report cut as in training, so the list and the whole image fit; each report's candidates side by side
         one = [image_prompt_ids(self.tok, self.map, self.template, image_prompt(self.template, r, None, f),

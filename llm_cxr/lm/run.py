@@ -129,6 +129,7 @@ class RunInfo:
     addons: list[dict] | None = None  # [{"name", "config"}] in the order they attach; None: a format-1 run
     guided: GuidedModes = field(default_factory=GuidedModes)
     image_temperature: float | None = None  # how it draws by default; None: llm_cxr.configs.IMAGE_TEMPERATURE
+    image_guidance: float | None = None  # its default classifier-free guidance scale for drawings; None: 1 (off)
     format: int = RUN_FORMAT
     extra: dict = field(default_factory=dict)
 

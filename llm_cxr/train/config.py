@@ -163,6 +163,9 @@ class LMTrainConfig:
     image_temperature: float | None = option(None, help='the sampling temperature the run draws images with by '
                                                         'default (0: greedy), recorded in its run.json; null: the '
                                                         "init_from run's, else the library's (0.4)")
+    image_guidance: float | None = option(None, help='the classifier-free guidance scale the run draws images '
+                                                     'with by default (1: off), recorded in its run.json; null: the '
+                                                     "init_from run's, else 1")
     attn_implementation: str = option("auto", help='transformers\' attention kernel: "auto" (eager for bf16 on CPU, '
                                                    'where it is faster; SDPA elsewhere), or any name transformers '
                                                    'accepts ("sdpa", "eager", "flash_attention_2")')
@@ -176,6 +179,8 @@ class LMTrainConfig:
     def __post_init__(self) -> None:
         if self.image_temperature is not None and not self.image_temperature >= 0:
             raise ConfigError(f"image_temperature must be >= 0 (0: greedy), got {self.image_temperature}")
+        if self.image_guidance is not None and not self.image_guidance > 0:
+            raise ConfigError(f"image_guidance must be > 0 (1: off), got {self.image_guidance}")
         if isinstance(self.stage, dict):
             self.stage = from_dict_strict(StageConfig, self.stage, "stage")
         if isinstance(self.loop, dict):
