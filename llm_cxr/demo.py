@@ -43,7 +43,7 @@ class DemoConfig:
     lm_pretrain_steps: int = 600
     lm_steps: int = 3000
     classifier_epochs: int = 2
-    n_eval: int = 100
+    n_eval: int = 200  # test studies per task: at 100 one draw's micro-F1 moves by ~0.03 between samples
     n_explain: int = 4  # test studies whose generated reports the page explains, sentence by sentence
     n_localise: int = 40  # test studies over which M2IB's pointing game is measured against random maps
 
