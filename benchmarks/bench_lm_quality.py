@@ -117,13 +117,14 @@ def main() -> int:
     guidances = [None if g.strip() == "run" else float(g) for g in args.guidance.split(",")]
     for name, run in runs.items():
         model = LLMCXR.from_pretrained(run)
-        res = evaluate_all(model, args.data, "test", args.classifier, n=args.n, guidance=guidances[0],
+        scales = [model.image_guidance if g is None else g for g in guidances]  # "run": this run's own
+        res = evaluate_all(model, args.data, "test", args.classifier, n=args.n, guidance=scales[0],
                            batch_size=args.batch_size, progress=True,
                            out=RESULTS / f"{args.name}_{name.replace(' ', '')}.json")
         entry = {"summary": res["summary"], "report_per_class": res["reports"]["per_class"],
                  "vqa_by_kind": res["vqa"]["by_kind"], "report_examples": res["reports"]["examples"][:4],
                  "vqa_examples": res["vqa"]["examples"][:6]}
-        for g in guidances[1:]:
+        for g in scales[1:]:
             ds = load_dataset(args.data, split="test")
             cfg = EvalConfig(n_images=args.n, batch_size=args.batch_size, guidance=g, progress=True)
             im = evaluate_images(model, ds, args.classifier, cfg)
@@ -133,7 +134,7 @@ def main() -> int:
         ranked = [int(c) for c in args.candidates.split(",") if c.strip()] if model.finding_head is not None else []
         for c in ranked:
             ds = load_dataset(args.data, split="test")
-            cfg = EvalConfig(n_images=args.n, batch_size=args.batch_size, guidance=guidances[0], candidates=c,
+            cfg = EvalConfig(n_images=args.n, batch_size=args.batch_size, guidance=scales[0], candidates=c,
                              progress=True)
             t0 = time.monotonic()
             im = evaluate_images(model, ds, args.classifier, cfg)
@@ -155,10 +156,10 @@ def main() -> int:
                                                  s.get("report_reading_side_accuracy")),
                "writer given truth": s.get("report_writer_micro_f1_given_truth"),
                "image micro-F1 (one draw)": s.get("image_finding_micro_f1"),
-               "guidance": model.image_guidance if guidances[0] is None else guidances[0],
+               "guidance": scales[0],
                "valid images": s.get("valid_image_rate"),
                "image Frechet / floor": _pair(s.get("image_frechet"), s.get("image_frechet_floor"))}
-        for g in guidances[1:]:
+        for g in scales[1:]:
             row[f"image micro-F1 (g={g:g})"] = entry[f"image_finding_micro_f1_guidance_{g:g}"]
         for c in ranked:
             row[f"image micro-F1 (best of {c})"] = entry[f"image_finding_micro_f1_best_of_{c}"]

@@ -297,7 +297,7 @@ def build_app(model: LLMCXR, max_upload_mb: float = 10, max_queue: int = 64, exp
                 with gr.Column():
                     rep = gr.Textbox(label="Report", lines=6, elem_id="image-report",
                                      placeholder="FINDINGS: Small left pleural effusion. No pneumothorax.")
-                    guidance = gr.Slider(1.0, 5.0, value=h.model.image_guidance, step=0.25,
+                    guidance = gr.Slider(min(1.0, h.model.image_guidance), 5.0, value=h.model.image_guidance, step=0.25,
                                          label="Guidance (1 = off; higher follows the report more closely)",
                                          elem_id="image-guidance")
                     seed = gr.Number(value=0, precision=0, label="Seed (-1 = random)", elem_id="image-seed")

@@ -26,6 +26,10 @@ def test_demo_runs_end_to_end_and_reuses_its_cache(tmp_path):
     assert isinstance(m["image_frechet"], float) and 0 <= m["image_frechet"] < float("inf")
     assert all(not s["cached"] for s in summary["stages"].values())
     assert all(Path(p).exists() for p in summary["paths"].values())
+    # drawings were scored with the guidance scale the trained run recorded (its preset's), and say so
+    recorded = json.loads((Path(summary["paths"]["model"]) / "model" / "run.json").read_text())["image_guidance"]
+    drawn = json.loads((out / "cache" / "generate" / "eval.json").read_text())["images"]
+    assert recorded is not None and drawn["guidance"] == recorded
     page = (out / "index.html").read_text()
     assert "VQ-GAN" in page and "FINDINGS:" in page and page.count("<img") >= 10
     for src in [p.split('"')[1] for p in page.split('src=')[1:]]:

@@ -115,12 +115,14 @@ def train_lm(cfg: LMTrainConfig, accelerator=None) -> Path:
     if accelerator.is_main_process:
         vq = codes_info.get("model_path")
         prev = RunInfo.load(run_model_dir(cfg.init_from)) if cfg.init_from else None  # what a stage inherits
-        temperature = (prev.image_temperature if cfg.image_temperature is None and prev is not None
-                       else cfg.image_temperature)  # the stage's own, else the one its init_from draws with
-        guidance = prev.image_guidance if cfg.image_guidance is None and prev is not None else cfg.image_guidance
+
+        def drawing(key: str):  # how it draws: the stage's own setting, else the one its init_from draws with
+            own = getattr(cfg, key)
+            return getattr(prev, key) if own is None and prev is not None else own
+
         info = RunInfo(kind=kind, base=_abs(base), vqgan=_abs(vq) if vq else None, template=cfg.template,
                        max_length=cfg.max_length, guided=_guided_modes(cfg.stage, prev.guided if prev else None),
-                       image_temperature=temperature, image_guidance=guidance,
+                       image_temperature=drawing("image_temperature"), image_guidance=drawing("image_guidance"),
                        extra={"vqgan_weights": codes_info.get("weights"),
                               "trainable": asdict(summary) | {"share": summary.share},
                               **_relative_refs(run / "model", base, vq)})
