@@ -117,7 +117,7 @@ def main() -> int:
     guidances = [None if g.strip() == "run" else float(g) for g in args.guidance.split(",")]
     for name, run in runs.items():
         model = LLMCXR.from_pretrained(run)
-        scales = [model.image_guidance if g is None else g for g in guidances]  # "run": this run's own
+        scales = [model.guidance_scale(g) for g in guidances]  # None ("run"): this run's own
         res = evaluate_all(model, args.data, "test", args.classifier, n=args.n, guidance=scales[0],
                            batch_size=args.batch_size, progress=True,
                            out=RESULTS / f"{args.name}_{name.replace(' ', '')}.json")

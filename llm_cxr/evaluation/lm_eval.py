@@ -210,7 +210,7 @@ def evaluate_images(model: LLMCXR, ds, classifier_dir: str, cfg: EvalConfig) -> 
             ((1 - pred[:, j]) * want[:, j]).sum()
         per[n] = {"f1": float(2 * t / max(1, 2 * t + p_ + f_)), "support": int(want[:, j].sum()),
                   "auroc": auroc(proba[:, j], want[:, j])}
-    return {"n": len(sub), "guidance": model.image_guidance if cfg.guidance is None else cfg.guidance,
+    return {"n": len(sub), "guidance": model.guidance_scale(cfg.guidance),
             "micro_f1": 2 * tp / max(1.0, 2 * tp + fp + fn), "valid_image_rate": valid,
             "frechet": frechet, "frechet_floor": floor, "exact_match": float((pred == want).all(1).mean()),
             "per_class": per, "images": images[:16], "reports": reports[:16], "ids": list(sub["id"][:16])}

@@ -285,6 +285,14 @@ class LLMCXR:
         g = self.run.info.image_guidance
         return 1.0 if g is None else float(g)
 
+    def guidance_scale(self, guidance: float | None = None) -> float:
+        """The scale a drawing asked for ``guidance`` uses: the given one, else the run's :attr:`image_guidance`.
+        Raises ConfigError unless it is > 0."""
+        g = self.image_guidance if guidance is None else float(guidance)
+        if not g > 0:
+            raise ConfigError(f"guidance must be > 0 (1: off), got {g}")
+        return g
+
     @property
     def guide_sides(self) -> bool:
         """Whether the guided report prompt gives sides (``stage.guide_sides``)."""
@@ -407,9 +415,7 @@ class LLMCXR:
         else:
             stated = [None] * len(reports)
         sampling = sampling or self.image_sampling()
-        guidance = self.image_guidance if guidance is None else float(guidance)
-        if not guidance > 0:
-            raise ConfigError(f"guidance must be > 0 (1: off), got {guidance}")
+        guidance = self.guidance_scale(guidance)
         begin = [self.map.begin_id]
         # the report cut as in training, so the list and the whole image fit; each report's candidates side by side
         one = [image_prompt_ids(self.tok, self.map, self.template, image_prompt(self.template, r, None, f),
